@@ -1,0 +1,3 @@
+from covidcxr.cli import main
+
+main()

@@ -1,0 +1,235 @@
+"""The ``covidcxr`` command line (Typer + rich). Thin: every verb calls library functions.
+
+Bad input ends with one red line naming the file, row or field and what was expected, and
+exit code 2 — never a library traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from covidcxr import MEDICAL_USE_BANNER, __version__
+from covidcxr.errors import CovidCXRError
+
+app = typer.Typer(
+    name="covidcxr",
+    help=f"Chest X-ray COVID-19/pneumonia classifiers, audited for shortcut learning. {MEDICAL_USE_BANNER}",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Collections: summarize, convert, split, synthesize phantoms.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _print_json(payload: Any) -> None:
+    # Plain stdout, no rich markup, so the output pipes into jq or json.loads.
+    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
+    if version:
+        console.print(f"covidcxr {__version__}")
+        raise typer.Exit()
+
+
+# ---------------------------------------------------------------- data
+
+
+@data_app.command("sources")
+def data_sources() -> None:
+    """List the source adapters, the layout each expects, and its citation."""
+    from covidcxr.data.sources import SOURCES
+
+    table = Table("name", "layout", "citation", title="source adapters (detection order)")
+    for name, cls in SOURCES.items():
+        table.add_row(name, cls.description, cls.citation)
+    console.print(table)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from covidcxr.data.summary import summary_frame
+
+    frame = summary_frame(summary)
+    table = Table(title=f"{summary['root']} ({summary['adapter']})")
+    table.add_column("source")
+    for column in frame.columns:
+        table.add_column(str(column), justify="right")
+    for source, row in frame.iterrows():
+        style = "bold" if source == "total" else None
+        table.add_row(str(source), *(str(v) for v in row.tolist()), style=style)
+    console.print(table)
+    console.print(f"views: {summary['views']}   sex: {summary['sex']}   age: {summary['age']}")
+    console.print(
+        f"duplicate groups: {summary['duplicate_groups']} ({summary['duplicate_images']} images; "
+        f"{summary['duplicate_groups_across_sources']} across sources; {summary['duplicate_groups_listed']} listed in the manifest)"
+    )
+    if summary["unreadable"]:
+        console.print(f"[red]{len(summary['unreadable'])} unreadable or rejected item(s):")
+        for item in summary["unreadable"]:
+            console.print(f"  [red]{item['path']}[/red]: {item['reason']}")
+    else:
+        console.print("unreadable: none")
+
+
+@data_app.command("summarize")
+def data_summarize(
+    directory: Annotated[Path, typer.Argument(help="A collection (manifest.csv) or any adapter's public layout.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    source: Annotated[Optional[str], typer.Option(help="Adapter name (see `covidcxr data sources`); detected if omitted.")] = None,
+    check_images: Annotated[bool, typer.Option("--check-images/--no-check-images", help="Decode every image: find unreadable files and near-duplicates.")] = True,
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes (default: all cores).")] = None,
+) -> None:
+    """Counts by source × label, patients, views, masks, duplicate groups, unreadable files."""
+    from covidcxr.data.summary import summarize
+
+    summary = summarize(directory, source=source, check_images=check_images, workers=workers, show_progress=not json_output)
+    if json_output:
+        _print_json(summary)
+    else:
+        _print_summary(summary)
+
+
+@data_app.command("manifest")
+def data_manifest(
+    directory: Annotated[Path, typer.Argument(help="A collection or public layout to convert.")],
+    out: Annotated[Path, typer.Option(help="Where to write the canonical manifest (.csv or .parquet).")],
+    source: Annotated[Optional[str], typer.Option(help="Adapter name; detected if omitted.")] = None,
+    dedup: Annotated[bool, typer.Option("--dedup/--no-dedup", help="Fingerprint images and fill dup_group.")] = True,
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes (default: all cores).")] = None,
+) -> None:
+    """Read any supported layout into covidcxr's canonical manifest, rejected items listed."""
+    from covidcxr.data.dedup import find_near_duplicates
+    from covidcxr.data.manifest import write_manifest
+    from covidcxr.data.sources import load_source
+
+    table = load_source(directory, source)
+    manifest, rejected = table.manifest, list(table.rejected)
+    if dedup:
+        manifest, _, unreadable = find_near_duplicates(manifest, workers=workers)
+        rejected.extend(unreadable)
+        bad = {r.path for r in unreadable}
+        manifest = manifest[~manifest["image"].isin(bad)]
+    write_manifest(manifest, out)
+    console.print(f"wrote {out}: {len(manifest)} images, {manifest['patient_id'].nunique()} patients")
+    for item in rejected:
+        console.print(f"  [red]rejected[/red] {item.path}: {item.reason}")
+
+
+@data_app.command("split")
+def data_split(
+    manifest_path: Annotated[Path, typer.Argument(help="A canonical manifest (.csv/.parquet) or a collection folder.")],
+    out: Annotated[Path, typer.Option(help="Where to write the split manifest.")],
+    scheme: Annotated[str, typer.Option(help="holdout (train/val/test), kfold, or loso (leave one source out).")] = "holdout",
+    test_size: Annotated[float, typer.Option(help="holdout: test fraction (Tartaglione et al.: 0.3).")] = 0.3,
+    val_size: Annotated[float, typer.Option(help="Validation fraction of the rest (Tartaglione et al.: 0.2).")] = 0.2,
+    folds: Annotated[int, typer.Option(help="kfold: number of folds (Hall et al.: 10).")] = 10,
+    test_source: Annotated[Optional[str], typer.Option(help="loso: the source held out as unseen.")] = None,
+    stratify: Annotated[str, typer.Option(help="Comma-separated columns kept in proportion.")] = "source,label",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Split patient-disjointly (with near-duplicates kept together); leakage is an error."""
+    from covidcxr.data.manifest import read_manifest, write_manifest
+    from covidcxr.data.sources import load_source
+    from covidcxr.data.splits import group_kfold, leave_one_source_out, split_train_val_test
+
+    manifest = load_source(manifest_path).manifest if manifest_path.is_dir() else read_manifest(manifest_path)
+    columns = tuple(c.strip() for c in stratify.split(",") if c.strip())
+    if scheme == "holdout":
+        result = split_train_val_test(manifest, test_size=test_size, val_size=val_size, stratify=columns, seed=seed)
+        counts = result["split"].value_counts().to_dict()
+    elif scheme == "kfold":
+        result = group_kfold(manifest, n_splits=folds, stratify=columns, seed=seed)
+        counts = result["fold"].value_counts().sort_index().to_dict()
+    elif scheme == "loso":
+        if not test_source:
+            raise CovidCXRError("--scheme loso needs --test-source NAME")
+        result, removed = leave_one_source_out(manifest, test_source, val_size=val_size, stratify=columns, seed=seed)
+        counts = result["split"].value_counts().to_dict()
+        for item in removed:
+            console.print(f"  [yellow]removed[/yellow] {item.path}: {item.reason}")
+    else:
+        raise CovidCXRError(f"--scheme must be holdout, kfold or loso, not {scheme!r}")
+    write_manifest(result, out)
+    console.print(f"wrote {out}: {counts}; no patient or duplicate group crosses a boundary")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write the phantom collection into.")],
+    images: Annotated[int, typer.Option(help="Total number of images, spread over the sites.")] = 300,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
+    shortcut: Annotated[str, typer.Option(help="Planted shortcut: none, marker (corner text) or window (intensity).")] = "none",
+    shortcut_site: Annotated[Optional[str], typer.Option(help="Site carrying the shortcut (default: the first site).")] = None,
+    shortcut_label: Annotated[str, typer.Option(help="Label the shortcut correlates with.")] = "covid",
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed writes identical files.")] = 0,
+) -> None:
+    """Write synthetic CXR phantoms with exact lung masks from several sites (a collection folder)."""
+    from covidcxr.data.summary import summarize
+    from covidcxr.data.synth import DEFAULT_SITES, ShortcutSpec, synthesize
+    from covidcxr.parallel import make_progress
+
+    spec = None
+    if shortcut != "none":
+        if shortcut not in ("marker", "window"):
+            raise CovidCXRError(f"--shortcut must be none, marker or window, not {shortcut!r}")
+        spec = ShortcutSpec(kind=shortcut, site=shortcut_site or DEFAULT_SITES[0].name, label=shortcut_label)
+    with make_progress() as progress:
+        task = progress.add_task("synthesizing phantoms", total=images)
+        synthesize(out, n_images=images, size=size, shortcut=spec, seed=seed, progress=lambda n=1: progress.advance(task, n))
+    _print_summary(summarize(out, check_images=False, show_progress=False))
+
+
+# ---------------------------------------------------------------- demo
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path("demo"),
+    images: Annotated[int, typer.Option(help="Phantom images to synthesize.")] = 300,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """The journey so far on embedded synthetic data: synthesize phantoms -> summarize -> split."""
+    from covidcxr.data.manifest import write_manifest
+    from covidcxr.data.sources import load_source
+    from covidcxr.data.splits import split_train_val_test
+    from covidcxr.data.summary import summarize
+    from covidcxr.data.synth import DEFAULT_SITES, ShortcutSpec, synthesize
+    from covidcxr.parallel import make_progress
+
+    console.print(f"[bold yellow]{MEDICAL_USE_BANNER}")
+    phantoms = out / "phantoms"
+    shortcut = ShortcutSpec(kind="marker", site=DEFAULT_SITES[0].name, label="covid")
+    with make_progress() as progress:
+        task = progress.add_task("1/3 synthesizing phantoms", total=images)
+        synthesize(phantoms, n_images=images, shortcut=shortcut, seed=seed, progress=lambda n=1: progress.advance(task, n))
+    console.print(f"[bold]2/3 summary of {phantoms}[/bold] (a corner marker is planted on covid images of {shortcut.site})")
+    _print_summary(summarize(phantoms))
+    split = split_train_val_test(load_source(phantoms).manifest, stratify=("source", "label"), seed=seed)
+    write_manifest(split, out / "split.csv")
+    counts = split.groupby(["split", "source"]).size().unstack(fill_value=0)
+    console.print(f"[bold]3/3 patient-disjoint split[/bold] -> {out / 'split.csv'}\n{counts.to_string()}")
+
+
+def main() -> None:
+    """Entry point: run the Typer app, turning covidcxr's own errors into one clear line."""
+    try:
+        app()
+    except CovidCXRError as exc:
+        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from covidcxr.data.splits import check_leakage, group_kfold, leave_one_source_out, linked_groups, split_train_val_test
+from covidcxr.errors import LeakageError
+
+
+def test_holdout_is_patient_disjoint_and_near_requested_fractions(tiny_manifest):
+    split = split_train_val_test(tiny_manifest, test_size=0.3, val_size=0.2, stratify=("source", "label"), seed=1)
+    per_patient = split.groupby("patient_id")["split"].nunique()
+    assert (per_patient == 1).all()
+    fractions = split["split"].value_counts(normalize=True)
+    assert abs(fractions["test"] - 0.3) < 0.08
+    assert abs(fractions["val"] - 0.7 * 0.2) < 0.08
+    # every source x label stratum reaches the test set
+    assert set(split[split["split"] == "test"].groupby(["source", "label"]).size().index) == set(
+        split.groupby(["source", "label"]).size().index
+    )
+
+
+def test_holdout_is_deterministic_for_a_seed(tiny_manifest):
+    first = split_train_val_test(tiny_manifest, seed=3)["split"].tolist()
+    assert first == split_train_val_test(tiny_manifest, seed=3)["split"].tolist()
+    assert first != split_train_val_test(tiny_manifest, seed=4)["split"].tolist()
+
+
+def test_patient_crossing_train_test_is_rejected(tiny_manifest):
+    split = split_train_val_test(tiny_manifest, seed=0)
+    test_row = split.index[split["split"] == "test"][0]
+    train_row = split.index[split["split"] == "train"][0]
+    patient = split.at[test_row, "patient_id"]
+    split.at[train_row, "patient_id"] = patient
+    with pytest.raises(LeakageError) as info:
+        check_leakage(split)
+    assert len(info.value.offenders) == 1
+    assert patient in info.value.offenders[0]
+    assert "train:" in info.value.offenders[0] and "test:" in info.value.offenders[0]
+
+
+def test_duplicate_group_links_patients_and_stays_on_one_side(tiny_manifest):
+    manifest = tiny_manifest.copy()
+    # two different patients whose images are copies of each other
+    manifest.loc[[0, 40], "dup_group"] = "dup0001"
+    groups = linked_groups(manifest)
+    assert groups[0] == groups[40] == groups[1]  # row 1 is row 0's patient's second image
+    for seed in range(5):
+        split = split_train_val_test(manifest, seed=seed)
+        assert split.loc[0, "split"] == split.loc[40, "split"]
+    split.loc[0, "split"], split.loc[40, "split"] = "train", "test"
+    split.loc[1, "split"] = "train"
+    split.loc[manifest["patient_id"] == manifest.at[40, "patient_id"], "split"] = "test"
+    with pytest.raises(LeakageError, match="near-duplicate group dup0001"):
+        check_leakage(split)
+
+
+def test_group_kfold_keeps_patients_in_one_fold(tiny_manifest):
+    folds = group_kfold(tiny_manifest, n_splits=4, seed=0)
+    assert sorted(folds["fold"].unique().tolist()) == [0, 1, 2, 3]
+    assert (folds.groupby("patient_id")["fold"].nunique() == 1).all()
+    sizes = folds["fold"].value_counts()
+    assert sizes.max() - sizes.min() <= 4  # 2 images per patient: folds within two patients of each other
+    crossed = folds.copy()
+    crossed.loc[crossed.index[crossed["patient_id"] == crossed.at[0, "patient_id"]][1], "fold"] = (folds.at[0, "fold"] + 1) % 4
+    with pytest.raises(LeakageError, match="across 'fold'"):
+        check_leakage(crossed, column="fold")
+
+
+def test_leave_one_source_out_removes_training_copies_of_test_images(tiny_manifest):
+    manifest = tiny_manifest.copy()
+    a_row = manifest.index[manifest["source"] == "site_a"][0]
+    b_row = manifest.index[manifest["source"] == "site_b"][0]
+    manifest.loc[[a_row, b_row], "dup_group"] = "dup0001"
+    split, removed = leave_one_source_out(manifest, "site_b", val_size=0.25)
+    assert set(split.loc[split["source"] == "site_b", "split"]) == {"test"}
+    assert set(split.loc[split["source"] == "site_a", "split"]) == {"train", "val"}
+    removed_images = {r.path for r in removed}
+    # the site_a copy and the other image of its patient (same patient) are removed
+    patient = manifest.at[a_row, "patient_id"]
+    assert removed_images == set(manifest.loc[manifest["patient_id"] == patient, "image"])
+    assert not split["image"].isin(removed_images).any()
+
+
+def test_shared_collection_split_has_no_leakage(shared_collection):
+    from covidcxr.data.sources import load_source
+
+    manifest = load_source(shared_collection).manifest
+    split = split_train_val_test(manifest, stratify=("source", "label"))
+    counts = split["split"].value_counts(normalize=True)
+    assert counts["test"] == pytest.approx(0.3, abs=0.02)
+    # the curated duplicate groups never straddle a boundary
+    grouped = split[split["dup_group"].notna()]
+    assert (grouped.groupby("dup_group")["split"].nunique() == 1).all()
+    assert (split.groupby("patient_id")["split"].nunique() == 1).all()
