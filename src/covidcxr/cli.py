@@ -227,7 +227,7 @@ def main() -> None:
     try:
         app()
     except CovidCXRError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
 
 

@@ -16,7 +16,18 @@ from covidcxr.data.sources.base import (
 )
 
 # Registration happens on import; order = detection order.
+# Specific layouts first; figure1 after cohen/actualmed (its metadata.csv has no file column);
+# hospital last, as it accepts any folder of label-named sub-folders.
 from covidcxr.data.sources import collection  # noqa: E402,F401
+from covidcxr.data.sources import cohen  # noqa: E402,F401
+from covidcxr.data.sources import actualmed  # noqa: E402,F401
+from covidcxr.data.sources import figure1  # noqa: E402,F401
+from covidcxr.data.sources import kermany  # noqa: E402,F401
+from covidcxr.data.sources import rsna  # noqa: E402,F401
+from covidcxr.data.sources import nih  # noqa: E402,F401
+from covidcxr.data.sources import montgomery  # noqa: E402,F401
+from covidcxr.data.sources import shenzhen  # noqa: E402,F401
+from covidcxr.data.sources import hospital  # noqa: E402,F401
 
 __all__ = [
     "SOURCES",

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from covidcxr.cli import app
+from covidcxr.data.manifest import read_manifest, write_manifest
+
+runner = CliRunner()
+
+
+def _collection(tmp_path, tiny_manifest):
+    write_manifest(tiny_manifest, tmp_path / "manifest.csv")
+    return tmp_path
+
+
+def test_summarize_json_counts(tmp_path, tiny_manifest):
+    root = _collection(tmp_path, tiny_manifest)
+    result = runner.invoke(app, ["data", "summarize", str(root), "--json", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["images"] == 88 and summary["patients"] == 44
+    assert summary["by_source"]["site_a"] == {"covid": 20, "pneumonia": 12, "normal": 16, "other": 0}
+    assert summary["with_mask"] == 0 and summary["duplicate_groups"] == 0 and summary["unreadable"] == []
+
+
+def test_summarize_lists_unreadable_files(tmp_path, tiny_manifest):
+    root = _collection(tmp_path, tiny_manifest)
+    broken = tiny_manifest.loc[3, "image"]
+    with open(broken, "wb") as handle:
+        handle.write(b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
+    result = runner.invoke(app, ["data", "summarize", str(root), "--json", "--workers", "1"])
+    summary = json.loads(result.stdout)
+    assert [item["path"] for item in summary["unreadable"]] == [broken]
+    assert broken in summary["unreadable"][0]["reason"]
+
+
+def test_summarize_shared_collection_matches_manifest(shared_collection):
+    result = runner.invoke(app, ["data", "summarize", str(shared_collection), "--json", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    expected = pd.read_csv(shared_collection / "manifest.csv")
+    assert summary["images"] == len(expected)
+    assert summary["patients"] == expected["patient_id"].nunique()
+    for (source, label), count in expected.groupby(["source", "label"]).size().items():
+        assert summary["by_source"][source][label] == count
+    assert summary["with_mask"] == int(expected["mask"].notna().sum())
+    assert summary["unreadable"] == []
+    assert summary["duplicate_groups"] >= expected["dup_group"].nunique() - 2
+
+
+def test_split_command_writes_a_patient_disjoint_split(tmp_path, tiny_manifest):
+    root = _collection(tmp_path, tiny_manifest)
+    out = tmp_path / "split.csv"
+    result = runner.invoke(app, ["data", "split", str(root / "manifest.csv"), "--out", str(out), "--scheme", "kfold", "--folds", "4"])
+    assert result.exit_code == 0, result.output
+    split = read_manifest(out)
+    assert split["fold"].nunique() == 4
+    assert (split.groupby("patient_id")["fold"].nunique() == 1).all()
+
+
+def test_bad_input_is_one_clear_line_and_exit_2(tmp_path):
+    missing = tmp_path / "nowhere"
+    completed = subprocess.run(
+        [sys.executable, "-m", "covidcxr", "data", "summarize", str(missing)], capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 2
+    assert "is not a directory" in completed.stderr and str(missing) in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+@pytest.mark.parametrize("scheme", ["loso"])
+def test_loso_needs_a_test_source(tmp_path, tiny_manifest, scheme):
+    root = _collection(tmp_path, tiny_manifest)
+    result = runner.invoke(app, ["data", "split", str(root), "--out", str(tmp_path / "s.csv"), "--scheme", scheme])
+    assert result.exit_code != 0
+    assert "--test-source" in str(result.exception)
