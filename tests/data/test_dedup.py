@@ -16,7 +16,7 @@ from covidcxr.data.manifest import make_manifest
 from covidcxr.data.splits import check_leakage, split_train_val_test
 from covidcxr.errors import LeakageError
 
-from conftest import random_texture
+from generated_data import random_texture
 
 
 def _copies(tmp_path, rng):
