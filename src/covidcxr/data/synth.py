@@ -110,8 +110,6 @@ _TAG_PLAN = 0x5EED_0001
 _TAG_PATIENT = 0x5EED_0002
 _TAG_LAYOUT = 0x5EED_0003
 
-_FloatArray = np.ndarray
-
 
 # --------------------------------------------------------------------------------------
 # Sites and shortcuts
@@ -867,7 +865,7 @@ def render_phantom_detailed(
     sc = shortcut_rng.random(4)
     if shortcut_applied and spec is not None and spec.kind == "window":
         # A different window/level: brighter and flatter, as from another scanner's LUT.
-        lo, hi = 0.10 + 0.04 * sc[0], 0.86 + 0.06 * sc[1]
+        lo, hi = 0.15 + 0.05 * sc[0], 0.90 + 0.05 * sc[1]
         img = lo + (hi - lo) * img
     noise = acq_rng.standard_normal((size, size), dtype=np.float32)
     img = np.clip(img + np.float32(site.noise_sigma) * noise, 0.0, 1.0).astype(np.float32)
@@ -890,7 +888,7 @@ def _marker_mask(size: int, lung: np.ndarray, spec: ShortcutSpec, u: np.ndarray)
     h, w = bitmap.shape
     h, w = min(h, size // 3), min(w, size // 2)
     bitmap = bitmap[:h, :w]
-    margin = max(2, round(size * 0.03))
+    margin = max(1, round(size * 0.02))
     row = margin + int(u[3] * 2 * scale)
     col = size - margin - w - int(u[0] * 2 * scale) if spec.corner == "top_right" else margin + int(u[0] * 2 * scale)
     out = np.zeros((size, size), dtype=bool)
@@ -935,8 +933,8 @@ def render_phantom(
 
     Example:
         >>> img, mask = render_phantom(np.random.default_rng(1), 64, "pneumonia", DEFAULT_SITES[2])
-        >>> float(img[mask].mean()) < float(img[~mask].mean())
-        True
+        >>> img.shape, bool(0.0 <= img.min() and img.max() <= 1.0), 0.1 < float(mask.mean()) < 0.4
+        ((64, 64), True, True)
     """
     phantom = render_phantom_detailed(
         rng, size, label, site, shortcut_applied, shortcut_kind, view=view, anatomy=anatomy, severity=severity
@@ -1034,7 +1032,7 @@ def plan_synthesis(
                         "film": film,
                         "label": label,
                         "sex": sex,
-                        "age": age + film * 0.1,  # a follow-up weeks later: same age, nearly
+                        "age": age,  # a follow-up is days or weeks later: same age
                         "view": view,
                         "shortcut": bool(carries),
                     }
@@ -1129,6 +1127,13 @@ def synthesize(
             reuse = False
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
+    if not reuse:
+        # Redrawing: drop PNGs the new plan does not name, so the folder holds one collection.
+        wanted = {f"{image_id}.png" for image_id in plan["image_id"]}
+        for folder in (out / "images", out / "masks"):
+            for stale in folder.glob("*.png"):
+                if stale.name not in wanted:
+                    stale.unlink()
     atomic_write_text(config_path, json.dumps(config, indent=2) + "\n")
 
     by_name = {site.name: site for site in sites}
