@@ -73,7 +73,7 @@ def test_masks_are_two_plausible_lungs_darker_than_the_mediastinum(site):
         assert n == 2, f"{site.name} #{i}: {n} components"
         centres = [np.nonzero(labels == k)[1].mean() for k in (1, 2)]
         assert min(centres) < SIZE / 2 < max(centres), "one lung on each side"
-        assert 0.15 <= mask.mean() <= 0.40, f"lung area {mask.mean():.3f}"
+        assert 0.12 <= mask.mean() <= 0.40, f"lung area {mask.mean():.3f}"
         # Mediastinum: between the two lungs, on rows where both are present.
         between = np.zeros_like(mask)
         for row in range(SIZE):
@@ -97,13 +97,20 @@ def test_mask_edge_is_where_the_image_gets_dark():
 def test_follow_up_films_share_the_lungs():
     from covidcxr.data.synth import sample_anatomy
 
+    def overlap(a, b):
+        return (a & b).sum() / (a | b).sum()
+
     anatomy = sample_anatomy(np.random.default_rng(4))
-    _, first = render_phantom(np.random.default_rng(10), SIZE, "covid", SITE_A, anatomy=anatomy, view="PA")
-    _, second = render_phantom(np.random.default_rng(11), SIZE, "covid", SITE_A, anatomy=anatomy, view="PA")
-    _, stranger = render_phantom(np.random.default_rng(12), SIZE, "covid", SITE_A, view="PA")
-    overlap = (first & second).sum() / (first | second).sum()
-    assert overlap > 0.8  # same chest, a slightly different pose
-    assert overlap > (first & stranger).sum() / (first | stranger).sum()
+    other = sample_anatomy(np.random.default_rng(5))
+    # same pose (same acquisition stream): the patient's anatomy alone decides the lungs
+    _, first = render_phantom(np.random.default_rng(10), SIZE, "covid", SITE_A, anatomy=anatomy, view="PA", severity=0.1)
+    _, again = render_phantom(np.random.default_rng(10), SIZE, "covid", SITE_A, anatomy=anatomy, view="PA", severity=0.2)
+    _, stranger = render_phantom(np.random.default_rng(10), SIZE, "covid", SITE_A, anatomy=other, view="PA")
+    assert np.array_equal(first, again)
+    assert overlap(first, stranger) < 0.95
+    # another pose of the same chest still overlaps strongly
+    _, moved = render_phantom(np.random.default_rng(11), SIZE, "covid", SITE_A, anatomy=anatomy, view="PA")
+    assert overlap(first, moved) > 0.7  # shift, rotation, ±3% magnification
 
 
 # --- findings ---------------------------------------------------------------------------

@@ -191,7 +191,7 @@ DEFAULT_SITES: tuple[SiteProfile, ...] = (
         noise_sigma=0.010,
         blur_sigma=0.6,
         field_of_view=0.97,
-        offset_jitter=3.0,
+        offset_jitter=6.0,
         label_mix={"normal": 0.45, "pneumonia": 0.25, "covid": 0.20, "other": 0.10},
         gamma=1.0,
         heel_effect=0.0,
@@ -205,7 +205,7 @@ DEFAULT_SITES: tuple[SiteProfile, ...] = (
         noise_sigma=0.028,
         blur_sigma=1.2,
         field_of_view=0.91,
-        offset_jitter=6.0,
+        offset_jitter=9.0,
         label_mix={"normal": 0.30, "pneumonia": 0.35, "covid": 0.20, "other": 0.15},
         gamma=1.35,
         heel_effect=0.10,
@@ -219,7 +219,7 @@ DEFAULT_SITES: tuple[SiteProfile, ...] = (
         noise_sigma=0.050,
         blur_sigma=1.8,
         field_of_view=0.87,
-        offset_jitter=10.0,
+        offset_jitter=12.0,
         label_mix={"normal": 0.25, "pneumonia": 0.15, "covid": 0.55, "other": 0.05},
         gamma=0.85,
         heel_effect=-0.06,
@@ -384,7 +384,7 @@ def sample_anatomy(rng: np.random.Generator, sex: str | None = None) -> Anatomy:
     if sex is None:
         sex = "F" if u[0] < 0.5 else "M"
     female = sex == "F"
-    habitus = (0.93 if female else 0.97) + 0.07 * u[1]
+    habitus = (0.88 if female else 0.93) + 0.16 * u[1]
 
     def between(lo: float, hi: float, k: int) -> float:
         return float(lo + (hi - lo) * u[k])
@@ -624,6 +624,23 @@ def _largest_per_side(mask: np.ndarray, xs: np.ndarray) -> np.ndarray:
     return out
 
 
+def _habitus_field(xa: np.ndarray, ya: np.ndarray, anatomy: Anatomy) -> np.ndarray:
+    """A patient's own smooth soft-tissue pattern (fat, muscle, breast and arm shadows).
+
+    Real radiographs of different people differ in many such broad shadows; without them
+    phantoms of different patients share one template and look like near-duplicates to
+    the perceptual hash (`covidcxr.data.dedup`). Drawn from its own stream of the
+    patient's seed, in anatomical coordinates, so a follow-up film keeps it.
+    """
+    rng = np.random.default_rng([anatomy.texture_seed, 0x4AB1])
+    field = np.zeros_like(xa)
+    for cx, cy, sigma, amplitude in zip(
+        rng.uniform(-1.0, 1.0, 10), rng.uniform(-0.9, 1.0, 10), rng.uniform(0.12, 0.35, 10), rng.uniform(-0.14, 0.14, 10)
+    ):
+        field += np.float32(amplitude) * np.exp(-((xa - cx) ** 2 + (ya - cy) ** 2) / np.float32(2.0 * sigma**2))
+    return field
+
+
 def _draw_chest(
     xa: np.ndarray,
     ya: np.ndarray,
@@ -650,7 +667,7 @@ def _draw_chest(
     edge = bw + 0.10 - 0.16 * np.clip((-ya - 0.1) / 0.7, 0.0, 1.0) ** 1.5
     body = (ya > shoulder) & (ax < edge)
     thickness = np.sqrt(np.clip(1.0 - (xa / (bw + 0.1)) ** 2, 0.0, 1.0))
-    img = np.where(body, anatomy.soft_tissue + 0.16 * thickness, 0.03).astype(f32)
+    img = np.where(body, anatomy.soft_tissue + 0.16 * thickness + _habitus_field(xa, ya, anatomy), 0.03).astype(f32)
 
     # --- lungs, in lung-local coordinates (u across, v down), each pixel on its own side.
     lung_r, lung_l = anatomy.lungs
@@ -841,7 +858,10 @@ def render_phantom_detailed(
         view = "AP" if a[0] < site.ap_rate else "PA"
     if view not in ("PA", "AP"):
         raise ValueError(f"view must be 'PA' or 'AP', got {view!r}")
-    zoom = site.field_of_view * anatomy.habitus
+    # Source-detector distance and detector size vary film to film: ±3% magnification.
+    # Without it, phantoms of different patients are closer than real radiographs are
+    # (their perceptual hashes collide: see covidcxr.data.dedup's calibration).
+    zoom = site.field_of_view * anatomy.habitus * (0.97 + 0.06 * a[5])
     shift = (a[1:3] * 2.0 - 1.0) * site.offset_jitter / 128.0  # px at 256 → [-1, 1] units
     angle = math.radians((a[3] * 2.0 - 1.0) * (4.0 if view == "AP" else 2.0))
     inspiration = (0.92 + 0.08 * a[4]) if view == "AP" else (0.96 + 0.08 * a[4])
