@@ -13,11 +13,7 @@ def _rate(count: int, seconds: float) -> float:
 
 def bench_read_images(context) -> dict:
     """Decode throughput of `covidcxr.io.read_image` on PNG (real collection) and DICOM (generated)."""
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    from covidcxr.io import read_image
+    from covidcxr.io import read_image, write_dicom
 
     figures: dict = {}
     if context.shared_collection is not None:
@@ -33,19 +29,14 @@ def bench_read_images(context) -> dict:
     rng = np.random.default_rng(0)
     paths = []
     for index in range(50):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(str(folder / f"{index}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "DX"
-        ds.Rows = ds.Columns = 2048
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1"
-        ds.WindowCenter, ds.WindowWidth = 2048, 4096
-        ds.PixelData = rng.integers(0, 4096, (2048, 2048), dtype=np.uint16).tobytes()
-        path = folder / f"{index}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        path = write_dicom(
+            folder / f"{index}.dcm",
+            rng.integers(0, 4096, (2048, 2048), dtype=np.uint16),
+            "MONOCHROME1",
+            12,
+            WindowCenter=2048,
+            WindowWidth=4096,
+        )
         paths.append(path)
     start = time.perf_counter()
     for path in paths:

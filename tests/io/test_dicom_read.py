@@ -8,19 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
-from pydicom.uid import (
-    DigitalXRayImageStorageForPresentation,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEGLSLossless,
-    generate_uid,
-)
+from pydicom.uid import DigitalXRayImageStorageForPresentation, JPEGLSLossless
 
 from covidcxr.errors import ImageReadError
-from covidcxr.io import read_dicom, read_dicom_metadata, read_image
+from covidcxr.io import dicom_dataset, read_dicom, read_dicom_metadata, read_image
 
 IDENTIFIERS = {
     "PatientName": "Doe^Jane",
@@ -44,23 +38,7 @@ def make_dicom(
     **elements: object,
 ) -> Path:
     """Write a DX DICOM holding ``stored`` (None: no Pixel Data) plus identifiers and ``elements``."""
-    file_meta = FileMetaDataset()
-    file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = FileDataset(str(path), {}, file_meta=file_meta, preamble=b"\0" * 128)
-    dataset.SOPClassUID = file_meta.MediaStorageSOPClassUID
-    dataset.SOPInstanceUID = file_meta.MediaStorageSOPInstanceUID
-    for keyword, value in {**IDENTIFIERS, **DEMOGRAPHICS}.items():
-        setattr(dataset, keyword, value)
-    if stored is not None:
-        dataset.set_pixel_data(stored, photometric, bits_stored)
-    else:
-        dataset.Rows, dataset.Columns, dataset.SamplesPerPixel = 2, 2, 1
-        dataset.PhotometricInterpretation = photometric
-        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 12, 11, 0
-    for keyword, value in elements.items():
-        setattr(dataset, keyword, value)
+    dataset = dicom_dataset(stored, photometric, bits_stored, **IDENTIFIERS, **DEMOGRAPHICS, **elements)
     if preamble:
         dataset.save_as(path, enforce_file_format=True)
     else:

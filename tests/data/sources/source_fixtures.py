@@ -58,35 +58,20 @@ class Builder:
 
     def dicom(self, path: Path, view: str | None = "PA", sex: str | None = "M", age: str | None = "058Y") -> Path:
         """An 8x8 MONOCHROME2 DICOM with ViewPosition, PatientSex and PatientAge."""
-        from pydicom.dataset import FileDataset, FileMetaDataset
-        from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+        from covidcxr.io import write_dicom
 
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID = meta.MediaStorageSOPClassUID
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.PatientID = path.stem
-        ds.Modality = "CR"
+        elements: dict[str, object] = {"PatientID": path.stem, "Modality": "CR"}
         if view is not None:
-            ds.ViewPosition = view
+            elements["ViewPosition"] = view
         if sex is not None:
-            ds.PatientSex = sex
-        if age is not None:
-            with warnings.catch_warnings():
-                # RSNA's real files carry ages without the unit ("51"), which pydicom flags.
-                warnings.filterwarnings("ignore", message="Invalid value for VR AS")
-                ds.PatientAge = age
-        ds.Rows, ds.Columns = 8, 8
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
-        ds.PixelRepresentation = 0
-        ds.PixelData = self._pixels().tobytes()
+            elements["PatientSex"] = sex
         path.parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(path, enforce_file_format=True)
+        with warnings.catch_warnings():
+            # RSNA's real files carry ages without the unit ("51"), which pydicom flags.
+            warnings.filterwarnings("ignore", message="Invalid value for VR AS")
+            if age is not None:
+                elements["PatientAge"] = age
+            write_dicom(path, self._pixels(), "MONOCHROME2", 8, **elements)
         return path
 
 
