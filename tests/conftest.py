@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from generated_data import make_tiny_manifest
 
-SHARED_COLLECTION = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr"
+# The collection lives beside the checkout (../shared/data/cxr); COVIDCXR_SHARED_DATA overrides.
+SHARED_COLLECTION = Path(
+    os.environ.get("COVIDCXR_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr")
+)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -38,6 +39,31 @@ def test_summarize_lists_unreadable_files(tmp_path, tiny_manifest):
     summary = json.loads(result.stdout)
     assert [item["path"] for item in summary["unreadable"]] == [broken]
     assert broken in summary["unreadable"][0]["reason"]
+
+
+def test_summarize_public_layout_is_detected(tmp_path):
+    """A Kermany-style tree (no manifest.csv) is recognised and summarised."""
+    from generated_data import random_texture
+
+    from covidcxr.io import write_png
+
+    rng = np.random.default_rng(0)
+    names = {
+        "train/NORMAL": ["IM-0115-0001.jpeg", "IM-0117-0001.jpeg"],
+        "train/PNEUMONIA": ["person1_bacteria_1.jpeg", "person1_bacteria_2.jpeg", "person3_virus_6.jpeg"],
+        "test/NORMAL": ["NORMAL2-IM-1427-0001.jpeg"],
+        "test/PNEUMONIA": ["person99_virus_183.jpeg"],
+    }
+    for folder, files in names.items():
+        for name in files:
+            (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+            write_png(tmp_path / folder / name, random_texture(rng))  # PNG bytes: content, not extension, decides
+    result = runner.invoke(app, ["data", "summarize", str(tmp_path), "--json", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["adapter"] == "kermany"
+    assert summary["by_source"] == {"kermany": {"covid": 0, "pneumonia": 4, "normal": 3, "other": 0}}
+    assert summary["patients"] == 6 and summary["unreadable"] == []  # person1 has two films
 
 
 def test_summarize_shared_collection_matches_manifest(shared_collection):
