@@ -27,6 +27,9 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Collections: summarize, convert, split, synthesize phantoms.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+from covidcxr.cli_segment import segment_app  # noqa: E402
+
+app.add_typer(segment_app, name="segment")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -189,6 +192,13 @@ def data_synth(
         task = progress.add_task("synthesizing phantoms", total=images)
         synthesize(out, n_images=images, size=size, shortcut=spec, seed=seed, progress=lambda n=1: progress.advance(task, n))
     _print_summary(summarize(out, check_images=False, show_progress=False))
+
+
+# ---------------------------------------------------------------- preprocess
+
+from covidcxr.cli_preprocess import preprocess  # noqa: E402  (a thin module: imports nothing heavy)
+
+app.command("preprocess")(preprocess)
 
 
 # ---------------------------------------------------------------- demo

@@ -1,0 +1,62 @@
+"""``covidcxr segment train`` / ``evaluate`` on tiny generated phantoms."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from covidcxr.cli import app
+from covidcxr.errors import CovidCXRError
+
+runner = CliRunner()
+
+REQUIRED = {"dice_mean", "iou_mean", "hd95_mean", "n", "per_source", "worst"}
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    from covidcxr.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("phantoms")
+    synthesize(root, n_images=15, size=64, seed=5)
+    return root
+
+
+def test_train_then_evaluate_json_and_resume(phantoms, tmp_path):
+    weights, run = tmp_path / "weights", tmp_path / "run"
+    train = ["segment", "train", "--data", str(phantoms), "--out", str(weights), "--run-dir", str(run), "--size", "64", "--width", "4", "--batch-size", "4", "--no-progress"]
+    result = runner.invoke(app, [*train, "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert (weights / "lung_unet.pt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    metadata = json.loads((weights / "lung_unet.json").read_text())
+    assert metadata["config"]["input_size"] == 64 and metadata["split"]["test"]
+    assert set(metadata["metrics"]["test"]) >= REQUIRED
+
+    # default: only the images the weights never saw (the split's test patients)
+    result = runner.invoke(app, ["segment", "evaluate", "--data", str(phantoms), "--weights", str(weights), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert set(summary) >= REQUIRED
+    assert summary["n"] == len(metadata["split"]["test"]) and summary["excluded_seen"] == 15 - summary["n"]
+    for stats in summary["per_source"].values():
+        assert set(stats) >= {"dice_mean", "iou_mean", "hd95_mean", "n"}
+    assert sum(s["n"] for s in summary["per_source"].values()) == summary["n"]
+    assert 0 < len(summary["worst"]) <= 10 and {"image", "dice"} <= set(summary["worst"][0])
+
+    result = runner.invoke(app, ["segment", "evaluate", "--data", str(phantoms), "--weights", str(weights), "--json", "--all"])
+    assert json.loads(result.stdout)["n"] == 15
+
+    # a second call with more epochs resumes from the run folder's last checkpoint
+    result = runner.invoke(app, [*train, "--epochs", "2"])
+    assert result.exit_code == 0, repr(result.exception)
+    assert "resuming" in result.output
+    assert json.loads((weights / "lung_unet.json").read_text())["training"]["epochs_run"] == 2
+
+
+def test_evaluate_with_bad_weights_names_the_file(phantoms, tmp_path):
+    missing = tmp_path / "absent.pt"
+    result = runner.invoke(app, ["segment", "evaluate", "--data", str(phantoms), "--weights", str(missing)])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, CovidCXRError) and str(missing) in str(result.exception)
