@@ -106,3 +106,14 @@ def test_loso_needs_a_test_source(tmp_path, tiny_manifest, scheme):
     result = runner.invoke(app, ["data", "split", str(root), "--out", str(tmp_path / "s.csv"), "--scheme", scheme])
     assert result.exit_code != 0
     assert "--test-source" in str(result.exception)
+
+
+def test_demo_runs_the_journey_so_far(tmp_path):
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path), "--images", "24"])
+    assert result.exit_code == 0, result.output
+    assert "NOT FOR MEDICAL USE" in result.output
+    split = read_manifest(tmp_path / "split.csv")
+    assert len(split) == 24 and (split.groupby("patient_id")["split"].nunique() == 1).all()
+    assert "segmentation vs the phantoms' exact masks" in result.output
+    sheets = list(tmp_path.glob("cache/*/qc/contact_sheet.png"))
+    assert len(sheets) == 1 and len(list(tmp_path.glob("cache/*/index.parquet"))) == 1

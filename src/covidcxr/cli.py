@@ -210,26 +210,53 @@ def demo(
     images: Annotated[int, typer.Option(help="Phantom images to synthesize.")] = 300,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
-    """The journey so far on embedded synthetic data: synthesize phantoms -> summarize -> split."""
+    """The journey so far on embedded synthetic data.
+
+    synthesize phantoms (a shortcut planted at one site) -> summarize -> patient-disjoint
+    split -> lung segmentation with the shipped U-Net, scored on the phantoms (a source it
+    never saw) -> preprocess into the cache with a QC sheet.
+    """
     from covidcxr.data.manifest import write_manifest
     from covidcxr.data.sources import load_source
     from covidcxr.data.splits import split_train_val_test
     from covidcxr.data.summary import summarize
     from covidcxr.data.synth import DEFAULT_SITES, ShortcutSpec, synthesize
     from covidcxr.parallel import make_progress
+    from covidcxr.preprocess.cache import preprocess_collection
+    from covidcxr.preprocess.lungs import LungSegmenter, evaluate_segmenter
+    from covidcxr.preprocess.pipeline import PreprocessConfig
+    from covidcxr.preprocess.qc import write_qc
 
     console.print(f"[bold yellow]{MEDICAL_USE_BANNER}")
     phantoms = out / "phantoms"
     shortcut = ShortcutSpec(kind="marker", site=DEFAULT_SITES[0].name, label="covid")
     with make_progress() as progress:
-        task = progress.add_task("1/3 synthesizing phantoms", total=images)
+        task = progress.add_task("1/5 synthesizing phantoms", total=images)
         synthesize(phantoms, n_images=images, shortcut=shortcut, seed=seed, progress=lambda n=1: progress.advance(task, n))
-    console.print(f"[bold]2/3 summary of {phantoms}[/bold] (a corner marker is planted on covid images of {shortcut.site})")
+    console.print(f"[bold]2/5 summary of {phantoms}[/bold] (a corner marker is planted on covid images of {shortcut.site})")
     _print_summary(summarize(phantoms))
+
     split = split_train_val_test(load_source(phantoms).manifest, stratify=("source", "label"), seed=seed)
     write_manifest(split, out / "split.csv")
     counts = split.groupby(["split", "source"]).size().unstack(fill_value=0)
-    console.print(f"[bold]3/3 patient-disjoint split[/bold] -> {out / 'split.csv'}\n{counts.to_string()}")
+    console.print(f"[bold]3/5 patient-disjoint split[/bold] -> {out / 'split.csv'}\n{counts.to_string()}")
+
+    console.print("[bold]4/5 lung segmentation[/bold]: the shipped U-Net on phantoms (a source it never saw)")
+    scores = evaluate_segmenter(LungSegmenter.load(), split, convention="heart_excluded").summary
+    table = Table("site", "n", "Dice", "IoU", "HD95 px", title="segmentation vs the phantoms' exact masks")
+    for site, row in scores["per_source"].items():
+        table.add_row(site, str(row["n"]), f"{row['dice_mean']:.3f}", f"{row['iou_mean']:.3f}", f"{row['hd95_mean']:.1f}")
+    table.add_row("all", str(scores["n"]), f"{scores['dice_mean']:.3f}", f"{scores['iou_mean']:.3f}", f"{scores['hd95_mean']:.1f}", style="bold")
+    console.print(table)
+
+    config = PreprocessConfig(lungs="mask", mask_source="model", size=(224, 224))
+    result = preprocess_collection(split, config, out / "cache", progress=True)
+    paths = write_qc(result.index, result.config_dir, sample=12)
+    console.print(
+        f"[bold]5/5 preprocessed[/bold] {result.processed} images ({result.hits} from the cache, "
+        f"{len(result.rejected)} rejected) in {result.seconds:.1f} s -> {result.config_dir}\n"
+        f"QC: {paths.get('contact_sheet', paths['qc_csv'])}"
+    )
 
 
 def main() -> None:
