@@ -60,3 +60,20 @@ def test_evaluate_with_bad_weights_names_the_file(phantoms, tmp_path):
     result = runner.invoke(app, ["segment", "evaluate", "--data", str(phantoms), "--weights", str(missing)])
     assert result.exit_code != 0
     assert isinstance(result.exception, CovidCXRError) and str(missing) in str(result.exception)
+
+
+def test_evaluate_tta_flags_select_the_path(phantoms):
+    from covidcxr.preprocess.lungs import DEFAULT_WEIGHTS
+
+    if not DEFAULT_WEIGHTS.is_file():
+        pytest.skip(f"the shipped lung U-Net weights are not at {DEFAULT_WEIGHTS}")
+    base = ["segment", "evaluate", "--data", str(phantoms), "--json", "--all", "--convention", "heart_excluded"]
+    summaries = {}
+    for flags, expected in (([], "none"), (["--no-tta"], "none"), (["--tta"], "multiscale"), (["--tta-preset", "multiscale3"], "multiscale3")):
+        result = runner.invoke(app, [*base, *flags])
+        assert result.exit_code == 0, result.output
+        summaries[expected] = summary = json.loads(result.stdout)
+        assert summary["tta"] == expected and summary["n"] == 15 and set(summary) >= REQUIRED
+    assert summaries["none"]["dice_mean"] != summaries["multiscale"]["dice_mean"] or summaries["none"]["hd95_mean"] != summaries["multiscale"]["hd95_mean"]
+    result = runner.invoke(app, [*base, "--tta-preset", "flips"])
+    assert result.exit_code != 0 and "flips" in str(result.exception)

@@ -52,6 +52,7 @@ def _metrics_table(summary: dict[str, Any], title: str) -> Table:
 def _print_evaluation(summary: dict[str, Any]) -> None:
     console.print(_metrics_table(summary, f"lung segmentation vs '{summary['mask_column']}' ({summary['convention']} convention)"))
     console.print(f"[dim]{summary['selection']}[/dim]")
+    console.print(f"[dim]test-time augmentation: {summary.get('tta', 'none')}[/dim]")
     worst = Table(title=f"{len(summary['worst'])} worst images")
     worst.add_column("image")
     worst.add_column("source")
@@ -101,6 +102,14 @@ def segment_evaluate(
     convention: Annotated[str, typer.Option(help="auto (each mask vs the output of its annotator's convention), heart_excluded or retrocardiac.")] = "auto",
     masks: Annotated[str, typer.Option(help="Manifest column of the reference masks: mask or mask_alt (second annotator).")] = "mask",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    tta: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--tta/--no-tta",
+            help="Test-time augmentation: average the probability maps over several input scales (the 'multiscale' preset, 2 network passes per image; no flips). Default: the weights' config.tta ('none' for the shipped weights).",
+        ),
+    ] = None,
+    tta_preset: Annotated[Optional[str], typer.Option(help="A named TTA preset instead (none, multiscale, multiscale3, multiscale3_shift); overrides --tta/--no-tta.")] = None,
 ) -> None:
     """Dice, IoU and HD95 (pixels, at each image's own size) of the post-processed masks.
 
@@ -115,7 +124,7 @@ def segment_evaluate(
     if masks not in ("mask", "mask_alt"):
         raise CovidCXRError(f"--masks must be mask or mask_alt, not {masks!r}")
     weights_path, _ = resolve_weights(weights)
-    segmenter = LungSegmenter.load(weights_path, batch_size=batch_size)
+    segmenter = LungSegmenter.load(weights_path, batch_size=batch_size, tta=tta_preset if tta_preset is not None else tta)
     manifest = load_source(data).manifest
     if masks not in manifest.columns or manifest[masks].map(is_missing).all():
         raise CovidCXRError(f"no image in {data} has a '{masks}' lung mask; nothing to evaluate against")

@@ -12,8 +12,10 @@ from scipy import ndimage
 from covidcxr.errors import CovidCXRError
 from covidcxr.preprocess.lungs import (
     DEFAULT_WEIGHTS,
+    TTA_PRESETS,
     LungSegmenter,
     SegmenterConfig,
+    TTAView,
     build_unet,
     dice_score,
     hd95,
@@ -23,6 +25,8 @@ from covidcxr.preprocess.lungs import (
     postprocess_mask,
     prepare_image,
     prepare_mask,
+    prepare_view,
+    resolve_tta,
     restore_probability,
     save_weights,
     seen_sha1s,
@@ -118,6 +122,63 @@ def test_prepare_and_restore_are_inverse_for_any_aspect_ratio():
         restored = restore_probability(small.astype(np.float32), placement) > 0.5
         assert restored.shape == shape
         assert dice_score(restored, mask) > 0.93
+
+
+def test_tta_views_prepare_and_restore_without_cropping():
+    rng = np.random.default_rng(2)
+    for shape in ((320, 240), (200, 320)):
+        image = rng.random(shape).astype(np.float32)
+        mask = _disk(shape, (shape[0] // 2, shape[1] // 3), min(shape) // 4)
+        # the identity view is exactly the plain preparation
+        x, where = prepare_view(image, 64)
+        np.testing.assert_array_equal(x, prepare_image(image, 64)[0])
+        assert where == prepare_image(image, 64)[1]
+        for view in (TTAView(17 / 16), TTAView(15 / 16), TTAView(1.0, (0.125, -0.125))):
+            x, where = prepare_view(image, 64, view=view, multiple=16)
+            assert x.shape[0] == x.shape[1] and x.shape[0] % 16 == 0 and x.shape[0] >= 64
+            top, left = where.offset
+            assert top >= 0 and left >= 0 and top + where.inner[0] <= where.size and left + where.inner[1] <= where.size  # nothing cropped
+            assert max(where.inner) == round(64 * view.scale)
+            small = prepare_mask(mask, where)
+            assert dice_score(restore_probability(small.astype(np.float32), where) > 0.5, mask) > 0.9
+
+
+def test_tta_presets_resolve_and_bad_ones_raise():
+    assert resolve_tta(None) == resolve_tta(False) == TTA_PRESETS["none"] == (TTAView(),)
+    assert resolve_tta(True) == TTA_PRESETS["multiscale"] and resolve_tta(True, "multiscale3") == TTA_PRESETS["multiscale3"]
+    assert resolve_tta([(1.0,), (1.0625, (0.0, 0.03125))]) == (TTAView(), TTAView(1.0625, (0.0, 0.03125)))
+    assert all(len({v for v in views}) == len(views) for views in TTA_PRESETS.values())
+    with pytest.raises(CovidCXRError, match="flips"):
+        resolve_tta("flips")
+    with pytest.raises(CovidCXRError, match="preset"):
+        SegmenterConfig(tta="flips")
+
+
+def test_tta_with_the_identity_view_is_the_plain_path_and_views_average(tmp_path):
+    torch.manual_seed(2)
+    model = build_unet(TINY)
+    images = [np.random.default_rng(i).random(shape).astype(np.float32) for i, shape in enumerate(((90, 70), (64, 100)))]
+    plain = LungSegmenter(model, TINY, fast=False)
+    for identity in ("none", False, [TTAView()]):
+        same = LungSegmenter(model, TINY, fast=False, tta=identity)
+        for a, b in zip(plain.predict_channels_batch(images), same.predict_channels_batch(images)):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(plain.segment_batch(images), same.segment_batch(images)):
+            np.testing.assert_array_equal(a, b)
+    # several views: the mean of the single-view maps, at each image's own size
+    views = TTA_PRESETS["multiscale3_shift"]
+    averaged = plain.predict_channels_batch(images, tta=views)
+    singles = [plain.predict_channels_batch(images, tta=[v]) for v in views]
+    for i, image in enumerate(images):
+        assert averaged[i].shape == (2, *image.shape) and averaged[i].dtype == np.float32
+        np.testing.assert_allclose(averaged[i], np.mean([s[i] for s in singles], axis=0), atol=1e-6)
+    # the per-call tta overrides the segmenter's, and config.tta is the loaded default
+    config = SegmenterConfig(**{**TINY.__dict__, "tta": "multiscale"})
+    save_weights(model, config, tmp_path / "w")
+    loaded = LungSegmenter.load(tmp_path / "w", fast=False)
+    assert loaded.tta_views == TTA_PRESETS["multiscale"] and LungSegmenter.load(tmp_path / "w", tta=False).tta_views == (TTAView(),)
+    np.testing.assert_array_equal(loaded.predict_probability(images[0], tta="none"), plain.predict_probability(images[0]))
+    np.testing.assert_array_equal(loaded.predict_probability(images[0]), plain.predict_probability(images[0], tta="multiscale"))
 
 
 def test_metrics_on_known_masks():
@@ -241,6 +302,14 @@ def test_shipped_weights_segment_an_unseen_phantom(tmp_path):
     masks = segmenter.segment_batch(images)
     scores = [dice_score(m, read_mask(p, m.shape)) for m, p in zip(masks, manifest["mask"])]
     assert min(scores) > 0.8, scores
+    # test-time augmentation (shipped default: off) gives a valid two-lung mask too
+    assert segmenter.tta_views == TTA_PRESETS["none"]
+    tta_masks = LungSegmenter.load(tta=True).segment_batch(images)
+    for image, mask, truth in zip(images, tta_masks, manifest["mask"]):
+        assert mask.shape == image.shape and mask.dtype == bool
+        assert ndimage.label(mask, structure=np.ones((3, 3)))[1] == 2
+        assert np.array_equal(mask, ndimage.binary_fill_holes(mask))
+        assert dice_score(mask, read_mask(truth, mask.shape)) > 0.8
 
 
 @pytest.mark.shared_data

@@ -128,6 +128,10 @@ def test_config_hash_follows_the_segmenter_weights_content(tmp_path):
     manifest_masks = PreprocessConfig(mask_source="manifest", segmenter_weights=str(weights)).config_hash()
     weights.write_bytes(weights.read_bytes() + b"retrained")  # same name, new content
     assert PreprocessConfig(segmenter_weights=str(weights)).config_hash() != before
+    changed = PreprocessConfig(segmenter_weights=str(weights)).config_hash()
+    metadata = tmp_path / "lung_unet.json"
+    metadata.write_text(metadata.read_text().replace('"tta": "none"', '"tta": "multiscale"'))
+    assert PreprocessConfig(segmenter_weights=str(weights)).config_hash() != changed  # the TTA preset changes masks
     # manifest masks never touch the model: its weights do not enter the hash
     assert PreprocessConfig(mask_source="manifest", segmenter_weights=str(weights)).config_hash() == manifest_masks
 

@@ -24,6 +24,14 @@ Pipeline of `LungSegmenter` (callers pass the raw ``(H, W)`` float image in [0, 
 4. `postprocess_mask`: threshold, keep the two largest connected components (two lungs),
    fill holes.
 
+Optional test-time augmentation (``tta``, see `TTA_PRESETS`): steps 1–3 are repeated for
+a few *views* of the image — other scales of the long side inside the canvas, small
+translations — and the restored probability maps are averaged before step 4. There are
+no horizontal flips: the lungs are asymmetric (heart, left hilum, diaphragm heights).
+The shipped default is ``"none"`` (one identity view). ``"multiscale"`` was the best
+preset on the validation patients, but its gain there was too small to separate from
+noise, so it is opt-in (``weights/MODEL_CARD.md``).
+
 `soften_mask` then blurs the mask edge with the paper's 3-pixel radius before it is
 multiplied into the image by the later preprocessing stages.
 
@@ -102,6 +110,8 @@ class SegmenterConfig:
         default_convention: the channel `LungSegmenter.segment` uses unless told otherwise.
         threshold: probability above which a pixel is lung.
         equalization: ``"histogram"`` (Tartaglione et al. §3.2) — applied in `prepare_image`.
+        tta: the test-time augmentation preset `LungSegmenter` uses unless told otherwise
+            (a `TTA_PRESETS` name; ``"none"`` = the single identity view).
     """
 
     input_size: int = 256
@@ -113,8 +123,11 @@ class SegmenterConfig:
     default_convention: str = HEART_EXCLUDED
     threshold: float = 0.5
     equalization: str = "histogram"
+    tta: str = "none"
 
     def __post_init__(self) -> None:
+        if self.tta not in TTA_PRESETS:
+            raise CovidCXRError(f"unknown test-time augmentation preset {self.tta!r}; expected one of {list(TTA_PRESETS)}")
         if len(self.strides) != len(self.channels) - 1:
             raise CovidCXRError(f"U-Net needs len(strides) == len(channels) - 1, got {self.strides} for {self.channels}")
         unknown = [c for c in self.conventions if c not in CONVENTIONS]
@@ -274,6 +287,128 @@ def restore_probability(probability: np.ndarray, placement: Placement) -> np.nda
     top, left = placement.offset
     inner = probability[..., top : top + placement.inner[0], left : left + placement.inner[1]]
     return np.clip(_resize(inner, placement.shape), 0.0, 1.0)
+
+
+# ---------------------------------------------------------------- test-time augmentation views
+
+
+@dataclass(frozen=True)
+class TTAView:
+    """One test-time view of an image: its scale and position inside the network input.
+
+    Attributes:
+        scale: long side of the resized image as a fraction of the input size (1.0 = the
+            plain path: long side 256 px in a 256 px canvas; 1.0625 = 272 px).
+        shift: ``(dy, dx)`` translation of the image as a fraction of the input size
+            (0.03125 = 8 px at 256), added to the centred offset.
+
+    The canvas is the input size, grown to the next multiple of the network's total stride
+    when the scaled and shifted image would not fit, so no part of the image is cropped
+    (the U-Net is fully convolutional). The identity view reproduces `prepare_image` exactly.
+    """
+
+    scale: float = 1.0
+    shift: tuple[float, float] = (0.0, 0.0)
+
+
+#: Named test-time augmentation presets. No flips (the lungs are not mirror-symmetric).
+#: Validation Dice of each, and the cost, are in ``weights/MODEL_CARD.md``.
+TTA_PRESETS: dict[str, tuple[TTAView, ...]] = {
+    "none": (TTAView(),),
+    # long side 256 and 272 px in the 256 canvas (the 272 view runs on a 272 canvas)
+    "multiscale": (TTAView(1.0), TTAView(17 / 16)),
+    # long side 240, 256 and 272 px
+    "multiscale3": (TTAView(15 / 16), TTAView(1.0), TTAView(17 / 16)),
+    # the three scales plus the four diagonal shifts by 8 px at 256
+    "multiscale3_shift": (
+        TTAView(15 / 16),
+        TTAView(1.0),
+        TTAView(17 / 16),
+        *(TTAView(1.0, (dy / 32, dx / 32)) for dy in (-1, 1) for dx in (-1, 1)),
+    ),
+}
+#: The preset ``tta=True`` selects when the weights' own default is ``"none"``.
+DEFAULT_TTA_PRESET = "multiscale"
+
+TTASpec = bool | str | Sequence[TTAView] | None
+
+
+def tta_name(views: Sequence[TTAView]) -> str:
+    """The `TTA_PRESETS` name of a view tuple, or a description of custom views.
+
+    Example:
+        >>> tta_name(TTA_PRESETS["multiscale"]), tta_name((TTAView(0.5),))
+        ('multiscale', 'custom: scale 0.5 shift (0.0, 0.0)')
+    """
+    for name, preset in TTA_PRESETS.items():
+        if tuple(views) == preset:
+            return name
+    return "custom: " + "; ".join(f"scale {v.scale:g} shift {tuple(v.shift)}" for v in views)
+
+
+def resolve_tta(tta: TTASpec, default: str = "none") -> tuple[TTAView, ...]:
+    """The views of a TTA request.
+
+    Args:
+        tta: None = ``default``; False = the single identity view; True = ``default``,
+            or `DEFAULT_TTA_PRESET` when ``default`` is ``"none"``; a `TTA_PRESETS` name; or a
+            sequence of `TTAView` (or ``(scale, (dy, dx))`` tuples).
+        default: the weights' configured preset (``config.tta``).
+
+    Example:
+        >>> [v.scale for v in resolve_tta(True)], len(resolve_tta(False)), len(resolve_tta("multiscale3"))
+        ([1.0, 1.0625], 1, 3)
+    """
+    if tta is None:
+        tta = default
+    if tta is False:
+        tta = "none"
+    elif tta is True:
+        tta = default if default != "none" else DEFAULT_TTA_PRESET
+    if isinstance(tta, str):
+        if tta not in TTA_PRESETS:
+            raise CovidCXRError(f"unknown test-time augmentation preset {tta!r}; expected one of {list(TTA_PRESETS)}")
+        return TTA_PRESETS[tta]
+    views = tuple(v if isinstance(v, TTAView) else TTAView(float(v[0]), tuple(v[1]) if len(v) > 1 else (0.0, 0.0)) for v in tta)
+    if not views or any(v.scale <= 0 for v in views):
+        raise CovidCXRError(f"test-time augmentation needs at least one view with a positive scale, got {tta!r}")
+    return views
+
+
+def prepare_view(
+    image: np.ndarray, size: int = 256, equalization: str = "histogram", view: TTAView = TTAView(), multiple: int = 16
+) -> tuple[np.ndarray, Placement]:
+    """Like `prepare_image`, for one test-time view: the long side is ``round(size * view.scale)``,
+    shifted by ``view.shift * size`` pixels, in a square canvas of at least ``size`` px grown to
+    a multiple of ``multiple`` (the network's total stride) so nothing is cropped.
+
+    Returns:
+        ``((canvas, canvas) float32 in [0, 1], Placement)``; `restore_probability` undoes it.
+
+    Example:
+        >>> image = np.random.default_rng(0).random((320, 240))
+        >>> x, where = prepare_view(image, 256, view=TTAView(17 / 16))
+        >>> x.shape, where.inner, where.offset
+        ((272, 272), (272, 204), (0, 34))
+        >>> bool(np.array_equal(prepare_view(image, 256)[0], prepare_image(image, 256)[0]))
+        True
+    """
+    if view == TTAView():
+        return prepare_image(image, size, equalization)
+    image = _check_image(image)
+    long_side = max(1, round(size * view.scale))
+    dy, dx = (round(f * size) for f in view.shift)
+    needed = max(size, long_side + 2 * max(abs(dy), abs(dx)))
+    canvas = int(math.ceil(needed / multiple) * multiple)
+    fitted = placement_for(image.shape, long_side)
+    offset = ((canvas - fitted.inner[0]) // 2 + dy, (canvas - fitted.inner[1]) // 2 + dx)
+    placement = Placement(fitted.shape, canvas, fitted.inner, offset)
+    resized = np.clip(_resize(image, placement.inner), 0.0, 1.0)
+    if equalization == "histogram":
+        resized = equalize_histogram(resized)
+    elif equalization != "none":
+        raise CovidCXRError(f"unknown equalization {equalization!r} for lung segmentation; expected 'histogram' or 'none'")
+    return _pad(resized, placement), placement
 
 
 # ---------------------------------------------------------------- post-processing and soft masks
@@ -450,6 +585,10 @@ class LungSegmenter:
             False runs plain float32.
         batch_size: images per forward pass in the batch methods.
         metadata: the weights' metadata (training summary, split, metrics).
+        tta: test-time augmentation (see `resolve_tta`): None = the weights' ``config.tta``
+            (``"none"`` for the shipped weights), False = off, True = the ``"multiscale"``
+            preset, a `TTA_PRESETS` name, or a sequence of `TTAView`. Each view costs one
+            more network pass per image; the batch methods accept a per-call ``tta`` too.
 
     Example:
         >>> segmenter = LungSegmenter.load()  # doctest: +SKIP
@@ -464,26 +603,29 @@ class LungSegmenter:
         fast: bool = True,
         batch_size: int = 16,
         metadata: Mapping[str, Any] | None = None,
+        tta: TTASpec = None,
     ):
         self.config = config
         self.fast = fast
         self.batch_size = max(1, int(batch_size))
         self.metadata: dict[str, Any] = dict(metadata or {})
+        self.tta_views: tuple[TTAView, ...] = resolve_tta(tta, config.tta)
         self.model = model.eval()
         if fast:
             self.model = self.model.to(memory_format=torch.channels_last)
 
     @classmethod
-    def load(cls, weights: str | Path | None = None, *, fast: bool = True, batch_size: int = 16) -> LungSegmenter:
+    def load(cls, weights: str | Path | None = None, *, fast: bool = True, batch_size: int = 16, tta: TTASpec = None) -> LungSegmenter:
         """Load weights from a ``.pt`` file or a folder holding ``lung_unet.pt`` (None: the shipped ones).
 
         Never touches the network: the shipped weights live in ``covidcxr/preprocess/weights/``.
+        ``tta``: see the class docstring (None = the weights' ``config.tta``).
 
         Raises:
             CovidCXRError: naming the file, if it is missing or unusable.
         """
         model, config, metadata = load_model(weights)
-        return cls(model, config, fast=fast, batch_size=batch_size, metadata=metadata)
+        return cls(model, config, fast=fast, batch_size=batch_size, metadata=metadata, tta=tta)
 
     @property
     def input_size(self) -> int:
@@ -515,11 +657,12 @@ class LungSegmenter:
             logits = self.model(tensor)
         return torch.sigmoid(logits.float()).contiguous().numpy()
 
-    def predict_channels_batch(self, images: Iterable[np.ndarray]) -> list[np.ndarray]:
-        """Probabilities of every output channel at each image's own size: list of ``(C, H, W)`` float32."""
-        prepared: list[tuple[np.ndarray, Placement]] = [
-            prepare_image(image, self.config.input_size, self.config.equalization) for image in images
-        ]
+    def _views(self, tta: TTASpec) -> tuple[TTAView, ...]:
+        return self.tta_views if tta is None else resolve_tta(tta, self.config.tta)
+
+    def _predict_view(self, images: list[np.ndarray], view: TTAView) -> list[np.ndarray]:
+        multiple = int(np.prod(self.config.strides))
+        prepared = [prepare_view(image, self.config.input_size, self.config.equalization, view, multiple) for image in images]
         out: list[np.ndarray] = []
         for start in range(0, len(prepared), self.batch_size):
             chunk = prepared[start : start + self.batch_size]
@@ -527,20 +670,37 @@ class LungSegmenter:
             out.extend(restore_probability(p, placement) for p, (_, placement) in zip(probabilities, chunk))
         return out
 
-    def predict_probability_batch(self, images: Iterable[np.ndarray], convention: str | None = None) -> list[np.ndarray]:
+    def predict_channels_batch(self, images: Iterable[np.ndarray], tta: TTASpec = None) -> list[np.ndarray]:
+        """Probabilities of every output channel at each image's own size: list of ``(C, H, W)`` float32.
+
+        With several TTA views (``tta``, default: the segmenter's), the restored maps of the
+        views are averaged; a single view is returned as the network gave it.
+        """
+        images = list(images)
+        views = self._views(tta)
+        total = self._predict_view(images, views[0])
+        for view in views[1:]:
+            for acc, p in zip(total, self._predict_view(images, view)):
+                acc += p
+        if len(views) > 1:
+            total = [acc / np.float32(len(views)) for acc in total]
+        return total
+
+    def predict_probability_batch(self, images: Iterable[np.ndarray], convention: str | None = None, tta: TTASpec = None) -> list[np.ndarray]:
         """Lung probability maps, one ``(H, W)`` float32 in [0, 1] per image, at the image's size."""
         channel = self._channel(convention)
-        return [p[channel] for p in self.predict_channels_batch(images)]
+        return [p[channel] for p in self.predict_channels_batch(images, tta)]
 
-    def predict_probability(self, image: np.ndarray, convention: str | None = None) -> np.ndarray:
+    def predict_probability(self, image: np.ndarray, convention: str | None = None, tta: TTASpec = None) -> np.ndarray:
         """Lung probability map of one ``(H, W)`` image in [0, 1]: ``(H, W)`` float32 in [0, 1]."""
-        return self.predict_probability_batch([image], convention)[0]
+        return self.predict_probability_batch([image], convention, tta)[0]
 
     def segment_batch(
         self,
         images: Sequence[np.ndarray],
         convention: str | None = None,
         progress: Callable[[int], None] | None = None,
+        tta: TTASpec = None,
     ) -> list[np.ndarray]:
         """Post-processed lung masks, one ``(H, W)`` bool per image, at each image's size.
 
@@ -549,19 +709,20 @@ class LungSegmenter:
             convention: output channel (`CONVENTIONS`); None = the weights' default
                 (``heart_excluded``, the paper's Montgomery/Shenzhen convention).
             progress: called with the number of images finished after each batch.
+            tta: test-time augmentation for this call (None: the segmenter's; see `resolve_tta`).
         """
         channel = self._channel(convention)
         masks: list[np.ndarray] = []
         for start in range(0, len(images), self.batch_size):
-            chunk = self.predict_channels_batch(images[start : start + self.batch_size])
+            chunk = self.predict_channels_batch(images[start : start + self.batch_size], tta)
             masks.extend(postprocess_mask(p[channel], self.config.threshold) for p in chunk)
             if progress is not None:
                 progress(len(chunk))
         return masks
 
-    def segment(self, image: np.ndarray, convention: str | None = None) -> np.ndarray:
+    def segment(self, image: np.ndarray, convention: str | None = None, tta: TTASpec = None) -> np.ndarray:
         """The lung mask of one ``(H, W)`` image in [0, 1]: ``(H, W)`` bool, post-processed."""
-        return self.segment_batch([image], convention)[0]
+        return self.segment_batch([image], convention, tta=tta)[0]
 
 
 # ---------------------------------------------------------------- metrics and evaluation
@@ -770,6 +931,7 @@ def evaluate_segmenter(
     summary = summarize_metrics(per_image, worst=worst)
     summary["convention"] = convention
     summary["mask_column"] = mask_column
+    summary["tta"] = tta_name(segmenter.tta_views)
     return EvaluationResult(per_image, summary)
 
 
@@ -781,8 +943,11 @@ __all__ = [
     "WEIGHTS_DIR",
     "EvaluationResult",
     "LungSegmenter",
+    "DEFAULT_TTA_PRESET",
+    "TTA_PRESETS",
     "Placement",
     "SegmenterConfig",
+    "TTAView",
     "build_unet",
     "dice_score",
     "evaluate_segmenter",
@@ -795,6 +960,8 @@ __all__ = [
     "postprocess_mask",
     "prepare_image",
     "prepare_mask",
+    "prepare_view",
+    "resolve_tta",
     "read_metadata",
     "resolve_weights",
     "restore_probability",
@@ -802,4 +969,5 @@ __all__ = [
     "seen_sha1s",
     "soften_mask",
     "summarize_metrics",
+    "tta_name",
 ]

@@ -91,24 +91,26 @@ class SegmenterUnavailable(CovidCXRError):
 
 
 @functools.lru_cache(maxsize=8)
-def _weights_sha1_at(path: str, size: int, mtime_ns: int) -> str:
+def _file_sha1_at(path: str, size: int, mtime_ns: int) -> str:
     return file_sha1(path)
 
 
 def _weights_sha1(weights: str | None) -> str | None:
-    """SHA-1 of the lung U-Net weights file a config names (None: the shipped default).
+    """SHA-1 over the lung U-Net weights and their metadata file (None: the shipped default).
 
-    None when the file is absent: the config still hashes (by name) and the run itself
-    fails later with the loader's clear error.
+    The metadata (``lung_unet.json``) holds the threshold and the test-time augmentation
+    preset, which change the masks as much as the weights do. None when the files are
+    absent: the config still hashes (by name) and the run itself fails later with the
+    loader's clear error.
     """
     from covidcxr.preprocess.lungs import resolve_weights
 
     try:
-        path, _ = resolve_weights(weights)
+        files = resolve_weights(weights)
     except CovidCXRError:
         return None
-    stat = path.stat()
-    return _weights_sha1_at(str(path), stat.st_size, stat.st_mtime_ns)
+    digests = [_file_sha1_at(str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files]
+    return hashlib.sha1("".join(digests).encode("ascii")).hexdigest()
 
 
 class PreprocessConfig(BaseModel):
