@@ -232,6 +232,16 @@ def _check_image(image: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(image.astype(np.float32, copy=False)), 0.0, 1.0)
 
 
+def _fill_canvas(image: np.ndarray, placement: Placement, equalization: str) -> np.ndarray:
+    """Resize ``image`` into its placement, equalise it, and pad it onto the square canvas."""
+    resized = np.clip(_resize(image, placement.inner), 0.0, 1.0)
+    if equalization == "histogram":
+        resized = equalize_histogram(resized)
+    elif equalization != "none":
+        raise CovidCXRError(f"unknown equalization {equalization!r} for lung segmentation; expected 'histogram' or 'none'")
+    return _pad(resized, placement)
+
+
 def prepare_image(image: np.ndarray, size: int = 256, equalization: str = "histogram") -> tuple[np.ndarray, Placement]:
     """Fit an image into the network's square input: resize, equalise, pad.
 
@@ -254,12 +264,7 @@ def prepare_image(image: np.ndarray, size: int = 256, equalization: str = "histo
     """
     image = _check_image(image)
     placement = placement_for(image.shape, size)
-    resized = np.clip(_resize(image, placement.inner), 0.0, 1.0)
-    if equalization == "histogram":
-        resized = equalize_histogram(resized)
-    elif equalization != "none":
-        raise CovidCXRError(f"unknown equalization {equalization!r} for lung segmentation; expected 'histogram' or 'none'")
-    return _pad(resized, placement), placement
+    return _fill_canvas(image, placement, equalization), placement
 
 
 def prepare_mask(mask: np.ndarray, placement: Placement) -> np.ndarray:
@@ -403,12 +408,7 @@ def prepare_view(
     fitted = placement_for(image.shape, long_side)
     offset = ((canvas - fitted.inner[0]) // 2 + dy, (canvas - fitted.inner[1]) // 2 + dx)
     placement = Placement(fitted.shape, canvas, fitted.inner, offset)
-    resized = np.clip(_resize(image, placement.inner), 0.0, 1.0)
-    if equalization == "histogram":
-        resized = equalize_histogram(resized)
-    elif equalization != "none":
-        raise CovidCXRError(f"unknown equalization {equalization!r} for lung segmentation; expected 'histogram' or 'none'")
-    return _pad(resized, placement), placement
+    return _fill_canvas(image, placement, equalization), placement
 
 
 # ---------------------------------------------------------------- post-processing and soft masks
