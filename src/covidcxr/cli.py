@@ -200,6 +200,10 @@ from covidcxr.cli_preprocess import preprocess  # noqa: E402  (a thin module: im
 
 app.command("preprocess")(preprocess)
 
+from covidcxr.cli_train import train  # noqa: E402  (thin: imports torch/lightning only when run)
+
+app.command("train")(train)
+
 
 # ---------------------------------------------------------------- demo
 

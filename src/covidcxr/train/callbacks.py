@@ -1,0 +1,171 @@
+"""Lightning plumbing of a run: atomic checkpoint files, the epoch log, snapshot ensembles.
+
+* `AtomicCheckpointIO`: every checkpoint is written to a temporary file beside its
+  target and moved onto it (``os.replace``), so a run killed while saving leaves the
+  previous ``last.ckpt`` intact, never a truncated one.
+* `TrainLogCallback`: ``train_log.csv``, one row per epoch (losses, validation metrics,
+  learning rate, images/s); its rows travel inside the checkpoints, so a resumed run's log
+  is exactly that of the checkpoint it resumed from, continued.
+* `SnapshotCallback`: Hall et al. (2020)'s snapshot ensemble: ``count`` checkpoints
+  ``gap_epochs`` apart, from the first epoch whose metric passes a threshold (or the
+  last epochs), saved as ``snapshot-<k>.ckpt``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from covidcxr.io.atomic import atomic_path, atomic_write_text
+from covidcxr.train.recipe import SnapshotSection
+
+__all__ = ["AtomicCheckpointIO", "SnapshotCallback", "TrainLogCallback"]
+
+LOG_COLUMNS = (
+    "epoch",
+    "global_step",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_auc",
+    "val_accuracy",
+    "val_balanced_accuracy",
+    "lr",
+    "epoch_seconds",
+    "train_images_per_second",
+)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` onto the target."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        with atomic_path(Path(path)) as tmp:
+            torch.save(checkpoint, tmp)
+
+
+class TrainLogCallback(L.Callback):
+    """Write ``train_log.csv`` (atomically, whole file) at the end of every training epoch."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.rows: list[dict[str, Any]] = []
+        self._epoch_start: float | None = None
+        self._images = 0
+
+    @property
+    def state_key(self) -> str:
+        return "TrainLogCallback"
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+        self._images = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._epoch_start is None:  # resumed in the middle of an epoch: time this session's part
+            self._epoch_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._images += int(batch[1].shape[0])
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        seconds = time.perf_counter() - (self._epoch_start or time.perf_counter())
+        self._epoch_start = None
+        stats = pl_module.epoch_train_stats() if hasattr(pl_module, "epoch_train_stats") else {}
+        val = dict(getattr(pl_module, "last_val_metrics", {}) or {})
+        lr = None
+        if trainer.optimizers:
+            lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+        row = {
+            "epoch": int(trainer.current_epoch),
+            "global_step": int(trainer.global_step),
+            **stats,
+            **{k: val.get(k) for k in ("val_loss", "val_auc", "val_accuracy", "val_balanced_accuracy")},
+            "lr": lr,
+            "epoch_seconds": round(seconds, 3),
+            # images this process trained on, over this session's part of the epoch
+            "train_images_per_second": round(self._images * trainer.world_size / seconds, 2) if seconds > 0 else None,
+        }
+        self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]
+        if trainer.is_global_zero:
+            self.write()
+
+    def write(self) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in LOG_COLUMNS})
+        atomic_write_text(self.path, buffer.getvalue())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": [dict(r) for r in self.rows]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = [dict(r) for r in state_dict.get("rows", [])]
+
+
+class SnapshotCallback(L.Callback):
+    """Save snapshot checkpoints for an averaged ensemble (Hall et al. 2020, §3).
+
+    ``start="threshold"``: once ``metric`` exceeds ``threshold`` at an epoch >=
+    ``start_epoch`` (Hall: validation accuracy > 0.8), that epoch and every
+    ``gap_epochs``-th after it give a snapshot, until ``count`` are taken.
+    ``start="last"``: the epochs ``max_epochs - 1 - k * gap_epochs`` for ``k < count``.
+
+    Attributes:
+        started_at: the epoch of the first snapshot (None before the threshold is met).
+        taken: ``[(k, epoch), ...]`` snapshots written so far.
+    """
+
+    def __init__(self, spec: SnapshotSection, dirpath: str | Path, max_epochs: int) -> None:
+        self.spec = spec
+        self.dirpath = Path(dirpath)
+        self.max_epochs = int(max_epochs)
+        self.started_at: int | None = None
+        self.taken: list[list[int]] = []
+
+    @property
+    def state_key(self) -> str:
+        return "SnapshotCallback"
+
+    def path(self, k: int) -> Path:
+        return self.dirpath / f"snapshot-{k}.ckpt"
+
+    def _metric(self, pl_module: L.LightningModule) -> float | None:
+        if self.spec.metric == "train_accuracy":
+            return pl_module.epoch_train_stats().get("train_accuracy")  # type: ignore[operator]
+        value = (getattr(pl_module, "last_val_metrics", {}) or {}).get(self.spec.metric)
+        return None if value is None else float(value)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        spec, epoch = self.spec, int(trainer.current_epoch)
+        if len(self.taken) >= spec.count or any(e == epoch for _, e in self.taken):
+            return
+        if spec.start == "last":
+            wanted = {self.max_epochs - 1 - k * spec.gap_epochs for k in range(spec.count)}
+            due = epoch in wanted
+        else:
+            if self.started_at is None and epoch >= spec.start_epoch:
+                value = self._metric(pl_module)
+                if value is not None and value > spec.threshold:
+                    self.started_at = epoch
+            due = self.started_at is not None and (epoch - self.started_at) % spec.gap_epochs == 0
+        if due:
+            k = len(self.taken)
+            self.taken.append([k, epoch])
+            trainer.save_checkpoint(self.path(k))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"started_at": self.started_at, "taken": [list(t) for t in self.taken]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.started_at = state_dict.get("started_at")
+        self.taken = [list(t) for t in state_dict.get("taken", [])]
