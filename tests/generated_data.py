@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import yaml
 
 from covidcxr.data.manifest import make_manifest
 from covidcxr.io.writers import write_png
@@ -74,3 +76,37 @@ def tiny_train_recipe(root: Path, name: str = "tiny", **sections) -> dict:
         else:
             recipe[section] = values
     return recipe
+
+
+def make_fake_run(run_dir: Path, seed: int = 0, name: str = "fake") -> pd.DataFrame:
+    """Two seen sources (scores separate the classes) + one unseen (random) + one negatives-only seen source."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    layout = {"alpha": (60, 2.5), "beta": (50, 2.0), "gamma": (60, 0.0)}  # source: (images, separation)
+    for source, (n, sep) in layout.items():
+        for i in range(n):
+            target = i % 2
+            score = 1.0 / (1.0 + np.exp(-(rng.normal() + sep * (2 * target - 1))))
+            rows.append({"source": source, "patient_id": f"{source}-p{i // 2}", "target": target, "probability": score})
+    for i in range(20):  # negatives only
+        rows.append({"source": "delta", "patient_id": f"delta-p{i}", "target": 0, "probability": float(rng.uniform(0, 0.7))})
+    test = pd.DataFrame(rows)
+    test["split"] = "test"
+    val = test[test["source"] != "gamma"].head(30).copy()
+    val["split"] = "val"
+    val["patient_id"] = "val-" + val["patient_id"]
+    predictions = pd.concat([val, test], ignore_index=True)
+    predictions["label"] = np.where(predictions["target"] == 1, "covid", "other")
+    predictions["run"] = name
+    predictions["predicted"] = (predictions["probability"] >= 0.5).astype(int)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    predictions.to_parquet(run_dir / "predictions.parquet", index=False)
+    manifest = pd.DataFrame({
+        "image": [f"img{i}.png" for i in range(8)],
+        "source": ["alpha", "alpha", "beta", "beta", "delta", "alpha", "gamma", "gamma"],
+        "split": ["train", "train", "train", "val", "train", "test", "test", "test"],
+        "patient_id": [f"m{i}" for i in range(8)],
+    })
+    manifest.to_parquet(run_dir / "manifest.parquet", index=False)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"name": name, "data": {"sources": ["alpha", "beta"], "negatives_from": ["delta"]}}))
+    return predictions

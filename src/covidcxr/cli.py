@@ -204,6 +204,10 @@ from covidcxr.cli_train import train  # noqa: E402  (thin: imports torch/lightni
 
 app.command("train")(train)
 
+from covidcxr.cli_evaluate import evaluate  # noqa: E402  (thin: imports the metrics only when run)
+
+app.command("evaluate")(evaluate)
+
 
 # ---------------------------------------------------------------- demo
 

@@ -1,0 +1,390 @@
+"""Cross-source evaluation of a trained run: per-source metrics, seen vs unseen sources.
+
+A classifier trained on images from some sources (``seen``) is scored separately on
+each test source and on the test sources it never saw (``unseen``); a large seen/unseen
+AUC gap is the signature of shortcut learning (Maguolo & Nanni 2021; DeGrave et al. 2021).
+
+Inputs are a run directory written by :func:`covidcxr.train.train_recipe`::
+
+    RUN/config.yaml          data.sources, data.negatives_from
+    RUN/manifest.parquet     the records used, with their split (train/val/test)
+    RUN/predictions.parquet  split, source, patient_id, target, probability
+
+Example::
+
+    >>> from covidcxr.evaluate.cross_source import evaluate_run
+    >>> report = evaluate_run("runs/small_shared", n_boot=200)      # doctest: +SKIP
+    >>> report["per_source"]["cohen"]["auc"]["estimate"]            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from covidcxr.errors import CovidCXRError
+from covidcxr.evaluate.metrics import (
+    BINARY_METRIC_NAMES,
+    MetricInputError,
+    binary_metrics_with_ci,
+    bootstrap_ci,
+    confusion_counts,
+    metrics_from_counts,
+)
+from covidcxr.evaluate.stats import delong_test_independent
+from covidcxr.io.atomic import atomic_write_text
+
+__all__ = [
+    "EVALUATION_FILE",
+    "cross_source_matrix",
+    "cross_source_table",
+    "evaluate_run",
+    "load_predictions",
+    "metrics_for_rows",
+    "per_source_metrics",
+    "seen_unseen",
+    "training_sources",
+]
+
+EVALUATION_FILE = "evaluation.json"
+_REQUIRED = ("split", "source", "patient_id", "target", "probability")
+_ONE_CLASS_METRICS = {  # metrics defined when only one class is present
+    1: ("sensitivity", "accuracy"),
+    0: ("specificity", "accuracy"),
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: numpy scalars -> Python, NaN/inf -> None."""
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _check_predictions(predictions: pd.DataFrame, where: str = "predictions") -> None:
+    if not isinstance(predictions, pd.DataFrame):
+        raise CovidCXRError(f"{where}: expected a pandas DataFrame, got {type(predictions).__name__}")
+    missing = [c for c in _REQUIRED if c not in predictions.columns]
+    if missing:
+        raise CovidCXRError(
+            f"{where}: missing column(s) {', '.join(missing)} (expected {', '.join(_REQUIRED)}; "
+            "cross-source evaluation needs a binary run with a 'probability' column)"
+        )
+
+
+def _split_rows(predictions: pd.DataFrame, split: str | None) -> pd.DataFrame:
+    _check_predictions(predictions)
+    return predictions if split is None else predictions[predictions["split"] == split]
+
+
+def _one_class_metrics(y: np.ndarray, s: np.ndarray, patients: np.ndarray, threshold: float, n_boot: int, seed: int, note: str) -> dict[str, Any]:
+    """The structure of :func:`binary_metrics_with_ci` for a one-class set: undefined metrics None."""
+    cls = int(y[0])
+    pred = (s >= threshold).astype(np.int64)
+    counts = confusion_counts(y, pred)
+    point = metrics_from_counts(**counts)
+    out: dict[str, Any] = {}
+    for name in BINARY_METRIC_NAMES:
+        if name in _ONE_CLASS_METRICS[cls]:
+            # a one-class set: sensitivity/specificity/accuracy are all the fraction decided as that class
+            def fn(yy: np.ndarray, ss: np.ndarray, c: int = cls) -> float:
+                return float(np.mean((ss >= threshold).astype(np.int64) == c))
+
+            ci = bootstrap_ci(y, s, patients, fn, n_boot=n_boot, seed=seed)
+            out[name] = {"estimate": point[name], "low": ci["low"], "high": ci["high"], "n_boot_valid": ci["n_boot_valid"]}
+        else:
+            out[name] = None
+    out["dor_corrected"] = False
+    out.update(counts)
+    out["threshold"] = float(threshold)
+    out.update({"n_images": int(y.size), "n_patients": int(pd.unique(patients).size), "n_boot": int(n_boot), "alpha": 0.05})
+    out["note"] = note
+    return out
+
+
+def metrics_for_rows(rows: pd.DataFrame, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> dict[str, Any] | None:
+    """Metrics with patient-bootstrap CIs of some prediction rows, never raising on one class.
+
+    Returns:
+        :func:`binary_metrics_with_ci`'s dict plus ``n_positive``, ``n_negative`` and
+        ``note`` (None normally). With one class only, AUC (and every metric needing both
+        classes) is None and ``note`` says why; sensitivity or specificity and accuracy
+        are still given. None for no rows.
+    """
+    if len(rows) == 0:
+        return None
+    y = rows["target"].to_numpy().astype(np.int64)
+    s = rows["probability"].to_numpy().astype(np.float64)
+    patients = rows["patient_id"].astype(str).to_numpy()
+    n_pos = int(y.sum())
+    n_neg = int(y.size - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        present = "positive (1)" if n_neg == 0 else "negative (0)"
+        note = (
+            f"only {present} images ({y.size}): AUC, balanced accuracy, DOR and the metrics of the "
+            "missing class are undefined"
+        )
+        out = _one_class_metrics(y, s, patients, threshold, n_boot, seed, note)
+    else:
+        out = binary_metrics_with_ci(y, s, patients, threshold=threshold, n_boot=n_boot, seed=seed)
+        out["note"] = None
+    out["n_positive"] = n_pos
+    out["n_negative"] = n_neg
+    return _clean(out)
+
+
+# --------------------------------------------------------------------------- per source, seen/unseen
+
+
+def per_source_metrics(predictions: pd.DataFrame, split: str = "test", threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Metrics with patient-level bootstrap CIs for each source, on the rows of one split.
+
+    Args:
+        predictions: a run's ``predictions.parquet`` (split, source, patient_id, target, probability).
+        split: the split to score (``None``: all rows).
+        threshold: ``probability >= threshold`` is predicted positive.
+        n_boot: bootstrap resamples; seed: their seed.
+
+    Returns:
+        ``{source: metrics}`` sorted by source; see :func:`metrics_for_rows` (a one-class
+        source has ``auc`` None and a ``note``).
+    """
+    rows = _split_rows(predictions, split)
+    return {str(source): metrics_for_rows(part, threshold, n_boot, seed) for source, part in sorted(rows.groupby("source", sort=True), key=lambda kv: str(kv[0]))}
+
+
+def _gap(seen_rows: pd.DataFrame, unseen_rows: pd.DataFrame) -> dict[str, Any]:
+    empty = {"auc_seen": None, "auc_unseen": None, "auc_diff": None, "z": None, "p_value": None}
+    if len(seen_rows) == 0 or len(unseen_rows) == 0:
+        which = "seen" if len(seen_rows) == 0 else "unseen"
+        return {**empty, "note": f"no test images from {which} sources: the gap is undefined"}
+    try:
+        r = delong_test_independent(
+            seen_rows["target"].to_numpy().astype(np.int64), seen_rows["probability"].to_numpy().astype(np.float64),
+            unseen_rows["target"].to_numpy().astype(np.int64), unseen_rows["probability"].to_numpy().astype(np.float64),
+        )
+    except MetricInputError as exc:
+        which = "seen" if exc.argument.endswith("_a") else "unseen"
+        return {**empty, "note": f"{which} group: {exc.reason}"}
+    return _clean({
+        "auc_seen": r["auc_a"], "auc_unseen": r["auc_b"], "auc_diff": r["auc_diff"], "z": r["z"], "p_value": r["p_value"],
+        "note": "auc_diff = seen - unseen; DeLong test for two independent test sets (images treated as independent)",
+    })
+
+
+def seen_unseen(predictions: pd.DataFrame, seen_sources: Iterable[str], split: str = "test", threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Metrics on test images of sources the model trained on (seen) vs the others (unseen).
+
+    Returns:
+        ``{"seen_sources", "unseen_sources", "seen", "unseen", "gap"}``: ``seen``/``unseen``
+        are :func:`metrics_for_rows` dicts (None when the group has no images);
+        ``gap`` = ``{auc_seen, auc_unseen, auc_diff, z, p_value, note}`` from
+        :func:`~covidcxr.evaluate.stats.delong_test_independent`, values None (with the
+        reason in ``note``) when a group is empty or lacks a class.
+    """
+    seen_set = {str(s) for s in seen_sources}
+    rows = _split_rows(predictions, split)
+    is_seen = rows["source"].astype(str).isin(seen_set)
+    seen_rows, unseen_rows = rows[is_seen], rows[~is_seen]
+    return {
+        "seen_sources": sorted(seen_rows["source"].astype(str).unique().tolist()),
+        "unseen_sources": sorted(unseen_rows["source"].astype(str).unique().tolist()),
+        "seen": metrics_for_rows(seen_rows, threshold, n_boot, seed),
+        "unseen": metrics_for_rows(unseen_rows, threshold, n_boot, seed),
+        "gap": _gap(seen_rows, unseen_rows),
+    }
+
+
+# --------------------------------------------------------------------------- run directories
+
+
+def _run_path(run_dir: str | Path) -> Path:
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise CovidCXRError(f"{path}: not a run directory (expected a folder written by `covidcxr train`, holding predictions.parquet)")
+    if not (path / "predictions.parquet").is_file():
+        raise CovidCXRError(f"{path}: no predictions.parquet (expected a finished run of `covidcxr train`)")
+    return path
+
+
+def load_predictions(run_dir: str | Path) -> pd.DataFrame:
+    """A run's ``predictions.parquet``, checked for the columns cross-source evaluation needs."""
+    path = _run_path(run_dir) / "predictions.parquet"
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable parquet is bad input
+        raise CovidCXRError(f"{path}: unreadable parquet ({exc})") from None
+    _check_predictions(frame, str(path))
+    return frame
+
+
+def _config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise CovidCXRError(f"{path}: not valid YAML ({exc})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def training_sources(run_dir: str | Path) -> list[str]:
+    """Sources a run trained on (its ``seen`` sources).
+
+    Preferred: the sources of the train/val rows of ``manifest.parquet`` (what was actually
+    used). A k-fold run's root has no manifest: its ``fold-*/manifest.parquet`` are pooled.
+    Fallback: ``data.sources`` + ``data.negatives_from`` of ``config.yaml``.
+
+    Raises:
+        CovidCXRError: neither a manifest nor a config names any source.
+    """
+    path = Path(run_dir)
+    manifests = [path / "manifest.parquet"] if (path / "manifest.parquet").is_file() else sorted(path.glob("fold-*/manifest.parquet"))
+    found: set[str] = set()
+    for manifest in manifests:
+        try:
+            frame = pd.read_parquet(manifest, columns=None)
+        except Exception as exc:  # noqa: BLE001
+            raise CovidCXRError(f"{manifest}: unreadable parquet ({exc})") from None
+        if "split" not in frame.columns or "source" not in frame.columns:
+            continue
+        used = frame[frame["split"].isin(["train", "val"])]
+        if "rejected_reason" in used.columns:
+            used = used[used["rejected_reason"].isna()]
+        found.update(used["source"].astype(str).unique().tolist())
+    if found:
+        return sorted(found)
+    data = _config(path).get("data") or {}
+    for key in ("sources", "negatives_from"):
+        value = data.get(key) or []
+        found.update([value] if isinstance(value, str) else [str(v) for v in value])
+    if not found:
+        raise CovidCXRError(
+            f"{path}: cannot tell the training sources (expected manifest.parquet with split/source columns, "
+            "or config.yaml with data.sources)"
+        )
+    return sorted(found)
+
+
+def _run_name(run_dir: Path) -> str:
+    name = _config(run_dir).get("name")
+    return str(name) if name else run_dir.resolve().name
+
+
+def evaluate_run(run_dir: str | Path, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0, write: bool = True) -> dict[str, Any]:
+    """Cross-source evaluation of one run's test predictions; written to ``RUN/evaluation.json``.
+
+    Returns:
+        ``{run, run_dir, training_sources, overall, per_source, seen_unseen, threshold,
+        n_boot, seed, split}`` — ``overall`` is the whole test split, ``per_source`` by
+        :func:`per_source_metrics`, ``seen_unseen`` by :func:`seen_unseen` with the run's
+        :func:`training_sources` as seen.
+
+    Raises:
+        CovidCXRError: a missing run dir, a missing/unusable predictions.parquet, no test rows.
+    """
+    path = _run_path(run_dir)
+    predictions = load_predictions(path)
+    test = predictions[predictions["split"] == "test"]
+    if len(test) == 0:
+        raise CovidCXRError(f"{path / 'predictions.parquet'}: no rows with split 'test' (expected test-set predictions)")
+    sources = training_sources(path)
+    report = {
+        "run": _run_name(path),
+        "run_dir": str(path),
+        "split": "test",
+        "training_sources": sources,
+        "overall": metrics_for_rows(test, threshold, n_boot, seed),
+        "per_source": per_source_metrics(predictions, "test", threshold, n_boot, seed),
+        "seen_unseen": seen_unseen(predictions, sources, "test", threshold, n_boot, seed),
+        "threshold": float(threshold),
+        "n_boot": int(n_boot),
+        "seed": int(seed),
+    }
+    report = _clean(report)
+    if write:
+        atomic_write_text(path / EVALUATION_FILE, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    return report
+
+
+# --------------------------------------------------------------------------- several runs
+
+
+def _evaluations(runs: Sequence[str | Path | Mapping[str, Any]], threshold: float, n_boot: int, seed: int) -> list[Mapping[str, Any]]:
+    return [r if isinstance(r, Mapping) else evaluate_run(r, threshold, n_boot, seed, write=False) for r in runs]
+
+
+def _row_name(report: Mapping[str, Any]) -> str:
+    return f"{report['run']} [{'+'.join(report['training_sources'])}]"
+
+
+def cross_source_table(runs: Sequence[str | Path | Mapping[str, Any]], threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Long form of the train × test matrix: one row per (run, test source).
+
+    Args:
+        runs: run directories, or reports already made by :func:`evaluate_run`.
+
+    Returns:
+        Columns ``training, run, training_sources, test_source, seen, auc, auc_low,
+        auc_high, n_images, n_patients, note``.
+    """
+    records = []
+    used: dict[str, int] = {}
+    for report in _evaluations(runs, threshold, n_boot, seed):
+        seen = set(report["training_sources"])
+        row = _row_name(report)
+        used[row] = used.get(row, 0) + 1
+        if used[row] > 1:  # two runs of one name: keep the rows apart
+            row = f"{row} #{used[row]}"
+        for source, m in report["per_source"].items():
+            auc = m.get("auc") or {}
+            records.append({
+                "training": row,
+                "run": report["run"],
+                "training_sources": "+".join(report["training_sources"]),
+                "test_source": source,
+                "seen": source in seen,
+                "auc": auc.get("estimate"),
+                "auc_low": auc.get("low"),
+                "auc_high": auc.get("high"),
+                "n_images": m["n_images"],
+                "n_patients": m["n_patients"],
+                "note": m.get("note"),
+            })
+    columns = ["training", "run", "training_sources", "test_source", "seen", "auc", "auc_low", "auc_high", "n_images", "n_patients", "note"]
+    return pd.DataFrame.from_records(records, columns=columns)
+
+
+def cross_source_matrix(runs: Sequence[str | Path | Mapping[str, Any]], threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Train × test AUC matrix: rows = run ``"name [training sources]"``, columns = test source.
+
+    Cells are AUC estimates (NaN where a run has no test images of that source or the
+    source holds one class). The long form with CIs and counts is :func:`cross_source_table`.
+    """
+    table = cross_source_table(runs, threshold, n_boot, seed)
+    if table.empty:
+        return pd.DataFrame()
+    order = list(dict.fromkeys(table["training"]))
+    wide = table.pivot(index="training", columns="test_source", values="auc").astype(float)
+    wide = wide.reindex(order)
+    wide.columns.name = "test_source"
+    wide.index.name = "training"
+    return wide
