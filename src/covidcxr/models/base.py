@@ -19,7 +19,8 @@ exactly those whose name starts with ``stages.``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from covidcxr.errors import CovidCXRError
+
+_STAGE_ITEM_KEY = re.compile(r"^stages\.(\d+)\.(\d+)\.(.*)$")
 
 # Modules whose own (non-recursive) parameters make them a "layer" in the parametrised
 # sense: convolutions, normalisations and fully connected layers.
@@ -89,6 +92,21 @@ class CXRClassifier(nn.Module):
         self.frozen_bn_eval = False
 
     # ------------------------------------------------------------------ construction
+    def init_stage_weights(self) -> None:
+        """torchvision's initialisation of the hand-written backbones.
+
+        Kaiming-normal (fan_out, ReLU gain) convolutions with zero biases; BatchNorm at
+        weight 1, bias 0. One place, so every hand-written network starts alike.
+        """
+        for module in self.stages.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
     def init_head(self, head: str | nn.Module = "linear", head_kwargs: dict[str, Any] | None = None) -> None:
         """Attach a head by name (see `covidcxr.models.heads.HEADS`) or as a module.
 
@@ -217,6 +235,18 @@ class CXRClassifier(nn.Module):
         raise CovidCXRError(
             f"{type(self).__name__} has no torchvision counterpart: torchvision weights cannot be mapped onto it"
         )
+
+    def flat_features_name(self, key: str, index: Mapping[tuple[int, int], int]) -> str:
+        """``stages.S.I.rest`` -> ``features.N.rest`` for torchvision nets with one flat ``features``.
+
+        Args:
+            key: our backbone key.
+            index: ``(stage, item) -> N``, built by the network alongside its stages.
+        """
+        match = _STAGE_ITEM_KEY.match(key)
+        if match is None:
+            return CXRClassifier.torchvision_name(self, key)
+        return f"features.{index[(int(match.group(1)), int(match.group(2)))]}.{match.group(3)}"
 
     #: prefixes of torchvision keys that belong to the classifier (never loaded).
     torchvision_head_prefixes: tuple[str, ...] = ()

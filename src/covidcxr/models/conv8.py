@@ -86,9 +86,7 @@ class Conv8Classifier(CXRClassifier):
             previous = out
         self.stages = nn.ModuleList(stages)
         self.num_features = previous
-        for module in self.stages.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        self.init_stage_weights()
         self.init_head(head, head_kwargs)
 
 

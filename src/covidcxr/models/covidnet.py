@@ -178,12 +178,7 @@ class CovidNetClassifier(CXRClassifier):
             channels = width
         self.stages = nn.ModuleList(stages)
         self.num_features = channels
-        for module in self.stages.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        self.init_stage_weights()
         self.init_head(head, head_kwargs)
 
 

@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from torch import nn
@@ -32,7 +31,6 @@ __all__ = ["InvertedResidual", "MobileNetV2Classifier", "mobilenet_v2"]
 _SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 # torchvision feature indices per stage (0 = stem conv, 1..17 = blocks, 18 = last 1x1 conv).
 _STAGE_INDICES = ((0, 1), (2, 3), (4, 5, 6), (7, 8, 9, 10, 11, 12, 13), (14, 15, 16, 17, 18))
-_KEY = re.compile(r"^stages\.(\d+)\.(\d+)\.(.*)$")
 
 
 def _make_divisible(value: float, divisor: int = 8) -> int:
@@ -124,22 +122,12 @@ class MobileNetV2Classifier(CXRClassifier):
         self._torchvision_index = {
             (s, j): i for s, idx in enumerate(_STAGE_INDICES) for j, i in enumerate(idx)
         }
-        # torchvision's MobileNetV2 init: Kaiming-normal (fan_out) convolutions.
-        for module in self.stages.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        self.init_stage_weights()
         self.init_head(head, head_kwargs)
 
     def torchvision_name(self, key: str) -> str:
         """``stages.1.0.conv.1.0.weight`` -> ``features.2.conv.1.0.weight``."""
-        match = _KEY.match(key)
-        if match is None:
-            return super().torchvision_name(key)
-        index = self._torchvision_index[(int(match.group(1)), int(match.group(2)))]
-        return f"features.{index}.{match.group(3)}"
+        return self.flat_features_name(key, self._torchvision_index)
 
     def _blocks(self) -> list[nn.Module]:
         return [module for stage in self.stages for module in stage]

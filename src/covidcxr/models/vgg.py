@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from torch import nn
@@ -34,7 +33,6 @@ _STAGES = {
     "vgg16": ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),
     "vgg19": ((64, 64), (128, 128), (256, 256, 256, 256), (512, 512, 512, 512), (512, 512, 512, 512)),
 }
-_KEY = re.compile(r"^stages\.(\d+)\.(\d+)\.(.*)$")
 
 
 class VGGClassifier(CXRClassifier):
@@ -92,23 +90,12 @@ class VGGClassifier(CXRClassifier):
             stages.append(nn.Sequential(*modules))
         self.stages = nn.ModuleList(stages)
         self.num_features = channels
-        # torchvision's VGG init: Kaiming-normal (fan_out, ReLU) convolutions, zero biases.
-        for module in self.stages.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        self.init_stage_weights()
         self.init_head(head, head_kwargs)
 
     def torchvision_name(self, key: str) -> str:
         """``stages.1.0.weight`` -> ``features.5.weight`` (VGG-16 without BatchNorm)."""
-        match = _KEY.match(key)
-        if match is None:
-            return super().torchvision_name(key)
-        index = self._torchvision_index[(int(match.group(1)), int(match.group(2)))]
-        return f"features.{index}.{match.group(3)}"
+        return self.flat_features_name(key, self._torchvision_index)
 
     def layer_sequence(self, count: str = "default") -> list[tuple[str, nn.Module | None]]:
         """Keras ``VGG16/VGG19(include_top=False).layers`` by default (``count="keras"``).
