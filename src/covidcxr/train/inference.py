@@ -1,0 +1,219 @@
+"""A trained run, loaded for inference: the one way audit, predict, serve and experiments run a model.
+
+Everything downstream of training (``covidcxr audit``, ``covidcxr predict``, the service,
+the experiment grid's cross-source tests) needs the same four things: the network from the
+run's checkpoint, the run's preprocessing settings (so inference sees exactly what training
+saw), the input normalisation, and a batched forward pass. `load_run` gives them together.
+
+Example:
+    >>> run = load_run("runs/demo")                                  # doctest: +SKIP
+    >>> images = np.random.rand(4, 128, 128).astype(np.float32)      # model inputs in [0, 1]
+    >>> run.predict(images).shape, run.embed(images).shape           # doctest: +SKIP
+    ((4,), (4, 512))
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from covidcxr.errors import CovidCXRError
+from covidcxr.models.base import CXRClassifier
+from covidcxr.preprocess.pipeline import PreprocessConfig
+from covidcxr.train.recipe import TrainRecipe, recipe_from_mapping
+
+__all__ = ["LoadedRun", "find_runs", "latest_run", "load_run", "cached_inputs"]
+
+CHECKPOINT_NAMES = ("best", "last")
+
+
+@dataclass(eq=False)
+class LoadedRun:
+    """A run's network and settings, ready for inference on the CPU (or ``device``).
+
+    Attributes:
+        run_dir: the run directory.
+        checkpoint: the checkpoint the weights came from.
+        model: the network, in eval mode.
+        recipe: the resolved recipe the run was trained with.
+        classes: class names in output order (binary: ``[negative, positive]``).
+        threshold: the decision threshold on the positive class's probability (0.5, as
+            training and ``metrics.json`` use).
+        info: the checkpoint's provenance (config hash, manifest hash, split ids...).
+    """
+
+    run_dir: Path
+    checkpoint: Path
+    model: CXRClassifier
+    recipe: TrainRecipe
+    classes: list[str]
+    threshold: float
+    info: dict[str, Any]
+
+    @property
+    def binary(self) -> bool:
+        return self.recipe.num_outputs == 1
+
+    @property
+    def preprocess_config(self) -> PreprocessConfig:
+        """The preprocessing the run was trained with (same code path at inference)."""
+        return self.recipe.preprocess.to_config()
+
+    @property
+    def name(self) -> str:
+        return str(self.recipe.name or self.run_dir.name)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.recipe.preprocess.size)  # type: ignore[return-value]
+
+    def normalize(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``(N, H, W)`` or ``(N, 1, H, W)`` in [0, 1] -> the network's input tensor ``(N, C, H, W)``.
+
+        The same normalisation as training (`CXRClassifierModule._inputs`); a 3-channel
+        network gets the grey image repeated.
+        """
+        x = torch.as_tensor(np.asarray(images, dtype=np.float32)) if not isinstance(images, torch.Tensor) else images.float()
+        if x.ndim == 3:
+            x = x[:, None]
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise CovidCXRError(f"model inputs must be (N, H, W) or (N, 1, H, W) grey images; got shape {tuple(x.shape)}")
+        x = (x - self.recipe.model.normalize_mean) / self.recipe.model.normalize_std
+        channels = self.recipe.model.in_channels
+        return x.repeat(1, channels, 1, 1) if channels > 1 else x
+
+    def _batches(self, images: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
+        for start in range(0, len(images), batch_size):
+            yield self.normalize(images[start : start + batch_size])
+
+    def probabilities_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        return torch.sigmoid(logits[:, 0]) if self.binary else torch.softmax(logits, dim=1)
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Probabilities for model inputs ``(N, H, W)`` in [0, 1].
+
+        Returns:
+            ``(N,)`` positive-class probabilities for a binary run, ``(N, K)`` otherwise.
+        """
+        out = [self.probabilities_from_logits(self.model(x)) for x in self._batches(np.asarray(images), batch_size)]
+        if not out:
+            return np.zeros((0,) if self.binary else (0, len(self.classes)), dtype=np.float64)
+        return torch.cat(out).numpy().astype(np.float64)
+
+    @torch.no_grad()
+    def embed(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Pooled embeddings ``(N, D)`` (`CXRClassifier.embed`) for model inputs ``(N, H, W)``."""
+        out = [self.model.embed(x).float() for x in self._batches(np.asarray(images), batch_size)]
+        if not out:
+            return np.zeros((0, 0), dtype=np.float32)
+        return torch.cat(out).numpy()
+
+
+def find_runs(runs_dir: str | Path) -> list[Path]:
+    """Run directories (holding ``checkpoints/best.ckpt`` or ``last.ckpt``) under ``runs_dir``, newest first."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    found: dict[Path, float] = {}
+    for name in CHECKPOINT_NAMES:
+        for checkpoint in root.glob(f"**/checkpoints/{name}.ckpt"):
+            run = checkpoint.parent.parent
+            found[run] = max(found.get(run, 0.0), checkpoint.stat().st_mtime)
+    return sorted(found, key=lambda p: found[p], reverse=True)
+
+
+def latest_run(*roots: str | Path) -> Path:
+    """The newest run directory under any of ``roots``.
+
+    Raises:
+        CovidCXRError: there is none (the message says where it looked and how to make one).
+    """
+    for root in roots:
+        runs = find_runs(root)
+        if runs:
+            return runs[0]
+    looked = ", ".join(str(Path(r)) for r in roots) or "(nowhere)"
+    raise CovidCXRError(f"no trained run found under {looked}; train one (`make demo` or `covidcxr train RECIPE`) or name it with --run")
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
+    """Load a run directory's network and settings.
+
+    Args:
+        run_dir: a run directory written by `covidcxr.train.run.train_recipe` (for k-fold
+            runs, one ``fold-k`` directory).
+        checkpoint: ``best`` (falls back to ``last``), ``last``, or a checkpoint file.
+        device: where the network goes.
+
+    Raises:
+        CovidCXRError: not a run directory, or no usable checkpoint.
+    """
+    from covidcxr.train.module import load_checkpoint_model
+
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise CovidCXRError(f"run {root} is not a directory")
+    if Path(checkpoint).suffix == ".ckpt":
+        path = Path(checkpoint)
+    else:
+        if checkpoint not in CHECKPOINT_NAMES:
+            raise CovidCXRError(f"checkpoint must be one of {list(CHECKPOINT_NAMES)} or a .ckpt file; got {checkpoint!r}")
+        names = CHECKPOINT_NAMES[CHECKPOINT_NAMES.index(checkpoint) :]
+        candidates = [root / "checkpoints" / f"{n}.ckpt" for n in names]
+        path = next((c for c in candidates if c.is_file()), candidates[0])
+        if not path.is_file():
+            folds = sorted(p.name for p in root.glob("fold-*") if p.is_dir())
+            hint = f"; a k-fold run keeps one model per fold: name one of {folds}" if folds else ""
+            raise CovidCXRError(f"run {root} has no checkpoints/best.ckpt or last.ckpt{hint}")
+    model, info = load_checkpoint_model(path)
+    recipe = recipe_from_mapping(info["recipe"])
+    model.to(device)
+    threshold = 0.5
+    metrics_file = root / "metrics.json"
+    if metrics_file.is_file():
+        try:
+            threshold = float(json.loads(metrics_file.read_text()).get("threshold", 0.5))
+        except (ValueError, TypeError, AttributeError):
+            threshold = 0.5
+    return LoadedRun(
+        run_dir=root,
+        checkpoint=path,
+        model=model,
+        recipe=recipe,
+        classes=list(recipe.classes),
+        threshold=threshold,
+        info=info,
+    )
+
+
+def cached_inputs(
+    records: pd.DataFrame, recipe: TrainRecipe, progress: bool = False
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, pd.DataFrame]:
+    """Model inputs and lung masks of ``records`` through the run's preprocessing cache.
+
+    Returns:
+        ``(kept, images, lung_masks, excluded)``: the usable rows (index 0..n-1), their
+        model inputs ``(n, H, W)`` float32 in [0, 1], their lung masks ``(n, H, W)`` bool in
+        the model input's geometry, and the rows the preprocessing rejected with ``reason``.
+    """
+    from covidcxr.preprocess.cache import read_entry
+    from covidcxr.train.data import prepare_records
+
+    prepared = prepare_records(records, recipe, progress=progress)
+    size = tuple(recipe.preprocess.size)
+    images = np.zeros((len(prepared.entry_paths), *size), dtype=np.float32)
+    masks = np.zeros((len(prepared.entry_paths), *size), dtype=bool)
+    for i, path in enumerate(prepared.entry_paths):
+        entry = read_entry(path)
+        images[i] = entry.image
+        masks[i] = entry.lung_mask
+    return prepared.records.reset_index(drop=True), images, masks, prepared.excluded
