@@ -208,6 +208,10 @@ from covidcxr.cli_evaluate import evaluate  # noqa: E402  (thin: imports the met
 
 app.command("evaluate")(evaluate)
 
+from covidcxr.cli_audit import audit  # noqa: E402  (thin: imports torch only when run)
+
+app.command("audit")(audit)
+
 
 # ---------------------------------------------------------------- demo
 

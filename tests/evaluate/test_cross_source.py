@@ -125,3 +125,33 @@ def test_cross_source_matrix_over_runs(tmp_path: Path) -> None:
     row = long[(long["run"] == "run-b") & (long["test_source"] == "gamma")].iloc[0]
     assert not row["seen"] and row["auc_low"] <= row["auc"] <= row["auc_high"]
     assert row["auc"] == pytest.approx(matrix.loc["run-b [alpha+beta+delta]", "gamma"])
+
+
+def test_within_source_auc_ignores_between_source_separation():
+    import pandas as pd
+
+    from covidcxr.evaluate.cross_source import source_only_auc, within_source_auc
+
+    # source "pos" is mostly positive and scored high, "neg" mostly negative and scored low;
+    # inside each source the scores are uninformative (identical per class), so pooled AUC
+    # is high but within-source AUC is exactly 0.5
+    rows = pd.DataFrame({
+        "source": ["pos"] * 10 + ["neg"] * 10,
+        "patient_id": [f"p{i}" for i in range(20)],
+        "target": [1] * 8 + [0] * 2 + [1] * 2 + [0] * 8,
+        "probability": [0.9] * 10 + [0.1] * 10,
+    })
+    within = within_source_auc(rows, n_boot=200)
+    assert within["estimate"] == pytest.approx(0.5)
+    assert within["sources"] == ["neg", "pos"] and within["n_images"] == 20
+    # perfect ranking inside each source: 1.0
+    rows["probability"] = rows["probability"] + 0.01 * rows["target"]
+    assert within_source_auc(rows, n_boot=50)["estimate"] == pytest.approx(1.0)
+    # the source-only baseline: training rates 0.8 / 0.2 -> AUC of a 2-level score
+    train = rows.assign(target=rows["target"])
+    baseline = source_only_auc(rows, train, n_boot=200)
+    assert baseline["prevalence"] == {"neg": pytest.approx(0.2), "pos": pytest.approx(0.8)}
+    # pairs: 10 pos x 10 neg = 100; concordant 8*8 = 64, ties (2*8 + 8*2... same source) = 32 -> (64 + 16) / 100
+    assert baseline["estimate"] == pytest.approx(0.8)
+    single = rows[rows["source"] == "pos"].assign(target=1)
+    assert within_source_auc(single, n_boot=10) is None

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,10 +31,43 @@ from covidcxr.errors import CovidCXRError
 if TYPE_CHECKING:
     from covidcxr.train.inference import LoadedRun
 
-__all__ = ["gradcam", "lung_focus_fraction", "summarize_lung_focus"]
+__all__ = ["MIN_SALIENCY_GRID", "gradcam", "saliency_layer", "lung_focus_fraction", "plot_gallery", "select_gallery", "summarize_lung_focus"]
 
 
-def gradcam(run: LoadedRun, images: np.ndarray, class_index: int | None = None, batch_size: int = 32) -> np.ndarray:
+#: the audit explains the deepest stage whose feature map is at least this many cells a side
+MIN_SALIENCY_GRID = 8
+
+
+def saliency_layer(run: LoadedRun) -> str:
+    """The stage the audit's Grad-CAM explains: the deepest with a >= `MIN_SALIENCY_GRID` map.
+
+    A ResNet's last stage is 1/32 of the input (4 x 4 cells at 128 px): one cell covers a
+    whole lung apex and a corner marker at once, so the lung-focus fraction could not tell
+    them apart. The stage before it (8 x 8 at 128 px, 14 x 14 at 224 px) localises a text
+    marker while still being semantic (Selvaraju et al. 2017 use the last conv layer; the
+    resolution trade-off is theirs too).
+    """
+    model = run.model
+    sizes: dict[str, int] = {}
+    hooks = [
+        model.get_submodule(f"stages.{k}").register_forward_hook(lambda _m, _i, out, k=k: sizes.__setitem__(f"stages.{k}", int(min(out.shape[-2:]))))
+        for k in range(len(model.stages))
+    ]
+    try:
+        with torch.no_grad():
+            model(run.normalize(np.zeros((1, *run.input_size), dtype=np.float32)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    deepest = f"stages.{len(model.stages) - 1}"
+    for k in reversed(range(len(model.stages))):
+        name = f"stages.{k}"
+        if sizes.get(name, 0) >= MIN_SALIENCY_GRID:
+            return name
+    return deepest
+
+
+def gradcam(run: LoadedRun, images: np.ndarray, class_index: int | None = None, batch_size: int = 32, layer: str | None = None) -> np.ndarray:
     """Grad-CAM maps for model inputs.
 
     Args:
@@ -42,10 +76,11 @@ def gradcam(run: LoadedRun, images: np.ndarray, class_index: int | None = None, 
         class_index: the output to explain; default: the positive logit of a binary run,
             the predicted class of a multi-class run.
         batch_size: images per backward pass.
+        layer: the module to explain (default: `CXRClassifier.gradcam_layer`, the last stage).
 
     Returns:
-        ``(N, H, W)`` float32 maps in [0, 1] (each min-max normalised by MONAI), upsampled
-        to the input size. A map with no positive evidence is all zeros.
+        ``(N, H, W)`` float32 maps in [0, 1] (each divided by its maximum), upsampled to
+        the input size. A map with no positive evidence is all zeros.
     """
     from monai.visualize import GradCAM
 
@@ -53,14 +88,19 @@ def gradcam(run: LoadedRun, images: np.ndarray, class_index: int | None = None, 
     if images.ndim != 3:
         raise CovidCXRError(f"gradcam: images must be (N, H, W); got shape {images.shape}")
     model = run.model
-    cam = GradCAM(nn_module=model, target_layers=model.gradcam_layer)
+    # MONAI's default post-processing maps (min, max) to (1, 0) — it *flips* magnitudes (its
+    # docstring says so) — which would paint the strongest evidence as the weakest. Keep the
+    # raw ReLU'd map and scale each by its own maximum instead.
+    cam = GradCAM(nn_module=model, target_layers=layer or model.gradcam_layer, postprocessing=lambda x: x)
     maps = []
     for start in range(0, len(images), batch_size):
         x = run.normalize(images[start : start + batch_size])
         with torch.enable_grad():
             # MONAI explains the argmax class per image when class_idx is None
             out = cam(x, class_idx=class_index if class_index is not None else (0 if run.binary else None))
-        maps.append(np.nan_to_num(out.detach().float().numpy()[:, 0], nan=0.0))
+        raw = np.nan_to_num(out.detach().float().numpy()[:, 0], nan=0.0).clip(min=0.0)
+        peak = raw.reshape(len(raw), -1).max(axis=1)
+        maps.append(np.where(peak[:, None, None] > 0, raw / np.where(peak > 0, peak, 1.0)[:, None, None], 0.0))
     model.zero_grad(set_to_none=True)
     if not maps:
         return np.zeros((0, *images.shape[1:]), dtype=np.float32)
@@ -119,3 +159,56 @@ def summarize_lung_focus(table: pd.DataFrame, by: tuple[str, ...] = ("source", "
             }
         )
     return pd.DataFrame(rows)
+
+
+def select_gallery(table: pd.DataFrame, per_group: int = 2, by: tuple[str, ...] = ("source", "label")) -> list[int]:
+    """Row positions for the overlay gallery: per group, the most confident positive calls first.
+
+    Args:
+        table: per-image rows with ``probability`` and the ``by`` columns (index 0..n-1).
+        per_group: images per group.
+    """
+    chosen: list[int] = []
+    for _, part in table.groupby(list(by), sort=True):
+        chosen.extend(part.sort_values("probability", ascending=False).index[:per_group].tolist())
+    return [int(i) for i in chosen]
+
+
+def plot_gallery(images: np.ndarray, maps: np.ndarray, lung_masks: np.ndarray, captions: list[str], path: str | Path, columns: int = 6) -> Path:
+    """Grid of Grad-CAM overlays (jet, 45 % opacity) with the lung mask's contour in white; atomic PNG.
+
+    Args:
+        images: ``(N, H, W)`` model inputs in [0, 1].
+        maps: ``(N, H, W)`` saliency in [0, 1].
+        lung_masks: ``(N, H, W)`` bool.
+        captions: one short caption per image.
+        path: the PNG to write.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from covidcxr.io.atomic import atomic_path
+
+    n = len(images)
+    if n == 0:
+        raise CovidCXRError("plot_gallery: no images to draw")
+    columns = max(1, min(columns, n))
+    rows = int(np.ceil(n / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.35 * rows), dpi=80, squeeze=False)
+    for k, axis in enumerate(axes.ravel()):
+        axis.axis("off")
+        if k >= n:
+            continue
+        axis.imshow(images[k], cmap="gray", vmin=0, vmax=1)
+        axis.imshow(maps[k], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        if lung_masks[k].any():
+            axis.contour(lung_masks[k].astype(float), levels=[0.5], colors="white", linewidths=0.8)
+        axis.set_title(captions[k], fontsize=7)
+    figure.tight_layout(pad=0.3)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)
+    return path

@@ -45,11 +45,14 @@ __all__ = [
     "cross_source_matrix",
     "cross_source_table",
     "evaluate_run",
+    "json_ready",
     "load_predictions",
     "metrics_for_rows",
     "per_source_metrics",
     "seen_unseen",
+    "source_only_auc",
     "training_sources",
+    "within_source_auc",
 ]
 
 EVALUATION_FILE = "evaluation.json"
@@ -63,12 +66,12 @@ _ONE_CLASS_METRICS = {  # metrics defined when only one class is present
 # --------------------------------------------------------------------------- helpers
 
 
-def _clean(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
     """JSON-safe copy: numpy scalars -> Python, NaN/inf -> None."""
     if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_ready(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -145,7 +148,7 @@ def metrics_for_rows(rows: pd.DataFrame, threshold: float = 0.5, n_boot: int = 1
         out["note"] = None
     out["n_positive"] = n_pos
     out["n_negative"] = n_neg
-    return _clean(out)
+    return json_ready(out)
 
 
 # --------------------------------------------------------------------------- per source, seen/unseen
@@ -168,6 +171,86 @@ def per_source_metrics(predictions: pd.DataFrame, split: str = "test", threshold
     return {str(source): metrics_for_rows(part, threshold, n_boot, seed) for source, part in sorted(rows.groupby("source", sort=True), key=lambda kv: str(kv[0]))}
 
 
+def _pair_weighted_auc(y: np.ndarray, s: np.ndarray, strata: np.ndarray) -> float:
+    """Share of concordant (positive, negative) pairs *within the same stratum* (ties count half)."""
+    concordant = 0.0
+    pairs = 0.0
+    for stratum in np.unique(strata):
+        inside = strata == stratum
+        yy, ss = y[inside], s[inside]
+        n_pos = int(yy.sum())
+        n_neg = int(yy.size - n_pos)
+        if n_pos == 0 or n_neg == 0:
+            continue
+        # Mann-Whitney U from midranks: U = sum of positive ranks - n_pos (n_pos + 1) / 2
+        ranks = pd.Series(ss).rank(method="average").to_numpy()
+        concordant += float(ranks[yy == 1].sum() - n_pos * (n_pos + 1) / 2.0)
+        pairs += float(n_pos * n_neg)
+    if pairs == 0:
+        raise ValueError("no stratum holds both classes")
+    return concordant / pairs
+
+
+def within_source_auc(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict[str, Any] | None:
+    """AUC over (positive, negative) pairs from the same source only, with a patient-bootstrap CI.
+
+    The pooled AUC of a multi-source test set rewards a model for telling sources apart
+    whenever the label's prevalence differs between sources (a COVID-only source beside a
+    normal-only one gives a source detector AUC near 1). Counting only pairs drawn from
+    one source removes that credit: it is the pair-weighted mean of the per-source AUCs
+    (a stratified C statistic), and sources holding one class contribute nothing.
+
+    Args:
+        rows: ``source``, ``patient_id``, ``target`` and ``probability`` columns.
+
+    Returns:
+        ``{estimate, low, high, n_images, n_patients, sources}`` (``sources``: those with
+        both classes), or None when no source holds both classes.
+    """
+    y = rows["target"].to_numpy().astype(np.int64)
+    s = rows["probability"].to_numpy().astype(np.float64)
+    strata = rows["source"].astype(str).to_numpy()
+    both = sorted(src for src, part in rows.groupby("source") if 0 < int(part["target"].sum()) < len(part))
+    if not both:
+        return None
+
+    # bootstrap_ci resamples patients and passes (labels, scores); the row indices travel
+    # as the scores so the stratified AUC can see each resampled row's source.
+    def resampled(_labels: np.ndarray, index: np.ndarray) -> float:
+        rows_drawn = index.astype(np.int64)
+        return _pair_weighted_auc(y[rows_drawn], s[rows_drawn], strata[rows_drawn])
+
+    ci = bootstrap_ci(y, np.arange(len(y), dtype=np.float64), rows["patient_id"].astype(str).to_numpy(), resampled, n_boot=n_boot, seed=seed)
+    return json_ready({**ci, "sources": both})
+
+
+def source_only_auc(test_rows: pd.DataFrame, train_rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict[str, Any] | None:
+    """The AUC a model would reach by recognising the source and nothing else.
+
+    Each test image is scored by its source's positive rate in ``train_rows`` (a source
+    absent from training gets the overall training rate). When this baseline is high, the
+    data let a source detector pass for a diagnostic model (Maguolo & Nanni 2021).
+
+    Returns:
+        ``{estimate, low, high, n_images, n_patients, prevalence}`` (``prevalence``: the
+        training positive rate per source), or None when the test rows hold one class.
+    """
+    if len(test_rows) == 0 or test_rows["target"].nunique() < 2 or len(train_rows) == 0:
+        return None
+    prevalence = train_rows.groupby("source")["target"].mean()
+    overall = float(train_rows["target"].mean())
+    score = test_rows["source"].map(prevalence).fillna(overall).to_numpy().astype(np.float64)
+    y = test_rows["target"].to_numpy().astype(np.int64)
+    ci = bootstrap_ci(y, score, test_rows["patient_id"].astype(str).to_numpy(), _roc_auc, n_boot=n_boot, seed=seed)
+    return json_ready({**ci, "prevalence": {str(k): float(v) for k, v in prevalence.items()}})
+
+
+def _roc_auc(y: np.ndarray, s: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, s))
+
+
 def _gap(seen_rows: pd.DataFrame, unseen_rows: pd.DataFrame) -> dict[str, Any]:
     empty = {"auc_seen": None, "auc_unseen": None, "auc_diff": None, "z": None, "p_value": None}
     if len(seen_rows) == 0 or len(unseen_rows) == 0:
@@ -181,7 +264,7 @@ def _gap(seen_rows: pd.DataFrame, unseen_rows: pd.DataFrame) -> dict[str, Any]:
     except MetricInputError as exc:
         which = "seen" if exc.argument.endswith("_a") else "unseen"
         return {**empty, "note": f"{which} group: {exc.reason}"}
-    return _clean({
+    return json_ready({
         "auc_seen": r["auc_a"], "auc_unseen": r["auc_b"], "auc_diff": r["auc_diff"], "z": r["z"], "p_value": r["p_value"],
         "note": "auc_diff = seen - unseen; DeLong test for two independent test sets (images treated as independent)",
     })
@@ -284,6 +367,16 @@ def training_sources(run_dir: str | Path) -> list[str]:
     return sorted(found)
 
 
+def _training_rows(run_dir: Path, predictions: pd.DataFrame) -> pd.DataFrame:
+    """The run's training rows (``source``, ``target``): manifest.parquet's, else the predictions'."""
+    manifest = run_dir / "manifest.parquet"
+    if manifest.is_file():
+        frame = pd.read_parquet(manifest)
+        if {"split", "source", "target"} <= set(frame.columns):
+            return frame[frame["split"] == "train"]
+    return predictions[predictions["split"] == "train"]
+
+
 def _run_name(run_dir: Path) -> str:
     name = _config(run_dir).get("name")
     return str(name) if name else run_dir.resolve().name
@@ -296,7 +389,8 @@ def evaluate_run(run_dir: str | Path, threshold: float = 0.5, n_boot: int = 1000
         ``{run, run_dir, training_sources, overall, per_source, seen_unseen, threshold,
         n_boot, seed, split}`` — ``overall`` is the whole test split, ``per_source`` by
         :func:`per_source_metrics`, ``seen_unseen`` by :func:`seen_unseen` with the run's
-        :func:`training_sources` as seen.
+        :func:`training_sources` as seen, ``within_source`` (:func:`within_source_auc`) and
+        ``source_only`` (:func:`source_only_auc`, the training split's per-source rates).
 
     Raises:
         CovidCXRError: a missing run dir, a missing/unusable predictions.parquet, no test rows.
@@ -315,11 +409,13 @@ def evaluate_run(run_dir: str | Path, threshold: float = 0.5, n_boot: int = 1000
         "overall": metrics_for_rows(test, threshold, n_boot, seed),
         "per_source": per_source_metrics(predictions, "test", threshold, n_boot, seed),
         "seen_unseen": seen_unseen(predictions, sources, "test", threshold, n_boot, seed),
+        "within_source": within_source_auc(test, n_boot, seed),
+        "source_only": source_only_auc(test, _training_rows(path, predictions), n_boot, seed),
         "threshold": float(threshold),
         "n_boot": int(n_boot),
         "seed": int(seed),
     }
-    report = _clean(report)
+    report = json_ready(report)
     if write:
         atomic_write_text(path / EVALUATION_FILE, json.dumps(report, indent=2, allow_nan=False) + "\n")
     return report

@@ -25,6 +25,7 @@ The order of the steps, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -76,6 +77,8 @@ def synthetic_dir(recipe: TrainRecipe) -> Path:
     if recipe.data.collection:
         return Path(recipe.data.collection)
     params = recipe.data.synthetic.model_dump(mode="json") if recipe.data.synthetic else {}
+    if params.get("label_mix") is None:
+        params.pop("label_mix", None)  # folders made before the option existed keep their name
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     return Path(recipe.preprocess.cache_dir) / f"phantoms-{digest}"
 
@@ -88,7 +91,7 @@ def load_records(recipe: TrainRecipe, progress: bool = False) -> tuple[pd.DataFr
     """
     data = recipe.data
     if data.synthetic is not None:
-        from covidcxr.data.synth import ShortcutSpec, synthesize
+        from covidcxr.data.synth import DEFAULT_SITES, ShortcutSpec, synthesize
 
         spec = data.synthetic
         shortcut = None
@@ -101,10 +104,14 @@ def load_records(recipe: TrainRecipe, progress: bool = False) -> tuple[pd.DataFr
                 false_rate=spec.shortcut.false_rate,
             )
         folder = synthetic_dir(recipe)
+        sites = DEFAULT_SITES
+        if spec.label_mix is not None:
+            sites = tuple(dataclasses.replace(site, label_mix=dict(spec.label_mix)) for site in DEFAULT_SITES)
         try:
             synthesize(
                 folder,
                 n_images=spec.n_images,
+                sites=sites,
                 size=spec.size,
                 shortcut=shortcut,
                 seed=spec.seed,

@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -129,6 +130,15 @@ class SyntheticSection(_Section):
     seed: int = 0
     shortcut: ShortcutSection | None = None
     images_per_patient: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (1, 2)
+    #: one label mix for every site (e.g. {normal: 0.5, covid: 0.5}); None keeps each site's
+    #: own mix — the default sites differ (site_c is COVID-rich), so the site is a shortcut
+    label_mix: dict[Literal["covid", "pneumonia", "normal", "other"], Annotated[float, Field(ge=0.0)]] | None = None
+
+    @model_validator(mode="after")
+    def _mix_sums_to_one(self) -> SyntheticSection:
+        if self.label_mix is not None and not math.isclose(sum(self.label_mix.values()), 1.0, abs_tol=1e-6):
+            raise ValueError(f"data.synthetic.label_mix: the probabilities must sum to 1; got {sum(self.label_mix.values()):g}")
+        return self
 
 
 class SplitSection(_Section):
@@ -674,6 +684,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), b
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    if "experiment" in data:
+        # An experiment recipe (covidcxr.experiments): its fields outside `experiment:` are the
+        # base point, which is what a single training run trains; the grid and its scales
+        # belong to `covidcxr experiment run`.
+        data = {key: value for key, value in data.items() if key != "experiment"}
+        for item in overrides:
+            if item.split("=", 1)[0].strip() == "scale" or item.startswith(("experiment.", "pretrain.")):
+                raise RecipeError(f"{path}: --set {item!r} is an experiment setting; run `covidcxr experiment run {path} --set {item}`", [item])
     data = apply_overrides(data, list(overrides))
     if not data.get("name"):
         data["name"] = path.stem
