@@ -212,6 +212,10 @@ from covidcxr.cli_audit import audit  # noqa: E402  (thin: imports torch only wh
 
 app.command("audit")(audit)
 
+from covidcxr.cli_report import report  # noqa: E402  (thin: imports matplotlib/jinja2 only when run)
+
+app.command("report")(report)
+
 
 # ---------------------------------------------------------------- demo
 

@@ -1,0 +1,205 @@
+"""The report page: one self-contained HTML file (Jinja2, autoescaped) and its ``results.json``.
+
+:func:`write_report` is the whole of ``covidcxr report``: collect every number
+(:func:`covidcxr.report.results.collect_results`), draw the figures from those numbers
+(:mod:`covidcxr.report.figures`), render ``templates/report.html.j2`` and write the page
+and the JSON atomically. The page has no external reference (no CDN, no web font, no
+link to fetch): figures are embedded as base64 PNG, the style sheet is inline, and it
+reads the same offline, printed or attached to an e-mail.
+
+Everything that comes from data (source names, finding texts, the config) is escaped by
+Jinja2's autoescaping; nothing is marked safe except the figures' data URIs, which this
+module makes itself.
+
+Example::
+
+    >>> from covidcxr.report.html import write_report
+    >>> paths = write_report(["runs/small_shared"], "report.html")      # doctest: +SKIP
+    >>> paths.html, paths.json                                           # doctest: +SKIP
+    (PosixPath('report.html'), PosixPath('results.json'))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from covidcxr.errors import CovidCXRError
+from covidcxr.io.atomic import atomic_write_text
+from covidcxr.report import figures as fig
+from covidcxr.report.results import collect_results, write_results_json
+
+__all__ = ["ReportPaths", "build_figures", "render_html", "write_report"]
+
+TEMPLATE = "report.html.j2"
+
+
+@dataclass
+class ReportPaths:
+    """Where a report went, and what it holds.
+
+    Attributes:
+        html: the page.
+        json: ``results.json`` (every number on the page).
+        results: the collected numbers (what the JSON holds).
+        html_bytes: the page's size.
+    """
+
+    html: Path
+    json: Path
+    results: dict[str, Any]
+    html_bytes: int
+
+
+# ----------------------------------------------------------------------------- formatting filters
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and not math.isfinite(value))
+
+
+def fmt_num(value: Any, digits: int = 3) -> str:
+    """``0.93284`` -> ``"0.933"``; ints with thousands separators; None/NaN -> ``"–"``."""
+    if _is_missing(value):
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def fmt_dor(value: Any) -> str:
+    """Diagnostic odds ratios span orders of magnitude: 3 significant digits."""
+    if _is_missing(value):
+        return "–"
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
+def fmt_ci(metric: Any, digits: int = 3, dor: bool = False) -> str:
+    """``{low, high}`` -> ``"0.900–0.961"`` ("" when either end is missing)."""
+    if not isinstance(metric, Mapping) or _is_missing(metric.get("low")) or _is_missing(metric.get("high")):
+        return ""
+    f = fmt_dor if dor else (lambda v: fmt_num(v, digits))
+    return f"{f(metric['low'])}–{f(metric['high'])}"
+
+
+def fmt_p(value: Any) -> str:
+    """p-values: ``"< 0.001"`` below a thousandth, else 2 significant digits."""
+    if _is_missing(value):
+        return "–"
+    return "< 0.001" if value < 0.001 else f"{value:.2g}"
+
+
+def fmt_pct(value: Any) -> str:
+    return "–" if _is_missing(value) else f"{100 * value:.0f}%"
+
+
+def _environment() -> Any:
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    env = Environment(
+        loader=PackageLoader("covidcxr.report", "templates"),
+        autoescape=True,  # every value from data is escaped, whatever the template's name
+        undefined=StrictUndefined,  # a typo in the template fails loudly instead of printing nothing
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(num=fmt_num, dor=fmt_dor, ci=fmt_ci, p=fmt_p, pct=fmt_pct)
+    return env
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def build_figures(results: Mapping[str, Any]) -> dict[str, Any]:
+    """Every figure of the page as data URIs, drawn from ``results``.
+
+    Returns:
+        ``{"cross_source": uri | None, "runs": [{roc, heatmap, composition, audit,
+        audit_files: [{file, caption, uri | None, problem}]}]}`` (one entry per run).
+    """
+    out: dict[str, Any] = {"cross_source": None, "runs": []}
+    binary_runs = [r for r in results["runs"] if r.get("binary") and r.get("evaluation")]
+    if len(binary_runs) > 1:
+        out["cross_source"] = fig.heatmap_figure(results.get("cross_source"))
+    for run in results["runs"]:
+        entry: dict[str, Any] = {"roc": None, "heatmap": None, "composition": fig.composition_figure(run["composition"]), "audit": None, "audit_files": []}
+        if run.get("roc"):
+            entry["roc"] = fig.roc_figure(run["roc"], run.get("positive_class", "positive"))
+        if run.get("evaluation") and len(binary_runs) == 1:  # one run: its single row of the matrix
+            entry["heatmap"] = fig.heatmap_figure(results.get("cross_source"))
+        audit = run["audit"]
+        if audit.get("status") == "audited":
+            entry["audit"] = fig.audit_figure(audit)
+            audit_dir = Path(run["provenance"]["run_dir"]) / "audit"
+            for item in audit.get("figures", []):
+                figure = {"file": item["file"], "caption": item["caption"], "uri": None, "problem": None}
+                if not item["present"]:
+                    figure["problem"] = f"{item['file']} is named by audit.json but is not a file in {audit_dir}"
+                else:
+                    try:
+                        figure["uri"] = fig.image_file_data_uri(audit_dir / item["file"])
+                    except OSError as exc:  # a broken PNG is reported on the page, not a crash
+                        figure["problem"] = f"{item['file']}: not a readable image ({exc})"
+                entry["audit_files"].append(figure)
+        out["runs"].append(entry)
+    return out
+
+
+# ----------------------------------------------------------------------------- page
+
+
+def render_html(results: Mapping[str, Any], figures: Mapping[str, Any]) -> str:
+    """The page's HTML from the collected numbers and the figures' data URIs."""
+    template = _environment().get_template(TEMPLATE)
+    return template.render(results=results, figures=figures)
+
+
+def write_report(
+    run_dirs: Sequence[str | Path],
+    out: str | Path,
+    json_path: str | Path | None = None,
+    threshold: float | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    reevaluate: bool = False,
+    title: str | None = None,
+) -> ReportPaths:
+    """Write the report page and its ``results.json`` (both atomically).
+
+    Args:
+        run_dirs: one or more run directories.
+        out: the HTML file to write.
+        json_path: where ``results.json`` goes (default: beside ``out``).
+        threshold, n_boot, seed, reevaluate: see :func:`covidcxr.report.results.load_run_inputs`.
+        title: the page title.
+
+    Returns:
+        A :class:`ReportPaths`.
+
+    Raises:
+        CovidCXRError: a run that cannot be read, or ``out`` not ending in .html/.htm.
+    """
+    out = Path(out)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise CovidCXRError(f"--out {out}: expected an .html file")
+    if out.is_dir():
+        raise CovidCXRError(f"--out {out}: is a directory (expected a file name ending in .html)")
+    target_json = Path(json_path) if json_path is not None else out.with_name("results.json")
+    if target_json.resolve() == out.resolve():
+        raise CovidCXRError(f"--json {target_json}: the same file as --out")
+    results = collect_results(run_dirs, threshold=threshold, n_boot=n_boot, seed=seed, reevaluate=reevaluate, title=title)
+    html = render_html(results, build_figures(results))
+    write_results_json(results, target_json)
+    atomic_write_text(out, html)
+    return ReportPaths(html=out, json=target_json, results=results, html_bytes=len(html.encode("utf-8")))

@@ -1,0 +1,48 @@
+"""``covidcxr report``: writes the page and results.json, default paths, bad input -> exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from covidcxr.cli import app
+
+from generated_data import make_fake_run
+
+runner = CliRunner()
+
+
+def test_report_one_run_defaults_to_the_run_directory(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    make_fake_run(run_dir)
+    result = runner.invoke(app, ["report", str(run_dir), "--n-boot", "100"])
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "report.html").is_file() and (run_dir / "results.json").is_file()
+    assert "not audited" in result.output and f"covidcxr audit {run_dir}" in result.output
+    assert "Shortcut learning" in result.output  # gamma: unseen, random scores
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["runs"][0]["evaluation"]["n_boot"] == 100
+    assert not (run_dir / "evaluation.json").exists()  # a report reads runs, it does not write into them
+
+
+def test_report_several_runs_with_explicit_paths(tmp_path: Path) -> None:
+    make_fake_run(tmp_path / "a", seed=0, name="run-a")
+    make_fake_run(tmp_path / "b", seed=1, name="run-b")
+    out, js = tmp_path / "site" / "index.html", tmp_path / "data" / "numbers.json"
+    result = runner.invoke(app, ["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--json", str(js), "--n-boot", "50", "--title", "A <vs> B"])
+    assert result.exit_code == 0, result.output
+    html = out.read_text()
+    assert "<title>A &lt;vs&gt; B</title>" in html
+    assert [r["name"] for r in json.loads(js.read_text())["runs"]] == ["run-a", "run-b"]
+
+
+def test_report_bad_input_exits_2_naming_it(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "covidcxr", "report", str(tmp_path / "no-such-run"), "--out", str(tmp_path / "r.html")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no-such-run" in proc.stderr and "Traceback" not in proc.stderr
+    make_fake_run(tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-m", "covidcxr", "report", str(tmp_path / "run"), "--out", str(tmp_path / "r.pdf")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "expected an .html file" in proc.stderr
