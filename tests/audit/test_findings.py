@@ -71,3 +71,20 @@ def test_seen_unseen_gap_and_saliency_rules():
     assert found["saliency_outside_lungs"]["severity"] == "warning"
     assert [f["severity"] for f in derive_findings(evaluation, {}, {}, saliency)] == ["shortcut", "warning"]
     assert verdict([]) == "ok"
+
+
+def test_a_shortcut_planted_at_one_site_is_named_even_when_the_pooled_number_is_diluted():
+    ablation = {
+        "original": {"auc": ci(0.86, 0.76, 0.94), "per_source_auc": {"site_a": ci(0.99, 0.96, 1.0), "site_b": ci(0.55, 0.34, 0.75)}},
+        "lungs_blanked": {
+            "auc": ci(0.70, 0.58, 0.80),
+            "within_source_auc": ci(0.62, 0.50, 0.74),  # diluted by site_b: not enough on its own
+            "per_source_auc": {"site_a": ci(0.97, 0.90, 1.0), "site_b": ci(0.52, 0.30, 0.72)},
+        },
+        "lungs_only": {"auc": ci(0.49, 0.35, 0.64)},
+    }
+    found = by_id(derive_findings({}, ablation, {}, {}, "none"))
+    outside = found["outside_lung_signal"]
+    assert outside["severity"] == "shortcut"
+    assert "site_a" in outside["text"] and "site_b" not in outside["text"]
+    assert outside["value"] == 0.97

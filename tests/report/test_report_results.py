@@ -16,13 +16,13 @@ from sklearn.metrics import confusion_matrix, roc_curve
 
 from covidcxr.errors import CovidCXRError
 from covidcxr.evaluate.cross_source import evaluate_run
+from covidcxr.evaluate.metrics import roc_with_band
 from covidcxr.evaluate.stats import delong_test, mcnemar_test
 from covidcxr.report.results import (
     collect_results,
     data_composition,
     load_run_inputs,
     multiclass_summary,
-    roc_with_band,
     write_results_json,
 )
 from generated_data import make_fake_run

@@ -64,7 +64,13 @@ def keep_lungs_only(images: np.ndarray, lung_masks: np.ndarray, fill: float = 0.
 def _auc_part(rows: pd.DataFrame, probabilities: np.ndarray, threshold: float, n_boot: int, seed: int) -> dict[str, Any]:
     scored = rows.assign(probability=probabilities)
     metrics = metrics_for_rows(scored, threshold=threshold, n_boot=n_boot, seed=seed) or {}
+    per_source = {}
+    if "source" in scored.columns:
+        for source, part in scored.groupby("source", sort=True):
+            if part["target"].nunique() == 2:
+                per_source[str(source)] = (metrics_for_rows(part, threshold=threshold, n_boot=n_boot, seed=seed) or {}).get("auc")
     return {
+        "per_source_auc": per_source,
         "auc": metrics.get("auc"),
         "within_source_auc": within_source_auc(scored, n_boot=n_boot, seed=seed) if "source" in scored.columns else None,
         "balanced_accuracy": metrics.get("balanced_accuracy"),
@@ -94,7 +100,8 @@ def lung_ablation(
     Returns:
         ``{"original": part, "lungs_blanked": part, "lungs_only": part}``, each part with
         ``auc``/``balanced_accuracy``/``within_source_auc`` ({estimate, low, high, ...};
-        `covidcxr.evaluate.cross_source.within_source_auc`), ``mean_probability``,
+        `covidcxr.evaluate.cross_source.within_source_auc`), ``per_source_auc`` (sources
+        holding both classes), ``mean_probability``,
         ``n_images``, ``n_patients``. When the run's preprocessing already masks the lungs
         (``preprocess.lungs: mask``) the model never sees outside-lung pixels: blanking
         leaves nothing and ``lungs_blanked`` is ``{"skipped": reason}``.

@@ -135,7 +135,26 @@ def _ablation(ablation: Mapping[str, Any], lungs_mode: str) -> list[dict[str, An
     else:
         within = _estimate(blanked.get("within_source_auc")) or _estimate(blanked, "auc")
         kept = _estimate(original.get("within_source_auc")) or _estimate(original, "auc")
-        if within is not None:
+        # a shortcut planted at one site shows in that site's numbers before the pooled ones
+        flagged_sources = {
+            source: triple
+            for source, auc in (blanked.get("per_source_auc") or {}).items()
+            if (triple := _estimate(auc)) is not None and triple[1] > OUTSIDE_LUNG_AUC_LOW and triple[0] >= OUTSIDE_LUNG_AUC
+        }
+        pooled_flag = within is not None and within[1] > OUTSIDE_LUNG_AUC_LOW and within[0] >= OUTSIDE_LUNG_AUC
+        if flagged_sources and not pooled_flag:
+            where = "; ".join(f"{s}: AUC {_fmt(t)}" for s, t in sorted(flagged_sources.items()))
+            with_lungs = {s: _estimate(a) for s, a in (original.get("per_source_auc") or {}).items()}
+            kept_text = ", ".join(f"{s} {with_lungs[s][0]:.2f}" for s in sorted(flagged_sources) if with_lungs.get(s))
+            out.append(_finding(
+                "outside_lung_signal",
+                "shortcut",
+                f"With the lungs blanked out, the model still separates the classes at {', '.join(sorted(flagged_sources))} ({where}; with the lungs: {kept_text}). "
+                "At that source it uses pixels outside the lungs — text markers, borders, devices, body habitus.",
+                max(t[0] for t in flagged_sources.values()),
+                OUTSIDE_LUNG_AUC_LOW,
+            ))
+        elif within is not None:
             with_lungs = f" (with the lungs: {kept[0]:.2f})" if kept else ""
             if within[1] > OUTSIDE_LUNG_AUC_LOW and within[0] >= OUTSIDE_LUNG_AUC:
                 out.append(_finding(

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from covidcxr.audit import AUDIT_DIR, AUDIT_FILE
 from covidcxr.audit.ablation import blank_lungs, keep_lungs_only, lung_ablation
 from covidcxr.audit.embedding import plot_embedding, tsne_map
 from covidcxr.audit.findings import derive_findings, verdict
@@ -42,9 +43,6 @@ from covidcxr.io.atomic import atomic_path, atomic_write_text
 from covidcxr.train.inference import cached_inputs, load_run
 
 __all__ = ["AUDIT_DIR", "AUDIT_FILE", "audit_run", "read_audit"]
-
-AUDIT_DIR = "audit"
-AUDIT_FILE = "audit.json"
 
 
 def _say_nothing(_message: str) -> None:
