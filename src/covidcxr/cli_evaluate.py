@@ -68,6 +68,11 @@ def _print_run(report: dict[str, Any]) -> None:
             f"DeLong z = {gap['z']:.2f}, p = {gap['p_value']:.3g}",
             highlight=False,
         )
+    within, baseline = report.get("within_source"), report.get("source_only")
+    if within:
+        console.print(escape(f"within-source AUC (pairs from the same source only: {', '.join(within['sources'])}): {_auc_ci(within)}"), highlight=False)
+    if baseline:
+        console.print(escape(f"source-only baseline (each image scored by its source's training positive rate): AUC {_auc_ci(baseline)}"), highlight=False)
     console.print(escape(f"patient-level bootstrap CIs ({report['n_boot']} resamples); written to {Path(report['run_dir']) / 'evaluation.json'}"), highlight=False)
 
 
