@@ -216,6 +216,12 @@ from covidcxr.cli_report import report  # noqa: E402  (thin: imports matplotlib/
 
 app.command("report")(report)
 
+from covidcxr.cli_serve import export, predict, serve  # noqa: E402  (thin: imports torch/FastAPI only when run)
+
+app.command("predict")(predict)
+app.command("serve")(serve)
+app.command("export")(export)
+
 
 # ---------------------------------------------------------------- demo
 

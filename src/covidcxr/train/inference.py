@@ -119,7 +119,11 @@ class LoadedRun:
 
 
 def find_runs(runs_dir: str | Path) -> list[Path]:
-    """Run directories (holding ``checkpoints/best.ckpt`` or ``last.ckpt``) under ``runs_dir``, newest first."""
+    """Classifier run directories under ``runs_dir``, newest first.
+
+    A run holds ``config.yaml`` and ``checkpoints/best.ckpt`` or ``last.ckpt``; a lung U-Net
+    training directory (checkpoints, no ``config.yaml``) is not one.
+    """
     root = Path(runs_dir)
     if not root.is_dir():
         return []
@@ -127,6 +131,8 @@ def find_runs(runs_dir: str | Path) -> list[Path]:
     for name in CHECKPOINT_NAMES:
         for checkpoint in root.glob(f"**/checkpoints/{name}.ckpt"):
             run = checkpoint.parent.parent
+            if not (run / "config.yaml").is_file():
+                continue
             found[run] = max(found.get(run, 0.0), checkpoint.stat().st_mtime)
     return sorted(found, key=lambda p: found[p], reverse=True)
 
@@ -142,7 +148,7 @@ def latest_run(*roots: str | Path) -> Path:
         if runs:
             return runs[0]
     looked = ", ".join(str(Path(r)) for r in roots) or "(nowhere)"
-    raise CovidCXRError(f"no trained run found under {looked}; train one (`make demo` or `covidcxr train RECIPE`) or name it with --run")
+    raise CovidCXRError(f"no trained run found under {looked}; train one (`make demo` trains demo/runs/finetune, or `covidcxr train RECIPE`) or name it with --run")
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> LoadedRun:

@@ -1,0 +1,193 @@
+"""``covidcxr predict``, ``covidcxr serve`` and ``covidcxr export``: a trained run for people.
+
+Registered on the main app in `covidcxr.cli`. Thin: the work is in `covidcxr.serve`
+(`Predictor`, `create_app`, `export_onnx`); heavy imports happen only when a verb runs.
+
+Which run: ``--run RUN``, else the newest run directory under ``runs/`` then ``demo/``
+(relative to the current directory; `covidcxr.serve.predictor.DEFAULT_RUN_ROOTS`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+RunOption = Annotated[
+    Optional[Path],
+    typer.Option("--run", help="Run directory (default: the newest under runs/ then demo/, relative to the current directory)."),
+]
+EngineOption = Annotated[str, typer.Option(help="torch, or onnx (needs `covidcxr export RUN --onnx` first; Grad-CAM still uses PyTorch).")]
+ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads for PyTorch and onnxruntime (default: theirs); 1 is often fastest on a shared CPU.")]
+
+
+def _overlay_names(images: list[Path]) -> list[str]:
+    """A file stem per image, made unique (two inputs may share a name in different folders)."""
+    names, seen = [], {}
+    for image in images:
+        stem = image.stem or "image"
+        count = seen.get(stem, 0)
+        seen[stem] = count + 1
+        names.append(stem if count == 0 else f"{stem}-{count}")
+    return names
+
+
+def _print_prediction(image: Path, payload: dict[str, Any]) -> None:
+    threshold = payload["threshold"]
+    table = Table(title=escape(f"{image} — run {payload['run']} ({payload['engine']})"), show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("probability", f"{payload['probability']:.3f}" + ("" if threshold is None else f" (threshold {threshold:g})"))
+    table.add_row("decision", escape(payload["decision"]))
+    info = payload["input"]
+    table.add_row("image", escape(f"{info['format']} {info['width']}x{info['height']}, view {info['view']}"))
+    seg = payload["segmentation"]
+    table.add_row("lungs", f"area {seg['mask_area_fraction']:.0%}, left/right balance {seg['left_right_balance']}")
+    ood = payload["out_of_distribution"]
+    if ood.get("available"):
+        table.add_row("distribution", f"score {ood['score']:.2f} vs threshold {ood['threshold']:.2f}" + (" [yellow](unlike training)[/yellow]" if ood["flagged"] else ""))
+    saliency = payload["saliency"]
+    if saliency:
+        table.add_row("Grad-CAM", f"{saliency['lung_focus'] if saliency['lung_focus'] is not None else '-'} of the map inside the lungs (lung area {saliency['lung_area']})")
+    for name, path in payload["overlays"].items():
+        table.add_row(f"overlay {name}", escape(str(path)))
+    console.print(table)
+    if payload["warnings"]:
+        for warning in payload["warnings"]:
+            console.print(f"  [yellow]warning[/yellow] {escape(warning['code'])}: {escape(warning['message'])}", highlight=False)
+    else:
+        console.print("  no warnings", highlight=False)
+
+
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Chest radiographs: PNG, JPEG, TIFF, BMP or DICOM (format from content).")],
+    run: RunOption = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object per image (a list) instead of tables.")] = False,
+    out: Annotated[Path, typer.Option(help="Folder for the overlay PNGs (<image>.input.png, .lungs.png, .gradcam.png).")] = Path("predictions"),
+    gradcam: Annotated[bool, typer.Option("--gradcam/--no-gradcam", help="Compute the Grad-CAM map (a backward pass).")] = True,
+    engine: EngineOption = "torch",
+    threads: ThreadsOption = None,
+) -> None:
+    """Probability, decision at the run's threshold, lung-mask and Grad-CAM overlays, and warnings per image.
+
+    Every image is tried; unreadable or refused ones are reported with the reason and
+    the command exits with status 1 after the others are done.
+    """
+    from covidcxr import MEDICAL_USE_BANNER
+    from covidcxr.errors import CovidCXRError
+    from covidcxr.io.atomic import atomic_write_bytes
+    from covidcxr.serve.predictor import Predictor
+
+    predictor = Predictor.load(run, engine=engine, progress=not json_output, threads=threads)
+    if not json_output:
+        console.print(f"[bold yellow]{MEDICAL_USE_BANNER}")
+    results: list[dict[str, Any]] = []
+    failures = 0
+    suffix = {"input": "input", "lung_mask": "lungs", "gradcam": "gradcam"}
+    for image, name in zip(images, _overlay_names(images)):
+        try:
+            prediction = predictor.predict_file(image, gradcam=gradcam)
+        except CovidCXRError as exc:
+            failures += 1
+            results.append({"image": str(image), "error": getattr(exc, "code", "invalid_input"), "detail": str(exc)})
+            if not json_output:
+                err_console.print(f"[bold red]refused[/bold red] {escape(str(image))}: {escape(str(exc))}", highlight=False)
+            continue
+        written = {}
+        for overlay, png in prediction.overlays.items():
+            path = out / f"{name}.{suffix.get(overlay, overlay)}.png"
+            atomic_write_bytes(path, png)
+            written[overlay] = str(path)
+        payload = {"image": str(image), **prediction.to_dict(overlays=written)}
+        results.append(payload)
+        if not json_output:
+            _print_prediction(image, payload)
+    if json_output:
+        sys.stdout.write(json.dumps(results, indent=2, default=str) + "\n")
+    if failures:
+        raise typer.Exit(1)
+
+
+def serve(
+    run: RunOption = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on (default: loopback only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    engine: EngineOption = "torch",
+    token: Annotated[Optional[str], typer.Option(help="Require 'Authorization: Bearer TOKEN' on /predict and /model (default: $COVIDCXR_SERVE_TOKEN, else open).")] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload, in MB.")] = 50.0,
+    gradcam: Annotated[bool, typer.Option("--gradcam/--no-gradcam", help="Grad-CAM by default (a request may say gradcam=false).")] = True,
+    threads: ThreadsOption = None,
+) -> None:
+    """Serve a run over HTTP: POST /predict (multipart field 'file'), GET /model, GET /health, and an upload page at /."""
+    import uvicorn
+
+    from covidcxr import MEDICAL_USE_BANNER
+    from covidcxr.errors import CovidCXRError
+    from covidcxr.serve.app import ServeSettings, create_app
+    from covidcxr.serve.predictor import Predictor
+
+    if max_upload_mb <= 0:
+        raise CovidCXRError(f"--max-upload-mb must be positive, got {max_upload_mb}")
+    token = token or os.environ.get("COVIDCXR_SERVE_TOKEN") or None
+    predictor = Predictor.load(run, engine=engine, progress=True, threads=threads)
+    settings = ServeSettings(max_upload_bytes=int(max_upload_mb * 1024 * 1024), token=token, gradcam=gradcam)
+    console.print(f"[bold yellow]{MEDICAL_USE_BANNER}")
+    console.print(escape(f"serving run {predictor.run.name} ({predictor.run.run_dir}) on {predictor.engine} at http://{host}:{port}/"), highlight=False)
+    if predictor.reference is None:
+        console.print(escape(f"[out-of-distribution check unavailable: {predictor.reference_problem}]"), style="yellow", highlight=False)
+    # One line per request from the service itself (never a file name or an identifier).
+    service_log = logging.getLogger("covidcxr.serve")
+    if not service_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        service_log.addHandler(handler)
+        service_log.setLevel(logging.INFO)
+    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        console.print("[bold yellow]warning:[/bold yellow] listening beyond loopback without --token: anyone who can reach it can use it")
+    uvicorn.run(
+        create_app(predictor, settings),
+        host=host,
+        port=port,
+        log_level="info",
+        server_header=False,
+        timeout_keep_alive=5,
+        limit_concurrency=64,
+    )
+
+
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory to export.")],
+    onnx: Annotated[bool, typer.Option("--onnx", help="Export the classifier and the lung U-Net to ONNX (RUN/export/).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Folder to write into (default: RUN/export).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the export summary as JSON.")] = False,
+) -> None:
+    """Export a run for other runtimes; the agreement with PyTorch is measured and written to export.json."""
+    from covidcxr.errors import CovidCXRError
+    from covidcxr.serve.onnx_export import export_onnx
+
+    if not onnx:
+        raise CovidCXRError("choose an export format: --onnx (the only one so far)")
+    summary = export_onnx(run, out)
+    if json_output:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        return
+    folder = out or run / "export"
+    classifier, unet = summary["classifier"], summary["lung_unet"]
+    console.print(escape(f"wrote {folder}/{classifier['file']}, {unet['file']} and export.json in {summary['seconds']} s"), highlight=False)
+    console.print(
+        f"max |ONNX - PyTorch| on {summary['n_samples']} samples: classifier probability {classifier['max_abs_diff_probability']:.2e}, "
+        f"embedding {classifier['max_abs_diff_embedding']:.2e}; lung U-Net probability {unet['max_abs_diff_probability']:.2e} "
+        f"(tolerance {summary['tolerance']:g}); mask Dice vs the bf16 PyTorch path {unet['mask_dice_vs_torch_bf16_fast_path_mean']:.4f}",
+        highlight=False,
+    )

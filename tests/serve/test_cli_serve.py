@@ -1,0 +1,80 @@
+"""``covidcxr predict``, ``serve`` and ``export`` on the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from covidcxr.cli import app
+from covidcxr.errors import CovidCXRError
+from serve_fixtures import copy_run, split_images, tiny_run, write_text_as_png
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return copy_run(tiny_run(tmp_path_factory), tmp_path_factory.mktemp("cli") / "run")
+
+
+def test_predict_json_writes_overlays_and_reports_every_failure(run_dir: Path, tmp_path: Path) -> None:
+    good = split_images(run_dir, "test")[:2]
+    bad = write_text_as_png(tmp_path / "notes.png")
+    out = tmp_path / "overlays"
+    result = runner.invoke(app, ["predict", *good, str(bad), "--run", str(run_dir), "--json", "--out", str(out)])
+    assert result.exit_code == 1, result.output  # one refused image: reported, the others still done
+    payload = json.loads(result.stdout)
+    assert [item["image"] for item in payload] == [*good, str(bad)]
+    for item in payload[:2]:
+        assert 0 <= item["probability"] <= 1 and item["threshold"] == 0.5
+        assert set(item["overlays"]) == {"input", "lung_mask", "gradcam"}
+        assert all(Path(p).is_file() and Path(p).read_bytes()[:4] == b"\x89PNG" for p in item["overlays"].values())
+    assert payload[2]["error"] == "unsupported_media_type"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{Path(g).stem}.{kind}.png" for g in good for kind in ("input", "lungs", "gradcam")
+    )
+
+
+def test_predict_table_without_gradcam(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from rich.console import Console
+
+    import covidcxr.cli_serve
+
+    monkeypatch.setattr(covidcxr.cli_serve, "console", Console(width=200))
+    image = split_images(run_dir, "test")[0]
+    result = runner.invoke(app, ["predict", image, "--run", str(run_dir), "--no-gradcam", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "NOT FOR MEDICAL USE" in result.output and "probability" in result.output and "decision" in result.output
+    assert not list(tmp_path.glob("*.gradcam.png")) and len(list(tmp_path.glob("*.lungs.png"))) == 1
+
+
+def test_serve_builds_the_app_and_passes_settings(run_dir: Path, monkeypatch) -> None:
+    import uvicorn
+
+    captured = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: captured.update(app=app, **kwargs))
+    result = runner.invoke(app, ["serve", "--run", str(run_dir), "--port", "8765", "--token", "t0k", "--max-upload-mb", "3"])
+    assert result.exit_code == 0, result.output
+    assert captured["host"] == "127.0.0.1" and captured["port"] == 8765
+    settings = captured["app"].state.settings
+    assert settings.token == "t0k" and settings.max_upload_bytes == 3 * 1024 * 1024
+    assert {route.path for route in captured["app"].routes} >= {"/", "/predict", "/model", "/health"}
+
+
+def test_serve_says_clearly_when_there_is_no_run(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["serve"])
+    assert isinstance(result.exception, CovidCXRError)
+    assert "no trained run found" in str(result.exception) and "make demo" in str(result.exception)
+
+
+def test_bad_usage_is_one_clear_error(run_dir: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "covidcxr", "export", str(run_dir)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--onnx" in proc.stderr and "Traceback" not in proc.stderr
+    result = runner.invoke(app, ["predict", "x.png", "--run", str(run_dir), "--engine", "onnx"])
+    assert isinstance(result.exception, CovidCXRError) and "covidcxr export" in str(result.exception)
