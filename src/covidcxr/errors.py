@@ -28,6 +28,10 @@ class ImageReadError(CovidCXRError):
         super().__init__(f"cannot read image {self.path}: {reason}")
 
 
+class ImageTooLargeError(ImageReadError):
+    """The image's header declares more pixels than allowed (decompression-bomb guard)."""
+
+
 class ManifestError(CovidCXRError):
     """A manifest row or column does not honour the manifest contract.
 

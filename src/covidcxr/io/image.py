@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from covidcxr.errors import ImageReadError
+from covidcxr.errors import ImageReadError, ImageTooLargeError
 from covidcxr.io.sniff import read_head, sniff_format
 
 # The largest real chest radiographs are about 20 MP (e.g. 4280x4280 detectors); 100 MP
@@ -35,7 +35,8 @@ from covidcxr.io.sniff import read_head, sniff_format
 DEFAULT_MAX_PIXELS = 100_000_000
 
 RASTER_FORMATS: tuple[str, ...] = ("png", "jpeg", "tiff", "bmp")
-_PILLOW_FORMAT = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF", "bmp": "BMP"}
+#: sniffed format -> the only Pillow plugin allowed to open it
+PILLOW_FORMATS = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF", "bmp": "BMP"}
 _SUPPORTED_WORDS = "PNG, JPEG, TIFF, BMP or DICOM"
 
 
@@ -140,11 +141,11 @@ def ensure_within_pixel_limit(path: Path, width: int, height: int, max_pixels: i
     that claims to be 20000x20000 costs nothing.
 
     Raises:
-        ImageReadError: naming the size and the limit.
+        ImageTooLargeError: naming the size and the limit.
     """
     pixels = int(width) * int(height)
     if pixels > max_pixels:
-        raise ImageReadError(
+        raise ImageTooLargeError(
             path,
             f"image is {width}x{height} = {pixels / 1e6:g} MP, over the {max_pixels / 1e6:g} MP limit "
             "(decompression-bomb guard)",
@@ -239,23 +240,32 @@ class _UnsupportedMode(Exception):
     """A Pillow pixel mode covidcxr does not turn into grey (e.g. float ``"F"``)."""
 
 
-def _read_raster(path: Path, image_format: str, max_pixels: int) -> CXRImage:
-    """Decode a PNG/JPEG/TIFF/BMP file with Pillow into a `CXRImage` (see `read_image`)."""
-    name = _PILLOW_FORMAT[image_format]
+def open_raster(path: Path, image_format: str) -> Image.Image:
+    """Open (not decode) a sniffed PNG/JPEG/TIFF/BMP with Pillow, only that format's plugin.
+
+    Raises:
+        ImageTooLargeError: Pillow's own bomb limit fired while parsing the header.
+        ImageReadError: a corrupt header.
+    """
+    name = PILLOW_FORMATS[image_format]
     try:
-        # Pillow warns between its limit and twice its limit; our own explicit check below
-        # is the one that decides, so its warning would only be noise.
+        # Pillow warns between its limit and twice its limit; our own explicit check
+        # (`ensure_within_pixel_limit`) is the one that decides, so its warning is noise.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             # Only the sniffed format's plugin may open it: no guessing among all plugins.
-            image = Image.open(path, formats=[name])
+            return Image.open(path, formats=[name])
     except Image.DecompressionBombError as exc:
         # Pillow's own limit (about 179 MP) fired while parsing the header, before our check.
-        reason = f"image is too large, rejected before decoding (decompression-bomb guard): {exc}"
-        raise ImageReadError(path, reason) from exc
+        raise ImageTooLargeError(path, f"image is too large, rejected before decoding (decompression-bomb guard): {exc}") from exc
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for bad headers
         raise ImageReadError(path, f"corrupt {name} header: {exc}") from exc
 
+
+def _read_raster(path: Path, image_format: str, max_pixels: int) -> CXRImage:
+    """Decode a PNG/JPEG/TIFF/BMP file with Pillow into a `CXRImage` (see `read_image`)."""
+    name = PILLOW_FORMATS[image_format]
+    image = open_raster(path, image_format)
     with image:
         width, height = image.size
         ensure_within_pixel_limit(path, width, height, max_pixels)
@@ -269,7 +279,7 @@ def _read_raster(path: Path, image_format: str, max_pixels: int) -> CXRImage:
             image.load()
             pixels, bits_stored = _to_unit_grey(image)
         except Image.DecompressionBombError as exc:
-            raise ImageReadError(path, f"image is too large (decompression-bomb guard): {exc}") from exc
+            raise ImageTooLargeError(path, f"image is too large (decompression-bomb guard): {exc}") from exc
         except _UnsupportedMode as exc:
             raise ImageReadError(path, str(exc)) from exc
         except Exception as exc:  # truncated data: OSError; broken zlib/JPEG streams: others

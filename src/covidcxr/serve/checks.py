@@ -20,16 +20,14 @@ and left/right balance 0.28–0.90 on 88 images, 15 per source).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from covidcxr.errors import ImageReadError
+from covidcxr.errors import ImageReadError, ImageTooLargeError
 from covidcxr.io.dicom import read_dicom_metadata
-from covidcxr.io.image import require_file
+from covidcxr.io.image import PILLOW_FORMATS, open_raster, require_file
 from covidcxr.io.sniff import read_head, sniff_format
 from covidcxr.serve.errors import ImageTooLarge, NotAChestXray, UnreadableImage, UnsupportedImageType
 
@@ -74,7 +72,6 @@ LUNG_AREA_PLAUSIBLE = (0.08, 0.65)
 LUNG_BALANCE_PLAUSIBLE = (0.25, 0.75)
 
 _SUPPORTED = "PNG, JPEG, TIFF, BMP or DICOM"
-_PILLOW_FORMAT = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF", "bmp": "BMP"}
 _COLOUR_MODES = frozenset({"RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"})
 _COLOUR_THUMBNAIL = 256
 
@@ -167,15 +164,13 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
 
 
 def _inspect_raster(path: Path, image_format: str, max_pixels: int) -> InputInfo:
-    name = _PILLOW_FORMAT[image_format]
+    name = PILLOW_FORMATS[image_format]
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path, formats=[name])
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"image header declares too many pixels (decompression-bomb guard): {exc}") from None
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for bad headers
-        raise UnreadableImage(f"corrupt {name} header: {exc}") from None
+        image = open_raster(path, image_format)  # the reader's own header parsing and bomb guard
+    except ImageTooLargeError as exc:
+        raise ImageTooLarge(exc.reason) from None
+    except ImageReadError as exc:
+        raise UnreadableImage(exc.reason) from None
     with image:
         width, height = image.size
         _check_size(width, height, max_pixels)
