@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from covidcxr import MEDICAL_USE_BANNER, __version__
@@ -208,6 +209,16 @@ from covidcxr.cli_evaluate import evaluate  # noqa: E402  (thin: imports the met
 
 app.command("evaluate")(evaluate)
 
+from covidcxr.cli_experiment import experiment_app  # noqa: E402  (thin: imports the grid runner only when run)
+
+app.add_typer(experiment_app, name="experiment")
+
+from covidcxr.cli_serve import export, predict, serve  # noqa: E402  (thin: imports torch/FastAPI only when run)
+
+app.command("predict")(predict)
+app.command("serve")(serve)
+app.command("export")(export)
+
 from covidcxr.cli_audit import audit  # noqa: E402  (thin: imports torch only when run)
 
 app.command("audit")(audit)
@@ -216,12 +227,6 @@ from covidcxr.cli_report import report  # noqa: E402  (thin: imports matplotlib/
 
 app.command("report")(report)
 
-from covidcxr.cli_serve import export, predict, serve  # noqa: E402  (thin: imports torch/FastAPI only when run)
-
-app.command("predict")(predict)
-app.command("serve")(serve)
-app.command("export")(export)
-
 
 # ---------------------------------------------------------------- demo
 
@@ -229,56 +234,41 @@ app.command("export")(export)
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path("demo"),
-    images: Annotated[int, typer.Option(help="Phantom images to synthesize.")] = 300,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    data: Annotated[Optional[Path], typer.Option(help="A real collection (e.g. ../shared/data/cxr) instead of the phantoms.")] = None,
+    n_boot: Annotated[int, typer.Option("--n-boot", help="Patient-bootstrap resamples behind every CI.")] = 1000,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
 ) -> None:
-    """The journey so far on embedded synthetic data.
+    """The whole journey: data -> lungs -> preprocess -> pretrain -> fine-tune -> seen/unseen test -> audit -> report.
 
-    synthesize phantoms (a shortcut planted at one site) -> summarize -> patient-disjoint
-    split -> lung segmentation with the shipped U-Net, scored on the phantoms (a source it
-    never saw) -> preprocess into the cache with a QC sheet.
+    On phantoms from three sites with a text marker planted on COVID images of site_a
+    (recipes/demo_pretrain.yaml, recipes/demo.yaml), or with --data on a real collection
+    (recipes/demo_real*.yaml). Writes OUT/report.html. See covidcxr.demo.
     """
-    from covidcxr.data.manifest import write_manifest
-    from covidcxr.data.sources import load_source
-    from covidcxr.data.splits import split_train_val_test
-    from covidcxr.data.summary import summarize
-    from covidcxr.data.synth import DEFAULT_SITES, ShortcutSpec, synthesize
-    from covidcxr.parallel import make_progress
-    from covidcxr.preprocess.cache import preprocess_collection
-    from covidcxr.preprocess.lungs import LungSegmenter, evaluate_segmenter
-    from covidcxr.preprocess.pipeline import PreprocessConfig
-    from covidcxr.preprocess.qc import write_qc
+    from covidcxr.demo import run_demo
 
     console.print(f"[bold yellow]{MEDICAL_USE_BANNER}")
-    phantoms = out / "phantoms"
-    shortcut = ShortcutSpec(kind="marker", site=DEFAULT_SITES[0].name, label="covid")
-    with make_progress() as progress:
-        task = progress.add_task("1/5 synthesizing phantoms", total=images)
-        synthesize(phantoms, n_images=images, shortcut=shortcut, seed=seed, progress=lambda n=1: progress.advance(task, n))
-    console.print(f"[bold]2/5 summary of {phantoms}[/bold] (a corner marker is planted on covid images of {shortcut.site})")
-    _print_summary(summarize(phantoms))
-
-    split = split_train_val_test(load_source(phantoms).manifest, stratify=("source", "label"), seed=seed)
-    write_manifest(split, out / "split.csv")
-    counts = split.groupby(["split", "source"]).size().unstack(fill_value=0)
-    console.print(f"[bold]3/5 patient-disjoint split[/bold] -> {out / 'split.csv'}\n{counts.to_string()}")
-
-    console.print("[bold]4/5 lung segmentation[/bold]: the shipped U-Net on phantoms (a source it never saw)")
-    scores = evaluate_segmenter(LungSegmenter.load(), split, convention="heart_excluded").summary
-    table = Table("site", "n", "Dice", "IoU", "HD95 px", title="segmentation vs the phantoms' exact masks")
-    for site, row in scores["per_source"].items():
-        table.add_row(site, str(row["n"]), f"{row['dice_mean']:.3f}", f"{row['iou_mean']:.3f}", f"{row['hd95_mean']:.1f}")
-    table.add_row("all", str(scores["n"]), f"{scores['dice_mean']:.3f}", f"{scores['iou_mean']:.3f}", f"{scores['hd95_mean']:.1f}", style="bold")
+    if data is not None and not data.is_dir():
+        raise CovidCXRError(f"--data {data} is not a folder")
+    result = run_demo(out, data=data, progress=progress, n_boot=n_boot, say=lambda line: console.print(escape(line), highlight=False))
+    table = Table("source", "seen", "images", "patients", "AUC [95% CI]", title=f"{result.run.name}: test AUC per source")
+    seen = set(result.evaluation["training_sources"])
+    for source, metrics in result.evaluation["per_source"].items():
+        auc = (metrics or {}).get("auc")
+        if auc:
+            text = f"{auc['estimate']:.3f} [{auc['low']:.3f}, {auc['high']:.3f}]"
+        else:  # one class only: the AUC is undefined, the share called correctly is not
+            name = "specificity" if metrics.get("n_positive", 0) == 0 else "sensitivity"
+            part = metrics.get(name) or {}
+            text = f"- (one class; {name} {part['estimate']:.3f})" if part.get("estimate") is not None else "-"
+        table.add_row(source, "seen" if source in seen else "UNSEEN", str(metrics["n_images"]), str(metrics["n_patients"]), text)
     console.print(table)
-
-    config = PreprocessConfig(lungs="mask", mask_source="model", size=(224, 224))
-    result = preprocess_collection(split, config, out / "cache", progress=True)
-    paths = write_qc(result.index, result.config_dir, sample=12)
-    console.print(
-        f"[bold]5/5 preprocessed[/bold] {result.processed} images ({result.hits} from the cache, "
-        f"{len(result.rejected)} rejected) in {result.seconds:.1f} s -> {result.config_dir}\n"
-        f"QC: {paths.get('contact_sheet', paths['qc_csv'])}"
-    )
+    style = {"shortcut": "bold red", "warning": "yellow", "info": "cyan", "ok": "green"}
+    console.print(f"[bold]audit verdict: [{style[result.audit['verdict']]}]{result.audit['verdict'].upper()}[/]")
+    for finding in result.audit["findings"]:
+        if finding["severity"] in ("shortcut", "warning"):
+            console.print(f"[{style[finding['severity']]}]{finding['severity'].upper():>8}[/]  {escape(finding['text'])}", highlight=False)
+    timing = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
+    console.print(f"[bold]report:[/bold] {result.report} (and {result.results_json}); {timing}")
 
 
 def main() -> None:

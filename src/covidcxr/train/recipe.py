@@ -71,6 +71,7 @@ __all__ = [
     "apply_overrides",
     "load_recipe",
     "recipe_from_mapping",
+    "resolve_paths",
 ]
 
 #: task name -> class names, in target order (binary tasks: [negative, positive]).
@@ -628,8 +629,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     return out
 
 
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    """Make relative paths absolute (against ``base``, the current directory)."""
+def resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Make a recipe mapping's relative paths absolute, in place (against ``base``, the current directory).
+
+    The paths: ``data.collection``, ``data.manifest``, ``preprocess.cache_dir``,
+    ``preprocess.segmenter_weights``, ``model.pretrained``, ``output.runs_dir`` and
+    ``output.run_dir`` (the cache and runs folders are filled with their defaults first).
+    `load_recipe` and the experiment grid (`covidcxr.experiments.recipe`) use it.
+    """
 
     def fix(section: dict[str, Any] | None, key: str) -> None:
         if isinstance(section, dict) and isinstance(section.get(key), str) and section[key]:
@@ -695,5 +702,5 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), b
     data = apply_overrides(data, list(overrides))
     if not data.get("name"):
         data["name"] = path.stem
-    _resolve_paths(data, Path(base_dir) if base_dir is not None else Path.cwd())
+    resolve_paths(data, Path(base_dir) if base_dir is not None else Path.cwd())
     return recipe_from_mapping(data, origin=str(path))
