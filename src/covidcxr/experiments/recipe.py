@@ -70,7 +70,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from covidcxr.train.recipe import RecipeError, TrainRecipe, apply_overrides, recipe_from_mapping, resolve_paths
+from covidcxr.train.recipe import RecipeError, TrainRecipe, apply_overrides, recipe_from_mapping, resolve_paths, set_dotted
 
 __all__ = [
     "AdaptRun",
@@ -234,20 +234,6 @@ def is_experiment_mapping(data: Any) -> bool:
     return isinstance(data, dict) and EXPERIMENT_KEY in data
 
 
-def _set(data: dict[str, Any], key: str, value: Any, origin: str) -> None:
-    """``data[a][b][c] = value`` for ``key = "a.b.c"`` (sections made as needed)."""
-    parts = key.split(".")
-    node = data
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ExperimentError(f"{origin}: recipe field '{'.'.join(parts[: depth + 1])}' is a value, not a section, so '{key}' cannot be set", [key])
-        node = child
-    node[parts[-1]] = copy.deepcopy(value)
-
-
 def _get(data: dict[str, Any], key: str) -> tuple[bool, Any]:
     node: Any = data
     for part in key.split("."):
@@ -289,16 +275,9 @@ def run_identity(recipe: TrainRecipe) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-@dataclass(frozen=True)
-class PretrainRun:
-    """A stage-1 (pretraining) run shared by the grid points that name the same recipe.
+class _TrainsARecipe:
+    """What every unit of a grid has: a validated recipe, its run directory and identity."""
 
-    Attributes:
-        key: ``pretrain/<slug>`` (unique in the experiment).
-        recipe: the validated stage-1 recipe (``output.run_dir`` set).
-    """
-
-    key: str
     recipe: TrainRecipe
 
     @property
@@ -312,7 +291,20 @@ class PretrainRun:
 
 
 @dataclass(frozen=True)
-class GridPoint:
+class PretrainRun(_TrainsARecipe):
+    """A stage-1 (pretraining) run shared by the grid points that name the same recipe.
+
+    Attributes:
+        key: ``pretrain/<slug>`` (unique in the experiment).
+        recipe: the validated stage-1 recipe (``output.run_dir`` set).
+    """
+
+    key: str
+    recipe: TrainRecipe
+
+
+@dataclass(frozen=True)
+class GridPoint(_TrainsARecipe):
     """One run of the grid.
 
     Attributes:
@@ -328,18 +320,9 @@ class GridPoint:
     recipe: TrainRecipe
     pretrain: PretrainRun | None = None
 
-    @property
-    def run_dir(self) -> Path:
-        return self.recipe.run_dir()
-
-    @property
-    def config_hash(self) -> str:
-        """`run_identity` of the recipe (config hash and epochs)."""
-        return run_identity(self.recipe)
-
 
 @dataclass(frozen=True)
-class AdaptRun:
+class AdaptRun(_TrainsARecipe):
     """The local-adaptation run of a trained point (`AdaptSection`).
 
     Attributes:
@@ -355,14 +338,6 @@ class AdaptRun:
     point: GridPoint
     recipe: TrainRecipe
     spec: AdaptSection
-
-    @property
-    def run_dir(self) -> Path:
-        return self.recipe.run_dir()
-
-    @property
-    def config_hash(self) -> str:
-        return run_identity(self.recipe)
 
     @property
     def manifest_path(self) -> Path:
@@ -420,7 +395,7 @@ class ExperimentRecipe:
         """The base point: the recipe's fields <- scale <- ``--set`` (what ``covidcxr train`` trains)."""
         data = copy.deepcopy(self.raw)
         for key, value in self.recipe_overrides:
-            _set(data, key, value, origin=f"{self.origin}: override '{key}'")
+            set_dotted(data, key, value, origin=f"{self.origin}: override '{key}'")
         resolve_paths(data, self.base_dir)
         return data
 
@@ -489,7 +464,7 @@ class ExperimentRecipe:
             })
             data["model"]["pretrained"] = str(point.run_dir)
             for key, value in spec.set.items():
-                _set(data, key, value, origin=f"{where} (experiment.adapt.set '{key}')")
+                set_dotted(data, key, value, origin=f"{where} (experiment.adapt.set '{key}')")
             folder = self.root / "adapt" / _clean(point.run_dir.name)
             data["data"]["manifest"] = str(folder / "adapt-manifest.csv")
             recipe = recipe_from_mapping(data, origin=where)
@@ -533,9 +508,9 @@ class ExperimentRecipe:
                     if key.startswith(PRETRAIN_PREFIX):
                         pretrain_pairs.append((key[len(PRETRAIN_PREFIX) :], value))
                     else:
-                        _set(data, key, value, origin=f"{self.origin}: axis '{axis}' label '{label}'")
+                        set_dotted(data, key, value, origin=f"{self.origin}: axis '{axis}' label '{label}'")
             for key, value in self.recipe_overrides:
-                _set(data, key, value, origin=f"{self.origin}: override '{key}'")
+                set_dotted(data, key, value, origin=f"{self.origin}: override '{key}'")
             resolve_paths(data, self.base_dir)
             point_recipe = recipe_from_mapping(copy.deepcopy(data), origin=where)
             pretrain = None
@@ -543,7 +518,7 @@ class ExperimentRecipe:
             if pretrained and Path(pretrained).suffix.lower() in (".yaml", ".yml"):
                 pretrain = self._stage_one(Path(pretrained), data, pretrain_pairs, where)
                 pretrain = stage_ones.setdefault(pretrain.key, pretrain)
-                _set(data, "model.pretrained", str(pretrain.run_dir), origin=where)
+                set_dotted(data, "model.pretrained", str(pretrain.run_dir), origin=where)
             elif pretrain_pairs:
                 raise ExperimentError(
                     f"{where}: pretrain.* overrides ({[k for k, _ in pretrain_pairs]}) but model.pretrained is "
@@ -559,7 +534,7 @@ class ExperimentRecipe:
                 fold_data = copy.deepcopy(data)
                 if fold is not None:
                     fold_labels[FOLD_AXIS] = str(fold)
-                    _set(fold_data, "data.split.fold", fold, origin=where)
+                    set_dotted(fold_data, "data.split.fold", fold, origin=where)
                 recipe = recipe_from_mapping(fold_data, origin=where)
                 slug = _slug(fold_labels) or "base"
                 run_dir = self.root / f"{slug}-{run_identity(recipe)[:8]}"
@@ -583,9 +558,9 @@ class ExperimentRecipe:
         for key in self.section.pretraining.inherit:
             found, value = _get(point_data, key)
             if found:
-                _set(raw, key, value, origin=f"{origin} (inherit '{key}')")
+                set_dotted(raw, key, value, origin=f"{origin} (inherit '{key}')")
         for key, value in [*self.scale_overrides, *pairs, *self.pretrain_overrides, *self.engine_overrides]:
-            _set(raw, key, value, origin=f"{origin} ('{key}')")
+            set_dotted(raw, key, value, origin=f"{origin} ('{key}')")
         resolve_paths(raw, self.base_dir)
         recipe = recipe_from_mapping(copy.deepcopy(raw), origin=origin)
         if recipe.model.pretrained and Path(recipe.model.pretrained).suffix.lower() in (".yaml", ".yml"):
@@ -691,7 +666,7 @@ def load_experiment(
             if not isinstance(key, str) or not key:
                 raise ExperimentError(f"{path}: {origin}: {key!r} is not a dotted field name", [str(key)])
             if key.startswith(EXPERIMENT_KEY + "."):
-                _set(section_data, key, value, origin=f"{path}: {origin}")
+                set_dotted(section_data, key, value, origin=f"{path}: {origin}")
             elif key.startswith(PRETRAIN_PREFIX):
                 # pretrain.* keys change stage-1 runs only; other keys change both stages
                 pretrain_target.append((key[len(PRETRAIN_PREFIX) :], value))

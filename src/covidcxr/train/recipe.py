@@ -72,6 +72,7 @@ __all__ = [
     "load_recipe",
     "recipe_from_mapping",
     "resolve_paths",
+    "set_dotted",
 ]
 
 #: task name -> class names, in target order (binary tasks: [negative, positive]).
@@ -515,7 +516,7 @@ class TrainRecipe(_Section):
         """A validated copy with dotted-key updates (``{"data.split.fold": 3}``)."""
         data = self.resolved()
         for key, value in updates.items():
-            _set_dotted(data, key, value, origin=f"update '{key}'")
+            set_dotted(data, key, value, origin=f"update '{key}'")
         return recipe_from_mapping(data, origin="recipe")
 
 
@@ -588,7 +589,13 @@ def recipe_from_mapping(data: dict[str, Any], origin: str = "recipe") -> TrainRe
         raise RecipeError(prefix + "\n".join(lines), fields) from None
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any, origin: str) -> None:
+def set_dotted(data: dict[str, Any], key: str, value: Any, origin: str) -> None:
+    """``data[a][b][c] = deepcopy(value)`` for ``key = "a.b.c"`` (sections made as needed).
+
+    Raises:
+        RecipeError: ``key`` is not a dotted name, or walks through a value; ``origin``
+            names where the key came from (``--set 'x=1'``, an experiment axis...).
+    """
     parts = [p for p in key.split(".")]
     if not all(parts):
         raise RecipeError(f"{origin}: '{key}' is not a dotted field name like optimizer.lr", [key])
@@ -601,7 +608,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any, origin: str) -> None
             where = ".".join(parts[: depth + 1])
             raise RecipeError(f"{origin}: recipe field '{where}' is a value, not a section, so '{key}' cannot be set", [key])
         node = child
-    node[parts[-1]] = value
+    node[parts[-1]] = copy.deepcopy(value)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -625,7 +632,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             value = text
         if value is not None and not isinstance(value, (str, int, float, bool, list, dict)):
             value = text  # dates and other YAML types stay text
-        _set_dotted(out, key, value, origin=f"--set {item!r}")
+        set_dotted(out, key, value, origin=f"--set {item!r}")
     return out
 
 
