@@ -70,7 +70,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from covidcxr.train.recipe import RecipeError, TrainRecipe, apply_overrides, recipe_from_mapping, resolve_paths, set_dotted
+from covidcxr.train.recipe import RecipeError, TrainRecipe, apply_overrides, read_recipe_yaml, recipe_from_mapping, resolve_paths, set_dotted
 
 __all__ = [
     "AdaptRun",
@@ -627,12 +627,7 @@ def load_experiment(
     """
     path = Path(path)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ExperimentError(f"{path}: cannot read the recipe: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ExperimentError(f"{path}: not valid YAML: {exc}") from None
+    raw = read_recipe_yaml(path, ExperimentError)
     if not is_experiment_mapping(raw):
         raise ExperimentError(
             f"{path}: not an experiment recipe (no top-level 'experiment:' section with a grid); "

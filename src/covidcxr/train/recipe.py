@@ -70,6 +70,7 @@ __all__ = [
     "TrainSection",
     "apply_overrides",
     "load_recipe",
+    "read_recipe_yaml",
     "recipe_from_mapping",
     "resolve_paths",
     "set_dotted",
@@ -667,6 +668,20 @@ def resolve_paths(data: dict[str, Any], base: Path) -> None:
     fix(data.get("output"), "run_dir")
 
 
+def read_recipe_yaml(path: Path, error: type[RecipeError] = RecipeError) -> Any:
+    """The parsed YAML of a recipe file (any shape: callers check it).
+
+    Raises:
+        ``error`` (a `RecipeError`): the file cannot be read or is not valid YAML.
+    """
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise error(f"{path}: cannot read the recipe: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {exc}") from None
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), base_dir: str | Path | None = None) -> TrainRecipe:
     """Read, override, resolve and validate a recipe YAML.
 
@@ -688,12 +703,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), b
         1
     """
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise RecipeError(f"{path}: cannot read the recipe: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    data = read_recipe_yaml(path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
