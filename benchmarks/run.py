@@ -6,6 +6,10 @@ Each ``bench_*.py`` module exposes ``BENCHMARKS``: a list of functions taking th
 measures the plain baseline in the same run and reports the ratio.
 
 Usage: ``python benchmarks/run.py --out benchmarks/results.json [--only NAME]``
+
+With ``--only`` the figures of the selected benchmarks replace their own entries in an
+existing ``--out`` file and every other entry is kept, so one slow benchmark can be rerun
+without rerunning the rest (each entry carries its own ``measured_at``).
 """
 
 from __future__ import annotations
@@ -70,8 +74,12 @@ def main() -> int:
                 start = time.perf_counter()
                 figures = bench(context)
                 figures["wall_seconds"] = round(time.perf_counter() - start, 2)
+                figures["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
                 results["benchmarks"][name] = figures
                 print(f"[bench] {name}: {json.dumps(figures)}", flush=True)
+    if args.only and args.out.is_file():
+        previous = json.loads(args.out.read_text())
+        results["benchmarks"] = {**previous.get("benchmarks", {}), **results["benchmarks"]}
     atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
