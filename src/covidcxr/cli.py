@@ -142,13 +142,24 @@ def data_split(
     test_source: Annotated[Optional[str], typer.Option(help="loso: the source held out as unseen.")] = None,
     stratify: Annotated[str, typer.Option(help="Comma-separated columns kept in proportion.")] = "source,label",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    dedup: Annotated[bool, typer.Option("--dedup/--no-dedup", help="Decode every image and group near-duplicates (exact copies are always grouped by sha1).")] = True,
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes for --dedup (default: all cores).")] = None,
 ) -> None:
-    """Split patient-disjointly (with near-duplicates kept together); leakage is an error."""
+    """Split patient-disjointly, copies and near-duplicates kept together; leakage and copies with conflicting labels are errors."""
     from covidcxr.data.manifest import read_manifest, write_manifest
     from covidcxr.data.sources import load_source
-    from covidcxr.data.splits import group_kfold, leave_one_source_out, split_train_val_test
+    from covidcxr.data.splits import group_kfold, leave_one_source_out, link_duplicates, split_train_val_test
 
-    manifest = load_source(manifest_path).manifest if manifest_path.is_dir() else read_manifest(manifest_path)
+    if manifest_path.is_dir():
+        table = load_source(manifest_path)
+        manifest, rejected = table.manifest, list(table.rejected)
+    else:
+        manifest, rejected = read_manifest(manifest_path), []
+    if dedup:
+        manifest, unreadable = link_duplicates(manifest, workers=workers, show_progress=True)
+        rejected.extend(unreadable)
+    for item in rejected:
+        console.print(f"  [red]left out[/red] {escape(item.path)}: {escape(item.reason)}", highlight=False)
     columns = tuple(c.strip() for c in stratify.split(",") if c.strip())
     if scheme == "holdout":
         result = split_train_val_test(manifest, test_size=test_size, val_size=val_size, stratify=columns, seed=seed)
@@ -166,7 +177,8 @@ def data_split(
     else:
         raise CovidCXRError(f"--scheme must be holdout, kfold or loso, not {scheme!r}")
     write_manifest(result, out)
-    console.print(f"wrote {out}: {counts}; no patient or duplicate group crosses a boundary")
+    linked = "patient, exact copy (sha1) or near-duplicate group" if dedup else "patient, exact copy (sha1) or listed duplicate group"
+    console.print(f"wrote {out}: {counts}; checked: no {linked} crosses a boundary")
 
 
 @data_app.command("synth")
