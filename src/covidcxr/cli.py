@@ -75,10 +75,22 @@ def _print_summary(summary: dict[str, Any]) -> None:
         table.add_row(str(source), *(str(v) for v in row.tolist()), style=style)
     console.print(table)
     console.print(f"views: {summary['views']}   sex: {summary['sex']}   age: {summary['age']}")
+    if summary.get("patient_origin"):
+        origins = ", ".join(f"{n} from {origin}" for origin, n in summary["patient_origin"].items() if origin != "none")
+        console.print(f"patient ids (kept as salted hashes): {origins or 'none given'}")
+        if summary["images_without_patient_id"]:
+            console.print(
+                f"[yellow]{summary['images_without_patient_id']} image(s) without a patient id: each is its own patient, "
+                "so images of one patient may fall on both sides of a split; give patients.csv or DICOM Patient IDs"
+            )
     console.print(
         f"duplicate groups: {summary['duplicate_groups']} ({summary['duplicate_images']} images; "
         f"{summary['duplicate_groups_across_sources']} across sources; {summary['duplicate_groups_listed']} listed in the manifest)"
     )
+    if summary.get("label_conflicts"):
+        console.print(f"[red]{len(summary['label_conflicts'])} file(s) copied under different labels (split and train refuse them):")
+        for line in summary["label_conflicts"]:
+            console.print(f"  [red]{escape(line)}", highlight=False)
     if summary["unreadable"]:
         console.print(f"[red]{len(summary['unreadable'])} unreadable or rejected item(s):")
         for item in summary["unreadable"]:
