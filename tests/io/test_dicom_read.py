@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.pixels import get_decoder
 from pydicom.uid import DigitalXRayImageStorageForPresentation, JPEGLSLossless
 
 from covidcxr.errors import ImageReadError
