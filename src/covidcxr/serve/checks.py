@@ -5,5 +5,25 @@ the same inputs for the same reasons, so the checks have one owner, the preproce
 this module keeps the names the service has always imported.
 """
 
-from covidcxr.preprocess.screening import *  # noqa: F401,F403 (re-exported names)
-from covidcxr.preprocess.screening import __all__  # noqa: F401
+from covidcxr.preprocess.screening import (  # noqa: F401 (re-exported names)
+    __all__,
+    ASPECT_REFUSE,
+    ASPECT_WARN,
+    BLANK_STD,
+    COLOUR_DISTANCE,
+    COLOUR_REFUSE,
+    COLOUR_WARN,
+    DEFAULT_SERVICE_MAX_PIXELS,
+    InputInfo,
+    InputWarning,
+    LUNG_AREA_PLAUSIBLE,
+    LUNG_BALANCE_PLAUSIBLE,
+    MAX_LEVELS_GRAPHIC,
+    MIN_SIDE_REFUSE,
+    MIN_SIDE_WARN,
+    RADIOGRAPH_MODALITIES,
+    colour_fraction,
+    inspect_input,
+    screen_pixels,
+    segmentation_warnings,
+)
