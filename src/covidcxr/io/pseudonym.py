@@ -32,6 +32,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import warnings
 from pathlib import Path
 
 SALT_ENV = "COVIDCXR_PATIENT_SALT"
@@ -121,13 +122,17 @@ def dicom_patient_pseudonym(path: str | Path, salt: bytes) -> str | None:
     from covidcxr.io.sniff import has_dicom_preamble, read_head
 
     try:
-        with open(path, "rb") as handle:
-            dataset = pydicom.dcmread(
-                handle, force=not has_dicom_preamble(read_head(path)), specific_tags=["PatientID"], stop_before_pixels=True
-            )
-        value = dataset.get("PatientID")
+        # pydicom's validation warnings quote the offending value: none may reach a log.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with open(path, "rb") as handle:
+                dataset = pydicom.dcmread(
+                    handle, force=not has_dicom_preamble(read_head(path)), specific_tags=["PatientID"], stop_before_pixels=True
+                )
+            value = dataset.get("PatientID")
+            value = None if value is None else str(value)
     except Exception:  # pydicom's own messages may quote header bytes: say nothing of them
         raise ValueError("unreadable DICOM header (Patient ID)") from None
-    if value is None or not str(value).strip():
+    if value is None or not value.strip():
         return None
-    return pseudonymize(str(value), salt)
+    return pseudonymize(value, salt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from covidcxr.data.manifest import MANIFEST_COLUMNS, is_missing
@@ -181,3 +182,22 @@ def test_salt_from_the_environment_and_read_only_collections(tmp_path: Path, bui
     monkeypatch.setattr("covidcxr.io.pseudonym.os.open", read_only)
     with pytest.raises(SourceLayoutError, match="COVIDCXR_PATIENT_SALT"):
         HospitalSource().load(root)
+
+
+def test_an_invalid_patient_id_never_reaches_a_warning_or_log(tmp_path: Path, build, caplog, recwarn) -> None:
+    import logging
+
+    from covidcxr.io import write_dicom
+
+    caplog.set_level(logging.DEBUG)
+    raw = "SECRET-" + "9" * 80  # longer than LO allows: pydicom would warn, quoting it
+    path = tmp_path / "site" / "covid" / "scan"
+    path.parent.mkdir(parents=True)
+    with pytest.warns(UserWarning):
+        write_dicom(path, np.full((40, 40), 7, np.uint16) + np.arange(40, dtype=np.uint16), "MONOCHROME2", 12, PatientID=raw)
+    recwarn.clear()
+    manifest = HospitalSource().load(tmp_path / "site").manifest
+    assert manifest.loc[0, "patient_origin"] == "dicom"
+    # pydicom's validation of the Patient ID (here: too long for LO) is silenced while it is read
+    assert [str(w.message) for w in recwarn if "VR LO" in str(w.message) or "SECRET" in str(w.message)] == []
+    assert "SECRET" not in caplog.text
