@@ -129,6 +129,7 @@ def data_manifest(
     from covidcxr.data.dedup import find_near_duplicates
     from covidcxr.data.manifest import write_manifest
     from covidcxr.data.sources import load_source
+    from covidcxr.data.splits import check_label_conflicts
 
     table = load_source(directory, source)
     manifest, rejected = table.manifest, list(table.rejected)
@@ -141,6 +142,10 @@ def data_manifest(
     console.print(f"wrote {out}: {len(manifest)} images, {manifest['patient_id'].nunique()} patients")
     for item in rejected:
         console.print(f"  [red]rejected[/red] {item.path}: {item.reason}")
+    try:
+        check_label_conflicts(manifest)
+    except CovidCXRError as error:  # written all the same (it is the collection as it is), but said
+        console.print(f"[red]{escape(str(error))}", highlight=False)
 
 
 @data_app.command("split")
