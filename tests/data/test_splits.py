@@ -159,3 +159,17 @@ def test_link_duplicates_groups_near_copies_from_pixels(tmp_path):
     assert unreadable == []
     groups = linked.set_index(linked["image"].str.rsplit("/", n=2).str[-2:].str.join("/"))["dup_group"]
     assert groups["covid/3.png"] == groups["covid/3-reencoded.png"] and isinstance(groups["covid/3.png"], str)
+
+
+def test_link_duplicates_hashes_the_bytes_not_the_manifest_column(tmp_path):
+    """A manifest whose sha1 describes other files (e.g. the original downloads) cannot hide copies."""
+    from covidcxr.data.sources import load_source
+    from covidcxr.data.splits import link_duplicates
+    from covidcxr.errors import LabelConflictError
+
+    root = _class_folders_with_cross_label_copies(tmp_path / "hospital", copies=2)
+    manifest = load_source(root, "hospital").manifest
+    manifest["sha1"] = [f"{index:040x}" for index in range(len(manifest))]  # stale, all different
+    check_leakage(manifest.assign(split="train"))  # nothing to see from the columns alone
+    with pytest.raises(LabelConflictError, match="file_sha1"):
+        link_duplicates(manifest)

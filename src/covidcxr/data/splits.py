@@ -26,7 +26,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from covidcxr.data.dedup import Fingerprints, edges_of_shared_values, find_near_duplicates, link_groups, near_duplicate_pairs
-from covidcxr.data.manifest import is_missing, validate_manifest
+from covidcxr.data.manifest import file_sha1, is_missing, validate_manifest
 from covidcxr.data.sources.base import Rejection
 from covidcxr.errors import CovidCXRError, LabelConflictError, LeakageError
 
@@ -106,22 +106,27 @@ def link_duplicates(
     """Fill ``dup_group`` from the pixels and refuse copies with conflicting labels.
 
     The step every path that splits or trains runs on a layout that lists no duplicates
-    (a hospital's folders, a public layout): exact copies (``sha1``) and near-duplicates
-    detected by `covidcxr.data.dedup.find_near_duplicates` join one ``dup_group``.
+    (a hospital's folders, a public layout): exact copies (``sha1``, and ``file_sha1``, the
+    hash of the bytes actually on disk, added here) and near-duplicates detected by
+    `covidcxr.data.dedup.find_near_duplicates` join one ``dup_group``.
 
     Returns:
-        ``(manifest, unreadable)``: the readable rows with ``dup_group`` filled, and one
+        ``(manifest, unreadable)``: the readable rows with ``dup_group`` and ``file_sha1`` filled, and one
         `Rejection` per image that could not be decoded (left out, with the reason).
 
     Raises:
         LabelConflictError: byte-identical copies with different labels (`check_label_conflicts`).
     """
-    check_label_conflicts(manifest)
     if manifest.empty:
+        check_label_conflicts(manifest)
         return manifest.reset_index(drop=True), []
     linked, _, unreadable = find_near_duplicates(manifest, workers=workers, show_progress=show_progress)
     bad = {item.path for item in unreadable}
     linked = linked[~linked["image"].astype(str).isin(bad)].reset_index(drop=True)
+    # The bytes actually there, not the manifest's word for them (a collection's sha1 may
+    # describe the original download): copies are linked and checked by this too.
+    linked["file_sha1"] = [file_sha1(path) for path in linked["image"]]
+    check_label_conflicts(linked)
     return linked, unreadable
 
 
