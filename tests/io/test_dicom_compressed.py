@@ -3,7 +3,8 @@
 The fixtures are made here: JPEG Lossless (1.2.840.10008.1.2.4.70 and .57) with GDCM's
 encoder (pydicom has none for them), JPEG-LS (pyjpegls), JPEG 2000 (OpenJPEG) and RLE
 through `pydicom.dataset.Dataset.compress`. Decoding goes through `covidcxr.io.read_image`,
-which uses pydicom's decoders, i.e. the installed plugins.
+which uses pydicom's decoders, i.e. the installed plugins, and through the pylibjpeg plugin
+alone (the one the package depends on).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom.pixels import pixel_array
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless, UID
 
 from covidcxr.io import read_image
@@ -62,3 +64,6 @@ def test_compressed_dicom_decodes_like_the_uncompressed_file(tmp_path: Path, syn
     decoded = read_image(target)
     assert decoded.metadata.format == "dicom"
     np.testing.assert_array_equal(decoded.pixels, expected.pixels)  # lossless: identical
+    # the runtime dependency itself (pylibjpeg and its plugins) decodes it, whatever else
+    # (GDCM, from the test extras) pydicom would try first
+    np.testing.assert_array_equal(pixel_array(target, decoding_plugin="pylibjpeg"), pixels)
