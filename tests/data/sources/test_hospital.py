@@ -201,3 +201,11 @@ def test_an_invalid_patient_id_never_reaches_a_warning_or_log(tmp_path: Path, bu
     # pydicom's validation of the Patient ID (here: too long for LO) is silenced while it is read
     assert [str(w.message) for w in recwarn if "VR LO" in str(w.message) or "SECRET" in str(w.message)] == []
     assert "SECRET" not in caplog.text
+
+
+def test_summary_says_which_images_have_no_patient_id(folder_root: Path) -> None:
+    from covidcxr.data.summary import summarize
+
+    summary = summarize(folder_root, check_images=False)
+    assert summary["patient_origin"] == {"dicom": 1, "none": 4}
+    assert summary["images_without_patient_id"] == 4 and summary["label_conflicts"] == []
