@@ -100,7 +100,7 @@ def test_predict_batch_csv_reports_every_file_and_resumes(run_dir: Path, tmp_pat
     assert result.exit_code == 0, result.output
     assert "4 files, 2 predicted, 2 refused" in " ".join(result.output.split())
     assert not overlays.exists()  # no overlay PNGs in batch mode unless asked
-    rows = pd.read_csv(csv, dtype={"error": str, "detail": str, "decision": str, "warnings": str}).fillna("").set_index("image")
+    rows = pd.read_csv(csv, dtype=str, keep_default_na=False).set_index("image")
     assert sorted(Path(p).name for p in rows.index) == ["IM0001", "b.png", "notes.png", "photo.jpg"]
     predicted = rows[rows["status"] == "predicted"]
     assert sorted(Path(p).name for p in predicted.index) == ["IM0001", "b.png"]
