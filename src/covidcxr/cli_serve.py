@@ -114,10 +114,17 @@ def predict(
             _print_prediction(image, payload)
 
     if batch:
+        from contextlib import nullcontext
+
+        from covidcxr.parallel import make_progress
+
         def on_result(image: Path, row: dict[str, Any], prediction: Any) -> None:
             report(image, prediction, None if prediction is not None else CovidCXRError(row["detail"]))
 
-        summary = predict_to_csv(predictor, files, csv, gradcam=gradcam, on_result=on_result)
+        with nullcontext() if json_output else make_progress(transient=True) as progress:
+            task = None if progress is None else progress.add_task("predicting", total=len(files))
+            advance = None if progress is None else (lambda: progress.advance(task))
+            summary = predict_to_csv(predictor, files, csv, gradcam=gradcam, on_result=on_result, on_file=advance)
         if not json_output:
             console.print(
                 escape(f"wrote {summary['csv']}: {summary['files']} files, {summary['predicted']} predicted, "

@@ -92,6 +92,7 @@ def predict_to_csv(
     csv_path: Path,
     gradcam: bool = False,
     on_result: Callable[[Path, dict[str, Any], Any], None] | None = None,
+    on_file: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Predict every file under ``paths`` into ``csv_path`` (see the module docstring).
 
@@ -102,6 +103,7 @@ def predict_to_csv(
         gradcam: compute Grad-CAM (its lung focus goes to the warnings; slower).
         on_result: called after each new file with ``(path, row, prediction or None)``
             (the CLI writes overlays and prints from it).
+        on_file: called after every file, reused ones included (a progress bar).
 
     Returns:
         ``{"files", "predicted", "refused", "reused", "csv"}`` counts.
@@ -119,6 +121,8 @@ def predict_to_csv(
         if earlier is not None and digest:
             rows.append(earlier)
             reused += 1
+            if on_file is not None:
+                on_file()
             continue
         row: dict[str, Any] = {"image": str(path), "file_sha1": digest, "run": run_dir}
         prediction = None
@@ -137,6 +141,8 @@ def predict_to_csv(
         rows.append(row)
         if on_result is not None:
             on_result(path, row, prediction)
+        if on_file is not None:
+            on_file()
         since_flush += 1
         if since_flush >= FLUSH_EVERY:
             _write(csv_path, [*rows, *previous.values()])
