@@ -25,6 +25,7 @@ Run alone: ``python benchmarks/bench_coverage.py [--replicates 300]`` prints the
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -179,14 +180,28 @@ def markdown_table(settings: dict) -> str:
     return "\n".join(lines)
 
 
+def width_table(settings: dict, metrics: tuple[str, ...] = ("auc", "sensitivity", "specificity", "ppv")) -> str:
+    """Mean interval width before → after where a true value is 1.0 (coverage cannot tell them apart there)."""
+    lines = ["| setting | n pos patients | prevalence | " + " | ".join(f"{m} width" for m in metrics) + " |",
+             "|" + "---|" * (3 + len(metrics))]
+    for key, res in settings.items():
+        if "1.0" not in key.split(" | ")[0]:
+            continue
+        cells = [f"{res['before']['mean_width'][m]:.3f} → **{res['after']['mean_width'][m]:.3f}**" for m in metrics]
+        lines.append("| " + " | ".join(key.split(" | ")) + " | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def bench_intervals(context=None, replicates: int = 200, n_boot: int = 500) -> dict:
     """Coverage of every interval in every setting (settings × n × prevalence), before → after."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     settings = {}
     for label, sens, spec in SETTINGS:
         for n in N_POSITIVE_PATIENTS:
             for prev in PREVALENCES:
-                settings[f"{label} | {n} | {prev}"] = coverage(sens, spec, n, prev, replicates, seed=n, n_boot=n_boot)
+                key = f"{label} | {n} | {prev}"
+                settings[key] = coverage(sens, spec, n, prev, replicates, seed=n, n_boot=n_boot)
+                print(f"[coverage] {key}: after {settings[key]['after']['coverage']}", file=sys.stderr, flush=True)
     after = [c for res in settings.values() for c in res["after"]["coverage"].values() if c is not None]
     before = [c for res in settings.values() for c in res["before"]["coverage"].values() if c is not None]
     return {
@@ -199,7 +214,9 @@ def bench_intervals(context=None, replicates: int = 200, n_boot: int = 500) -> d
         "share_after_at_least_93": round(float(np.mean([c >= 0.93 for c in after])), 3),
         "settings": settings,
         "table_markdown": markdown_table(settings),
+        "width_table_markdown": width_table(settings),
         "simulation_seconds": round(time.perf_counter() - start, 1),
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
     }
 
 
@@ -213,4 +230,5 @@ if __name__ == "__main__":
     parser.add_argument("--replicates", type=int, default=200)
     parser.add_argument("--n-boot", type=int, default=500)
     args = parser.parse_args()
-    print(bench_intervals(None, args.replicates, args.n_boot)["table_markdown"])
+    figures = bench_intervals(None, args.replicates, args.n_boot)
+    print(figures["table_markdown"], figures["width_table_markdown"], sep="\n\n")

@@ -143,7 +143,7 @@ def test_proportion_ci_errors_name_the_argument():
 def test_coverage_at_sensitivity_095_with_clustered_patients():
     """200 replicates of 30 + 30 patients (1-3 correlated images), true sens = spec = 0.95."""
     bench = _bench()
-    r = bench.coverage(0.95, 0.95, n_positive=30, prevalence=0.5, replicates=200, seed=11, n_boot=300)
+    r = bench.coverage(0.95, 0.95, n_positive=30, prevalence=0.5, replicates=200, seed=11, n_boot=200)
     after, before = r["after"]["coverage"], r["before"]["coverage"]
     for name in ("sensitivity", "specificity", "auc", "balanced_accuracy", "accuracy"):
         assert after[name] >= 0.9, (name, after[name])

@@ -695,7 +695,7 @@ def auc_ci(y_true: Any, y_score: Any, patient_ids: Any, alpha: float = 0.05) -> 
 
         >>> r = auc_ci([0, 0, 0, 1, 1, 1], [0.1, 0.2, 0.3, 0.7, 0.8, 0.9], list("abcdef"))
         >>> r["estimate"], r["high"], round(r["low"], 2)
-        (1.0, 1.0, 0.62)
+        (1.0, 1.0, 0.5)
     """
     # stats.py imports the validators of this module, so it is imported here, not at the top
     from scipy.optimize import brentq
