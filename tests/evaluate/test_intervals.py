@@ -149,3 +149,15 @@ def test_coverage_at_sensitivity_095_with_clustered_patients():
         assert after[name] >= 0.9, (name, after[name])
     # the percentile bootstrap it replaced fails this test
     assert min(before["sensitivity"], before["specificity"], before["auc"]) < 0.9
+
+
+def test_one_class_source_keeps_the_interval_width():
+    """An unseen COVID-only source with every image detected: [low < 1, 1], not [1, 1]."""
+    import pandas as pd
+
+    from covidcxr.evaluate.cross_source import metrics_for_rows
+
+    rows = pd.DataFrame({"target": [1] * 20, "probability": [0.9] * 20, "patient_id": [f"p{i // 2}" for i in range(20)]})
+    m = metrics_for_rows(rows, threshold=0.5)
+    assert m["auc"] is None and m["sensitivity"]["estimate"] == 1.0
+    assert m["sensitivity"]["high"] == 1.0 and m["sensitivity"]["low"] < 0.8  # 10 patients, 2 images each
