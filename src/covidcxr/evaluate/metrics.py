@@ -1,4 +1,4 @@
-"""Binary and multi-class diagnostic metrics, thresholds and patient-level bootstrap CIs.
+"""Binary and multi-class diagnostic metrics, thresholds, and patient-clustered confidence intervals.
 
 Plain validated functions over 1-D arrays (MONAI-style functional API). Conventions:
 
@@ -49,7 +49,7 @@ __all__ = [
     "youden_threshold",
 ]
 
-#: The real-valued metrics of :func:`binary_metrics` (those that get a bootstrap CI).
+#: The real-valued metrics of :func:`binary_metrics` (those that get an interval in :func:`binary_metrics_with_ci`).
 BINARY_METRIC_NAMES = (
     "auc", "sensitivity", "specificity", "balanced_accuracy", "dor", "accuracy", "f1", "ppv", "npv",
 )
