@@ -73,6 +73,10 @@ def test_adabn_changes_the_batchnorm_statistics_and_predictions_and_writes_a_run
 
     report = evaluate_run(result.run_dir, n_boot=50)
     assert report["per_source"]["site_x"]["n_images"] == len(test)
+    from covidcxr.audit.run import audit_run
+
+    audit = audit_run(result.run_dir, n_boot=50, max_images=200)
+    assert audit["verdict"] in ("no_skill", "shortcut", "warning", "ok") and audit["n_images"] == len(test)
     with pytest.raises(CovidCXRError, match="already there"):
         adapt_run(parent, new_site, out=tmp_path / "adapted", n_boot=50, say=_quiet)
 
