@@ -162,7 +162,7 @@ def test_all_methods_train_together_at_256_px(tmp_path: Path) -> None:
     recipe = tiny_train_recipe(
         tmp_path,
         "generalize",
-        data={"synthetic": {"n_images": 48, "size": 256, "seed": 2}, "task": "covid_vs_rest", "split": {"test_size": 0.25, "val_size": 0.25}},
+        data={"synthetic": {"n_images": 40, "size": 256, "seed": 2}, "task": "covid_vs_rest", "split": {"test_size": 0.25, "val_size": 0.25}},
         preprocess={"cache_dir": str(tmp_path / "cache"), "size": 256, "mask_source": "manifest", "lungs": "none", "workers": 1},
         train={"epochs": 1, "batch_size": 8, "checkpoint_every_n_steps": 0, "balancing": "source_label", "single_label_sources": "exclude", "monitor": "val_loss"},
         augmentation={"hflip": 0.5, "acquisition": {"prob": 0.5}},
@@ -180,3 +180,7 @@ def test_all_methods_train_together_at_256_px(tmp_path: Path) -> None:
 
     run = load_run(result.run_dir)
     assert run.input_size == (256, 256) and run.predict(np.zeros((1, 256, 256), dtype=np.float32)).shape == (1,)
+    # longer training resumes from last.ckpt: the source head and GroupDRO's weights come back
+    longer = recipe_from_mapping({**recipe, "train": {**recipe["train"], "epochs": 2}})
+    resumed = train_recipe(longer, progress=False, say=lambda _: None)
+    assert resumed.status == "resumed" and resumed.metrics["epochs_trained"] == 2
