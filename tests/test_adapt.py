@@ -110,3 +110,16 @@ def test_cli_adapt_with_labels_fine_tunes_and_records_the_parent(parent: Path, n
     assert not set(fit["patient_id"]) & set(manifest.loc[manifest["split"] == "test", "patient_id"])
     bad = CliRunner().invoke(app, ["adapt", str(parent), "--data", str(tmp_path / "nowhere")])
     assert bad.exit_code != 0 and "not a folder" in str(bad.exception)
+    bad = CliRunner().invoke(app, ["adapt", str(parent), "--data", str(new_site), "--out", str(parent.parent)])
+    assert bad.exit_code != 0 and "holds something else" in str(bad.exception)
+
+
+def test_the_parents_stage_one_run_comes_along_for_the_exclusions(parent: Path, tmp_path: Path) -> None:
+    from covidcxr.adapt import _stage_one
+
+    assert _stage_one(parent) is None  # trained from scratch
+    child = tmp_path / "child"
+    child.mkdir()
+    (child / "metrics.json").write_text(json.dumps({"pretrained": {"source": str(parent / "checkpoints" / "best.ckpt"), "kind": "run"}}))
+    stage_one = _stage_one(child)
+    assert stage_one is not None and stage_one.run_dir == parent

@@ -154,8 +154,29 @@ def adabn(model: nn.Module, images: np.ndarray, normalize: Callable[[np.ndarray]
 # ---------------------------------------------------------------------------------- target images
 
 
+def _stage_one(parent_dir: Path) -> Any:
+    """The parent's stage-1 (pretraining) run as a `PretrainRun`, when it started from one of our runs."""
+    from covidcxr.experiments.recipe import PretrainRun
+    from covidcxr.train.recipe import load_recipe
+
+    try:
+        pretrained = (json.loads((parent_dir / "metrics.json").read_text(encoding="utf-8")) or {}).get("pretrained") or {}
+    except (OSError, ValueError):
+        return None
+    if pretrained.get("kind") != "run" or not pretrained.get("source"):
+        return None
+    run = Path(pretrained["source"]).parent.parent  # RUN/checkpoints/best.ckpt -> RUN
+    if not (run / "manifest.parquet").is_file() or not (run / "config.yaml").is_file():
+        return None
+    return PretrainRun(key="pretrain", recipe=load_recipe(run / "config.yaml").with_updates({"output.run_dir": str(run)}))
+
+
 def _point(parent_dir: Path, parent_recipe: Any, data: Path) -> Any:
-    """The parent as an experiment grid point whose collection is the target folder."""
+    """The parent as an experiment grid point whose collection is the target folder.
+
+    Its stage-1 run (if any) comes along, so target images linked to what either trained
+    or validated on are never used to adapt nor to test (`write_adaptation_manifest`'s rule).
+    """
     from covidcxr.experiments.recipe import GridPoint
     from covidcxr.train.recipe import recipe_from_mapping
 
@@ -165,7 +186,7 @@ def _point(parent_dir: Path, parent_recipe: Any, data: Path) -> Any:
     mapping["data"].update({"collection": str(data), "adapter": None, "sources": [], "negatives_from": []})
     mapping["data"]["split"] = {**mapping["data"]["split"], "kind": "holdout", "fold": None, "test_source": None}
     mapping["output"]["run_dir"] = str(parent_dir)
-    return GridPoint(key="parent", labels={}, recipe=recipe_from_mapping(mapping, origin=f"--data {data}"), pretrain=None)
+    return GridPoint(key="parent", labels={}, recipe=recipe_from_mapping(mapping, origin=f"--data {data}"), pretrain=_stage_one(parent_dir))
 
 
 def _target_rows(point: Any, source: str | None) -> tuple[pd.DataFrame, str]:
@@ -182,9 +203,11 @@ def _target_rows(point: Any, source: str | None) -> tuple[pd.DataFrame, str]:
     if source not in present:
         raise CovidCXRError(f"--source {source!r}: not among the sources of {data} that fit the task ({present})")
     rows = rows[rows["source"].astype(str) == source]
-    parent_manifest = pd.read_parquet(Path(point.run_dir) / "manifest.parquet")
-    used = parent_manifest[parent_manifest["split"].isin(["train", "val"])]
-    rows = rows[~linked_to(rows, [used])].reset_index(drop=True)
+    used = []
+    for run in [point.run_dir, *([point.pretrain.run_dir] if point.pretrain is not None else [])]:
+        manifest = pd.read_parquet(Path(run) / "manifest.parquet")
+        used.append(manifest[manifest["split"].isin(["train", "val"])])
+    rows = rows[~linked_to(rows, used)].reset_index(drop=True)
     if rows.empty:
         raise CovidCXRError(f"--data {data}: every image of {source!r} is linked to the parent's training images; nothing to adapt to")
     return rows, source
@@ -319,10 +342,12 @@ def adapt_run(
     method = "adabn" if labels is None else "finetune"
     default_name = f"{parent_dir.name}-adabn-{source}" if labels is None else f"{parent_dir.name}-finetune{labels}-{source}"
     run_dir = Path(out).resolve() if out is not None else parent_dir.parent / default_name
-    if (run_dir / ADAPTATION_FILE).is_file():
-        raise CovidCXRError(f"--out {run_dir}: an adapted run is already there; choose another --out or remove it")
     if run_dir == parent_dir:
         raise CovidCXRError("--out: the adapted run must not overwrite its parent")
+    if (run_dir / ADAPTATION_FILE).is_file():
+        raise CovidCXRError(f"--out {run_dir}: an adapted run is already there; choose another --out or remove it")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / MANIFEST_NAME).is_file():
+        raise CovidCXRError(f"--out {run_dir}: the folder holds something else (not an interrupted adaptation); choose another --out")
     started = time.perf_counter()
     if labels is None:
         adapt, fit_rows, extra = _adabn(parent, point, rows, source, run_dir, fraction, seed, progress, say)
