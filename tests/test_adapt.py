@@ -64,7 +64,7 @@ def test_adabn_changes_the_batchnorm_statistics_and_predictions_and_writes_a_run
     assert not np.allclose(before.predict(images), adapted.predict(images), atol=1e-4), "the predictions changed"
 
     summary = json.loads((result.run_dir / ADAPTATION_FILE).read_text())
-    assert summary["images"] == {"adapt": len(fit), "test": len(test)}
+    assert summary["images"] == {"adapt": len(fit), "adapt_patients": fit["patient_id"].nunique(), "test": len(test), "test_patients": test["patient_id"].nunique()}
     assert summary["before"]["site_x"]["n_images"] == summary["after"]["site_x"]["n_images"] == len(test)
     assert "delong" in summary["adaptation"] and "mcnemar" in summary["adaptation"]
 

@@ -361,7 +361,12 @@ def adapt_run(
         PARENT_FIELD: str(parent_dir),
         "method": method,
         "target": {"data": str(data), "source": source, "labels_used": labels is not None},
-        "images": {"adapt": int(len(fit_rows)), "test": int(summary["n_test_images"])},
+        "images": {
+            "adapt": int(len(fit_rows)),
+            "adapt_patients": int(fit_rows["patient_id"].nunique()),
+            "test": int(summary["n_test_images"]),
+            "test_patients": int(after["patient_id"].nunique()),
+        },
         "fraction": fraction if labels is None else None,
         "labels": labels,
         "seed": seed,

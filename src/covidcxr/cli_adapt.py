@@ -62,13 +62,21 @@ def adapt(
         sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
         return
     target = summary["target"]["source"]
-    table = Table("model", "test images", "AUC [95% CI]", "accuracy", title=escape(f"{result.method} on {target}: held-out target images"))
+    images = summary["images"]
+    table = Table("model", "test images", "test patients", "AUC [95% CI]", "accuracy", title=escape(f"{result.method} on {target}: held-out target images"))
     for name, key in (("before (parent)", "before"), ("after (adapted)", "after")):
         m = summary[key].get(target) or {}
         accuracy = (m.get("accuracy") or {}).get("estimate")
-        table.add_row(name, str(m.get("n_images", 0)), _auc(m), "-" if accuracy is None else f"{accuracy:.3f}")
+        table.add_row(name, str(m.get("n_images", 0)), str(images["test_patients"]), _auc(m), "-" if accuracy is None else f"{accuracy:.3f}")
     console.print(table)
     delong = summary["adaptation"].get("delong") or {}
     if delong.get("p_value") is not None:
         console.print(f"DeLong test of the AUC change: p = {delong['p_value']:.3g}", highlight=False)
-    console.print(escape(f"adapted run: {result.run_dir} (parent_run: {result.parent}); {summary['images']['adapt']} images adapted, {summary['images']['test']} tested"), highlight=False)
+    console.print(
+        escape(
+            f"adapted run: {result.run_dir} (parent_run: {result.parent}); adapted on {images['adapt']} images "
+            f"({images['adapt_patients']} patients), tested on {images['test']} ({images['test_patients']} patients); "
+            f"patient-bootstrap CIs ({n_boot} resamples)"
+        ),
+        highlight=False,
+    )
