@@ -75,6 +75,8 @@ from covidcxr.train.recipe import RecipeError, TrainRecipe, apply_overrides, rea
 __all__ = [
     "AdaptRun",
     "AdaptSection",
+    "AdaptSource",
+    "adaptation_recipe",
     "EXPERIMENT_KEY",
     "ExperimentError",
     "ExperimentRecipe",
@@ -344,6 +346,43 @@ class AdaptRun(_TrainsARecipe):
         return Path(str(self.recipe.data.manifest))
 
 
+def adaptation_recipe(
+    point_recipe: TrainRecipe,
+    point_run_dir: str | Path,
+    sources: list[str],
+    overrides: dict[str, Any],
+    manifest: str | Path,
+    where: str,
+) -> TrainRecipe:
+    """The fine-tuning recipe of a local adaptation (Ben Ahmed et al. 2021, Table 4).
+
+    The trained point's recipe, with: the data read from the adaptation ``manifest`` (its
+    own ``split`` column: train/val = the few adaptation images, test = the rest of those
+    sources), the adaptation ``sources``, no borrowing or balancing, the network
+    initialised from the point's run (``model.pretrained``: its backbone), and the dotted
+    ``overrides`` (``experiment.adapt.set``, ``covidcxr adapt --set``). Used by the
+    experiment grid (`ExperimentRecipe.adapt_runs`) and ``covidcxr adapt --labels N``
+    (`covidcxr.adapt`).
+
+    Raises:
+        RecipeError: an override is not a recipe field (``where`` names it).
+    """
+    data = point_recipe.resolved()
+    data["data"].pop("collection", None)
+    data["data"].pop("synthetic", None)
+    data["data"].update({
+        "sources": list(sources),
+        "negatives_from": [],
+        "balance": "none",
+        "split": {**data["data"]["split"], "kind": "given", "fold": None},
+    })
+    data["model"]["pretrained"] = str(point_run_dir)
+    for key, value in overrides.items():
+        set_dotted(data, key, value, origin=f"{where} (override '{key}')")
+    data["data"]["manifest"] = str(manifest)
+    return recipe_from_mapping(data, origin=where)
+
+
 @dataclass
 class ExperimentRecipe:
     """A loaded, validated experiment recipe (see the module docstring).
@@ -453,21 +492,10 @@ class ExperimentRecipe:
             where = f"{self.origin} adaptation of point {point.key}"
             if FOLD_AXIS in point.labels:
                 raise ExperimentError(f"{where}: adaptation starts from one trained model; a k-fold point has one per fold (pick a holdout point in experiment.adapt.points)", ["experiment.adapt.points"])
-            data = point.recipe.resolved()
-            data["data"].pop("collection", None)
-            data["data"].pop("synthetic", None)
-            data["data"].update({
-                "sources": [spec.positives.source, spec.negatives.source],
-                "negatives_from": [],
-                "balance": "none",
-                "split": {**data["data"]["split"], "kind": "given", "fold": None},
-            })
-            data["model"]["pretrained"] = str(point.run_dir)
-            for key, value in spec.set.items():
-                set_dotted(data, key, value, origin=f"{where} (experiment.adapt.set '{key}')")
             folder = self.root / "adapt" / _clean(point.run_dir.name)
-            data["data"]["manifest"] = str(folder / "adapt-manifest.csv")
-            recipe = recipe_from_mapping(data, origin=where)
+            recipe = adaptation_recipe(
+                point.recipe, point.run_dir, [spec.positives.source, spec.negatives.source], spec.set, folder / "adapt-manifest.csv", f"{where} (experiment.adapt.set)"
+            )
             digest = run_identity(recipe)[:8]
             recipe = recipe.with_updates({"output.run_dir": str(self.root / "adapt" / f"{_clean(point.run_dir.name)}-{digest}"), "name": f"{self.name}.{_slug(point.labels)}.adapt"})
             runs.append(AdaptRun(key=f"{point.key}/adapt", point=point, recipe=recipe, spec=spec))

@@ -60,6 +60,7 @@ __all__ = [
     "compose_records",
     "load_records",
     "manifest_hash",
+    "sample_weights",
     "select_task",
     "split_ids",
     "split_records",
@@ -412,17 +413,89 @@ class CachedImageDataset(Dataset):
         return image, self.targets[index], index
 
 
+def sample_weights(sources: np.ndarray, targets: np.ndarray, balancing: str, single_label_sources: str = "keep") -> np.ndarray | None:
+    """Per-image draw weights of the training split (``None``: a plain permutation).
+
+    ``source_label`` (label-source decorrelation): every source weighs the same and, within
+    a source, every label it has weighs the same — ``w(s, y) = 1 / (S * L_s * n_{s,y})``
+    with ``S`` sources, ``L_s`` labels at source ``s`` and ``n_{s,y}`` images of label
+    ``y`` there. Each source then contributes the same label mix (uniform over its labels),
+    so in the drawn data the source says nothing about the label (the confound of
+    Tartaglione et al. 2020 Table 1 and Maguolo & Nanni 2021). ``sampler``: every class
+    weighs the same. Otherwise uniform (returned only when sources are excluded).
+
+    ``single_label_sources='exclude'``: sources whose images all have one label get weight
+    0 — never drawn, so never in the loss; they could only teach the source.
+
+    Args:
+        sources: (N,) source of each training image.
+        targets: (N,) integer target of each training image.
+        balancing: ``train.balancing``.
+        single_label_sources: ``keep`` or ``exclude``.
+
+    Returns:
+        (N,) float64 weights summing to 1, or None for a uniform permutation.
+
+    Raises:
+        CovidCXRError: every source is single-label and would be excluded.
+
+    Example:
+        >>> w = sample_weights(np.array(["a", "a", "a", "b"]), np.array([0, 0, 1, 1]), "source_label")
+        >>> w.round(3).tolist()
+        [0.125, 0.125, 0.25, 0.5]
+    """
+    sources = np.asarray(sources).astype(str)
+    targets = np.asarray(targets, dtype=np.int64)
+    frame = pd.DataFrame({"source": sources, "target": targets})
+    labels_per_source = frame.groupby("source")["target"].nunique()
+    keep = np.ones(len(frame), dtype=bool)
+    if single_label_sources == "exclude":
+        multi = set(labels_per_source[labels_per_source > 1].index)
+        keep = frame["source"].isin(multi).to_numpy()
+        if not keep.any():
+            raise CovidCXRError(
+                f"train.single_label_sources: every training source has a single label ({labels_per_source.to_dict()}); "
+                "excluding them leaves nothing to train on"
+            )
+    elif balancing not in ("source_label", "sampler"):
+        return None
+    kept = frame[keep]
+    weights = np.zeros(len(frame), dtype=np.float64)
+    if balancing == "source_label":
+        n_sources = kept["source"].nunique()
+        cell = kept.groupby(["source", "target"]).size()
+        labels = kept.groupby("source")["target"].nunique()
+        for i in np.nonzero(keep)[0]:
+            s, y = sources[i], targets[i]
+            weights[i] = 1.0 / (n_sources * labels[s] * cell[(s, y)])
+    elif balancing == "sampler":
+        counts = kept["target"].value_counts()
+        weights[keep] = 1.0 / counts.reindex(targets[keep]).to_numpy()
+    else:
+        weights[keep] = 1.0
+    return weights / weights.sum()
+
+
 class EpochSampler(Sampler[int]):
     """Training order of one epoch, fixed by (seed, epoch); class-balanced or a permutation.
 
     ``balanced``: ``len(targets)`` draws with replacement, each class equally likely (the
-    ``WeightedRandomSampler`` of balanced training), else a random permutation. Under DDP
+    ``WeightedRandomSampler`` of balanced training), else a random permutation. ``weights``
+    (`sample_weights`) replaces the class-balanced weights of a balanced draw. Under DDP
     every rank draws the same order and takes every ``world_size``-th index (padded by
     wrapping so ranks see equal counts). `resume_at` makes the next iteration start
     part-way through an epoch (a run resumed from a mid-epoch checkpoint).
     """
 
-    def __init__(self, targets: np.ndarray | torch.Tensor, balanced: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        targets: np.ndarray | torch.Tensor,
+        balanced: bool,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        weights: np.ndarray | None = None,
+    ) -> None:
         self.targets = torch.as_tensor(np.asarray(targets, dtype=np.int64))
         self.balanced = balanced
         self.seed = int(seed)
@@ -434,6 +507,9 @@ class EpochSampler(Sampler[int]):
         self.weights = torch.zeros(len(self.targets), dtype=torch.float64)
         if len(self.targets):
             self.weights = 1.0 / counts[self.targets].double()
+        if weights is not None:
+            self.balanced = True
+            self.weights = torch.as_tensor(np.asarray(weights, dtype=np.float64))
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every epoch."""
@@ -650,12 +726,15 @@ class CXRDataModule(L.LightningDataModule):
         dataset = self.datasets["train"]
         rank = self.trainer.global_rank if self.trainer is not None else 0
         world = self.trainer.world_size if self.trainer is not None else 1
+        spec = self.recipe.train
+        sources = self.prepared.records["source"].to_numpy()[dataset.rows]  # type: ignore[union-attr,attr-defined]
         self._train_sampler = EpochSampler(
             dataset.targets.numpy(),
-            balanced=self.recipe.train.balancing == "sampler",
+            balanced=spec.balancing == "sampler",
             seed=self.recipe.seed,
             rank=rank,
             world_size=world,
+            weights=sample_weights(sources, dataset.targets.numpy(), spec.balancing, spec.single_label_sources),
         )
         return ResumableDataLoader(
             dataset,

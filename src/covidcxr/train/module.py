@@ -8,9 +8,14 @@
 * inputs: the cache's float16 [0, 1] images are converted on the device, rigidly
   augmented (training only: rotation, translation, horizontal flip, one affine warp per
   image, seeded by (seed, epoch, batch, rank) so a resumed run draws the same
-  augmentations), normalised (``model.normalize_mean/std``) and put in ``channels_last``
+  augmentations), acquisition-randomized when the recipe asks (`covidcxr.train.augment`,
+  same seeding), normalised (``model.normalize_mean/std``) and put in ``channels_last``
   memory format when the recipe asks (with bf16 autocast, oneDNN's fastest path on CPUs
   with AVX-512/AMX);
+* across sources (recipe ``domain:``, `covidcxr.train.domain`): a gradient-reversal
+  source head on the pooled features (Ganin et al. 2016) adds its source cross-entropy,
+  GroupDRO (Sagawa et al. 2020) replaces the mean loss by the worst-source-weighted one;
+  the source of each training image comes from the records (``rows`` of the batch);
 * validation: loss, ROC AUC (sklearn), accuracy and balanced accuracy each epoch,
   logged as ``val_loss``/``val_auc``/``val_accuracy``/``val_balanced_accuracy``;
 * optimisers Adam/AdamW/SGD/RMSprop over the trainable parameters only (freeze policies
@@ -176,6 +181,15 @@ class CXRClassifierModule(L.LightningModule):
         self._val_loss: list[Any] = [0.0, 0]
         self._train_sums: torch.Tensor | None = None  # loss sum, correct, count (on the device)
         self.last_val_metrics: dict[str, Any] = {}
+        self.acquisition = None
+        if self.recipe.augmentation.acquisition is not None:
+            from covidcxr.train.augment import AcquisitionRandomizer
+
+            self.acquisition = AcquisitionRandomizer(self.recipe.augmentation.acquisition)
+        self.adversary: nn.Module | None = None
+        self.group_dro: nn.Module | None = None
+        self.train_sources: list[str] = []
+        self._train_groups: torch.Tensor | None = None
         if self.recipe.engine.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
@@ -193,12 +207,41 @@ class CXRClassifierModule(L.LightningModule):
                 else:
                     self.class_weights = [total / (k * max(c, 1)) for c in counts]
             records = datamodule.prepared.records
+            if self.recipe.domain.enabled:
+                self._setup_domain(records, datamodule.datasets["train"].rows)
             self.provenance.update(
                 manifest_hash=manifest_hash(records),
                 split_ids=split_ids(records),
                 class_counts_train=[int(c) for c in counts],
                 n_images={s: int((records["split"] == s).sum()) for s in ("train", "val", "test")},
             )
+
+    def _setup_domain(self, records: Any, train_rows: Any) -> None:
+        """The source id of every training image, and the adversary / GroupDRO modules sized by the sources."""
+        from covidcxr.train.domain import GroupDRO, SourceAdversary
+
+        sources = records["source"].astype(str).to_numpy()[np.asarray(train_rows)]
+        self.train_sources = sorted(set(sources.tolist()))
+        index = {name: i for i, name in enumerate(self.train_sources)}
+        self._train_groups = torch.as_tensor([index[v] for v in sources], dtype=torch.long)
+        self.provenance["train_sources"] = list(self.train_sources)
+        spec = self.recipe.domain
+        if spec.adversarial is not None and self.adversary is None:
+            if len(self.train_sources) < 2:
+                raise CovidCXRError(f"domain.adversarial: the training split has one source ({self.train_sources}); a source head needs two or more")
+            self.adversary = SourceAdversary(self.model.num_features, len(self.train_sources), spec.adversarial.hidden)
+        if spec.group_dro is not None and self.group_dro is None:
+            self.group_dro = GroupDRO(len(self.train_sources), spec.group_dro.eta)
+
+    def adversary_lambda(self) -> float:
+        """The gradient-reversal coefficient now (`covidcxr.train.domain.ganin_lambda` of the training progress)."""
+        from covidcxr.train.domain import ganin_lambda
+
+        spec = self.recipe.domain.adversarial
+        if spec is None:
+            return 0.0
+        total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
+        return ganin_lambda(self.global_step / total, spec.weight, spec.gamma, spec.schedule)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -213,19 +256,40 @@ class CXRClassifierModule(L.LightningModule):
             generator = torch.Generator(device=x.device).manual_seed(seed % (2**63 - 1))
             with torch.autocast(device_type=x.device.type, enabled=False):
                 x = rigid_augment(x, aug.rotation_degrees, aug.translation, aug.hflip, generator)
+        if augment and self.acquisition is not None:
+            rank = self.trainer.global_rank if self._trainer is not None else 0
+            x = self.acquisition(x, seed=(self.recipe.seed * 1_000_003 + self.current_epoch * 100_003 + batch_idx) * 263 + rank)
         x = (x - self.recipe.model.normalize_mean) / self.recipe.model.normalize_std
         if self.recipe.engine.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         logits = logits.float()
         weights = None
         if self.class_weights is not None:
             weights = torch.tensor(self.class_weights, device=logits.device, dtype=torch.float32)
         if self.binary:
-            return F.binary_cross_entropy_with_logits(logits[:, 0], targets.float(), pos_weight=weights)
-        return F.cross_entropy(logits, targets, weight=weights)
+            return F.binary_cross_entropy_with_logits(logits[:, 0], targets.float(), pos_weight=weights, reduction=reduction)
+        return F.cross_entropy(logits, targets, weight=weights, reduction=reduction)
+
+    def _domain_loss(self, x: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, loss)`` with the source head's and/or GroupDRO's terms (recipe ``domain:``)."""
+        features = self.model.forward_features(x)
+        logits = self.model.forward_head(features)
+        assert self._train_groups is not None
+        groups = self._train_groups.to(rows.device)[rows.long()]
+        if self.group_dro is not None:
+            loss = self.group_dro(self._loss(logits, targets, reduction="none"), groups)
+        else:
+            loss = self._loss(logits, targets)
+        if self.adversary is not None:
+            pooled = F.adaptive_avg_pool2d(features, 1).flatten(1)
+            source_logits = self.adversary(pooled, self.adversary_lambda())
+            source_loss = F.cross_entropy(source_logits.float(), groups)
+            self.log("train_source_loss", source_loss.detach(), on_step=True, on_epoch=False, batch_size=int(targets.shape[0]))
+            loss = loss + source_loss
+        return logits, loss
 
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -239,9 +303,13 @@ class CXRClassifierModule(L.LightningModule):
         self._train_sums = None
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, targets, _ = batch
-        logits = self.model(self._inputs(images, augment=True, batch_idx=batch_idx))
-        loss = self._loss(logits, targets)
+        images, targets, rows = batch
+        x = self._inputs(images, augment=True, batch_idx=batch_idx)
+        if self._train_groups is not None:
+            logits, loss = self._domain_loss(x, targets, rows)
+        else:
+            logits = self.model(x)
+            loss = self._loss(logits, targets)
         n = int(targets.shape[0])
         with torch.no_grad():
             # accumulated on the device: no host synchronisation per step
@@ -318,6 +386,8 @@ class CXRClassifierModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise CovidCXRError("model.freeze: the policy leaves no trainable parameter")
+        if self.adversary is not None:
+            params += list(self.adversary.parameters())
         lr = schedule.base_lr if schedule.name == "cyclic" and schedule.base_lr else spec.lr
         if spec.name == "adam":
             optimizer = torch.optim.Adam(params, lr=lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)

@@ -17,9 +17,12 @@ A recipe has these sections (every field has a default except the data location;
     model: {name: resnet18, head: default, pretrained: null, freeze: none}
     optimizer: {name: adam | adamw | sgd | rmsprop, lr: 1.0e-4, weight_decay: 0, momentum: null}
     schedule: {name: none | cyclic | cosine, base_lr, max_lr, step_size_epochs}
-    train: {epochs: 10, batch_size: 32, balancing: sampler | class_weights | none, monitor: val_auc, checkpoint_every_n_steps: 50}
+    train: {epochs: 10, batch_size: 32, balancing: sampler | class_weights | source_label | none, monitor: val_auc, checkpoint_every_n_steps: 50,
+            single_label_sources: keep | exclude}
     early_stopping: {enabled: false, monitor: null, patience: 5}
-    augmentation: {rotation_degrees: 0, translation: 0, hflip: 0}     # rigid only
+    augmentation: {rotation_degrees: 0, translation: 0, hflip: 0,     # rigid only
+                   acquisition: {prob: 0.5, gamma: [0.7, 1.5], contrast: [0.75, 1.25], blur_sigma: [0.25, 1.5], ...}}
+    domain: {adversarial: {weight: 1.0, schedule: ganin}, group_dro: {eta: 0.01}}   # source-invariance
     snapshots: {count: 0, gap_epochs: 10, start: threshold, metric: val_accuracy, threshold: 0.8}
     engine: {accelerator: auto, devices: auto, num_nodes: 1, strategy: auto, precision: auto, channels_last: true, ...}
     output: {runs_dir: runs, run_dir: null}
@@ -52,8 +55,12 @@ from covidcxr.errors import CovidCXRError
 from covidcxr.preprocess.pipeline import PreprocessConfig
 
 __all__ = [
+    "AcquisitionSection",
+    "AdversarialSection",
     "AugmentationSection",
     "DataSection",
+    "DomainSection",
+    "GroupDROSection",
     "EarlyStoppingSection",
     "EngineSection",
     "ModelSection",
@@ -319,7 +326,13 @@ class TrainSection(_Section):
     """Epochs, batches, class balancing, the checkpoint monitor and checkpoint frequency.
 
     balancing: ``sampler`` (a class-balanced ``WeightedRandomSampler``-style draw each
-    epoch), ``class_weights`` (loss weights inverse to class frequency) or ``none``.
+    epoch), ``class_weights`` (loss weights inverse to class frequency), ``source_label``
+    (a draw in which every source weighs the same and, within a source, every label it has
+    weighs the same: the label no longer predicts the source and the source no longer
+    predicts the label, `covidcxr.train.data.sample_weights`) or ``none``.
+    single_label_sources: ``exclude`` keeps sources whose training images all have one
+    label out of the loss (never drawn): such a source can only teach the model to
+    recognise the source (Tartaglione et al. 2020 §3.3; Maguolo & Nanni 2021).
     monitor: the validation metric that picks ``best.ckpt`` (``none``: the last epoch).
     checkpoint_every_n_steps: ``last.ckpt`` is also written every N optimizer steps, so a
     run killed mid-epoch loses at most N steps (0: only at epoch ends).
@@ -327,7 +340,8 @@ class TrainSection(_Section):
 
     epochs: Annotated[int, Field(ge=1, le=100_000)] = 10
     batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
-    balancing: Literal["sampler", "class_weights", "none"] = "sampler"
+    balancing: Literal["sampler", "class_weights", "source_label", "none"] = "sampler"
+    single_label_sources: Literal["keep", "exclude"] = "keep"
     monitor: Literal["val_auc", "val_loss", "val_accuracy", "none"] = "val_auc"
     checkpoint_every_n_steps: Annotated[int, Field(ge=0)] = 50
     accumulate_grad_batches: Annotated[int, Field(ge=1)] = 1
@@ -343,17 +357,74 @@ class EarlyStoppingSection(_Section):
     min_delta: Annotated[float, Field(ge=0.0)] = 0.0
 
 
+def _range(low_bound: float, high_bound: float) -> Any:
+    return tuple[Annotated[float, Field(ge=low_bound, le=high_bound)], Annotated[float, Field(ge=low_bound, le=high_bound)]]
+
+
+class AcquisitionSection(_Section):
+    """Acquisition randomization (`covidcxr.train.augment`): intensity and resolution, never geometry.
+
+    Each transform is applied to a training image with probability ``prob`` (``equalize``
+    has its own probability); a range is ``[low, high]``, drawn uniformly per image; null
+    turns that transform off. Simulates other scanners and digitisations (domain
+    randomization, Tobin et al. 2017; Zhang et al. 2020, IEEE TMI 39:2531).
+
+    gamma: display gamma (MONAI ``RandAdjustContrast``). contrast: contrast factor about
+    the image mean (``RandScaleIntensityFixedMean``); brightness: ± offset
+    (``RandShiftIntensity``) — together a random window. blur_sigma: Gaussian unsharpness
+    in pixels (``RandGaussianSmooth``); sharpen: unsharp masking (``RandGaussianSharpen``).
+    gaussian_noise: largest noise standard deviation (``RandGaussianNoise``);
+    poisson_counts: photons at full intensity (quantum noise). jpeg_quality: a Pillow
+    JPEG round-trip. downsample: down-then-up sampling ratio (resolution loss, same size).
+    equalize: probability of histogram equalisation.
+    """
+
+    prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    gamma: _range(0.2, 5.0) | None = (0.7, 1.5)
+    contrast: _range(0.1, 3.0) | None = (0.75, 1.25)
+    brightness: Annotated[float, Field(ge=0.0, le=0.5)] | None = 0.05
+    blur_sigma: _range(0.0, 5.0) | None = (0.25, 1.5)
+    sharpen: bool = True
+    gaussian_noise: Annotated[float, Field(ge=0.0, le=0.5)] | None = 0.03
+    poisson_counts: _range(1.0, 1e6) | None = (200.0, 5000.0)
+    jpeg_quality: tuple[Annotated[int, Field(ge=1, le=100)], Annotated[int, Field(ge=1, le=100)]] | None = (30, 95)
+    downsample: _range(0.05, 1.0) | None = (0.35, 1.0)
+    equalize: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_geometry(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if str(key).lower() in _NON_RIGID:
+                    raise ValueError(
+                        f"augmentation.acquisition.{key}: not allowed: acquisition randomization changes intensities and "
+                        "resolution only, never the geometry (Tartaglione et al. 2020, §3.2)"
+                    )
+        return data
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AcquisitionSection:
+        for name in ("gamma", "contrast", "blur_sigma", "poisson_counts", "jpeg_quality", "downsample"):
+            value = getattr(self, name)
+            if value is not None and value[0] > value[1]:
+                raise ValueError(f"augmentation.acquisition.{name}: [low, high] with low <= high (got {list(value)})")
+        return self
+
+
 class AugmentationSection(_Section):
     """Rigid augmentation only, applied on the fly to training batches.
 
     rotation_degrees: uniform in ±degrees (Ben Ahmed: ±2°/±4°). translation: uniform
     shift in ± this fraction of each side. hflip: probability of a horizontal flip (Hall,
-    Ben Ahmed). Never elastic or scaling (Tartaglione §3.2).
+    Ben Ahmed). Never elastic or scaling (Tartaglione §3.2). acquisition: intensity and
+    resolution randomization (`AcquisitionSection`), off (null) by default.
     """
 
     rotation_degrees: Annotated[float, Field(ge=0.0, le=45.0)] = 0.0
     translation: Annotated[float, Field(ge=0.0, le=0.3)] = 0.0
     hflip: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    acquisition: AcquisitionSection | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -362,7 +433,8 @@ class AugmentationSection(_Section):
             for key in data:
                 if str(key).lower() in _NON_RIGID:
                     raise ValueError(
-                        f"augmentation.{key}: not allowed: only rigid augmentation (rotation_degrees, translation, hflip) is "
+                        f"augmentation.{key}: not allowed: only rigid augmentation (rotation_degrees, translation, hflip) and "
+                        "acquisition randomization (augmentation.acquisition: intensities, resolution) are "
                         "applied, because plastic deformations change the lung structure (Tartaglione et al. 2020, §3.2)"
                     )
         return data
@@ -370,6 +442,47 @@ class AugmentationSection(_Section):
     @property
     def enabled(self) -> bool:
         return self.rotation_degrees > 0 or self.translation > 0 or self.hflip > 0
+
+
+class AdversarialSection(_Section):
+    """Source-adversarial training (Ganin et al. 2016, JMLR 17:59, "Domain-adversarial training of neural networks").
+
+    A small head predicts the training source from the pooled backbone features through a
+    gradient-reversal layer (`covidcxr.train.domain.GradientReversal`): the head learns to
+    recognise the source, the backbone is pushed to make it impossible.
+
+    weight: the reversal coefficient λ at full strength. schedule ``ganin``: λ grows as
+    ``weight * (2 / (1 + exp(-gamma * p)) - 1)`` with ``p`` the training progress in
+    [0, 1] (Ganin et al. §5.2.2, gamma 10); ``constant``: ``weight`` throughout.
+    hidden: width of the head's hidden layer.
+    """
+
+    weight: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
+    schedule: Literal["ganin", "constant"] = "ganin"
+    gamma: Annotated[float, Field(gt=0.0)] = 10.0
+    hidden: Annotated[int, Field(ge=1, le=4096)] = 128
+
+
+class GroupDROSection(_Section):
+    """GroupDRO over sources (Sagawa et al. 2020, ICLR, "Distributionally robust neural networks", Algorithm 1).
+
+    The loss is a weighted sum of the per-source mean losses; the weights q are updated
+    each step by exponentiated gradient, ``q_g <- q_g * exp(eta * loss_g)`` then
+    normalised, so the worst source gets the most weight. eta: the step size η.
+    """
+
+    eta: Annotated[float, Field(gt=0.0, le=10.0)] = 0.01
+
+
+class DomainSection(_Section):
+    """Learning across sources (`covidcxr.train.domain`): adversarial source head and/or GroupDRO (off by default)."""
+
+    adversarial: AdversarialSection | None = None
+    group_dro: GroupDROSection | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.adversarial is not None or self.group_dro is not None
 
 
 class SnapshotSection(_Section):
@@ -437,6 +550,7 @@ class TrainRecipe(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     early_stopping: EarlyStoppingSection = Field(default_factory=EarlyStoppingSection)
     augmentation: AugmentationSection = Field(default_factory=AugmentationSection)
+    domain: DomainSection = Field(default_factory=DomainSection)
     snapshots: SnapshotSection = Field(default_factory=SnapshotSection)
     engine: EngineSection = Field(default_factory=EngineSection)
     output: OutputSection = Field(default_factory=OutputSection)
@@ -500,6 +614,14 @@ class TrainRecipe(_Section):
         data["preprocess"].pop("workers", None)
         data["train"].pop("epochs", None)
         data["train"].pop("checkpoint_every_n_steps", None)
+        # generalization options left at their defaults are not hashed: runs made before
+        # they existed keep their identity (and resume)
+        if data["train"].get("single_label_sources") == "keep":
+            data["train"].pop("single_label_sources")
+        if data["augmentation"].get("acquisition") is None:
+            data["augmentation"].pop("acquisition", None)
+        if not self.domain.enabled:
+            data.pop("domain", None)
         return data
 
     def config_hash(self) -> str:

@@ -49,7 +49,7 @@ from covidcxr.errors import CovidCXRError
 from covidcxr.io.atomic import atomic_path, atomic_write_text
 from covidcxr.train.recipe import TrainRecipe, load_recipe
 
-__all__ = ["RunConflictError", "RunResult", "code_version", "read_provenance", "resolve_engine", "train_recipe"]
+__all__ = ["RunConflictError", "RunResult", "code_version", "read_provenance", "resolve_engine", "split_metrics", "train_recipe"]
 
 CHECKPOINTS = "checkpoints"
 
@@ -376,6 +376,10 @@ def _split_metrics(recipe: TrainRecipe, predictions: pd.DataFrame, column: str =
         }
         out[str(split)] = metrics
     return out
+
+
+#: metrics.json's per-split metrics of a predictions frame (also used by `covidcxr.adapt` for runs it writes).
+split_metrics = _split_metrics
 
 
 def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bool, say: Callable[[str], None], extra_callbacks: Sequence[Any]) -> RunResult:
