@@ -45,7 +45,7 @@ Safety, for any upload:
 
 Example:
     >>> app = create_app(Predictor.load("runs/demo"), ServeSettings(token="s3cret"))   # doctest: +SKIP
-    >>> uvicorn.run(app, host="127.0.0.1", port=8000)                                 # doctest: +SKIP
+    >>> build_server(app, "127.0.0.1", 8000).run()   # covidcxr.serve.server: deadlines   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class ServeSettings:
     Attributes:
         max_upload_bytes: largest accepted file (the request body may be
             `MULTIPART_OVERHEAD` larger). 50 MB holds an uncompressed 16-bit 4k x 4k DICOM.
-        token: bearer token required on ``/predict`` and ``/model``; None = open.
+        token: bearer token required on ``/predict``, ``/model`` and ``/openapi.json``; None = open.
         gradcam: compute Grad-CAM unless the request says ``gradcam=false``.
         body_timeout: seconds to receive a request body once its head is in (408 after).
         max_active: predictions running at once (each on one of as many worker threads;
