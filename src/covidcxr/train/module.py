@@ -473,7 +473,9 @@ def load_checkpoint_model(checkpoint_path: str | Path) -> tuple[CXRClassifier, d
     path = Path(checkpoint_path)
     if not path.is_file():
         raise CovidCXRError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    from covidcxr.io.checkpoint import read_checkpoint
+
+    checkpoint = read_checkpoint(path)
     recipe = (checkpoint.get("hyper_parameters") or {}).get("recipe")
     if not isinstance(recipe, dict) or "state_dict" not in checkpoint:
         raise CovidCXRError(f"{path} is not a covidcxr training checkpoint (no recipe in its hyper_parameters)")

@@ -30,6 +30,7 @@ hash, split ids, code version (package version + git commit), classes, pretraine
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -150,7 +151,9 @@ def resolve_engine(recipe: TrainRecipe) -> dict[str, Any]:
 
 def read_provenance(checkpoint_path: str | Path) -> dict[str, Any]:
     """``checkpoint["covidcxr"]`` plus ``epoch`` and ``global_step`` (read with ``weights_only=True``)."""
-    checkpoint = torch.load(Path(checkpoint_path), map_location="cpu", weights_only=True, mmap=True)
+    from covidcxr.io.checkpoint import read_checkpoint
+
+    checkpoint = read_checkpoint(checkpoint_path, mmap=True)
     info = dict(checkpoint.get("covidcxr") or {})
     info["epoch"] = checkpoint.get("epoch")
     info["global_step"] = checkpoint.get("global_step")
@@ -684,11 +687,20 @@ def train_recipe(
 
     Raises:
         RunConflictError: the run directory holds another experiment.
+        FolderLocked: another live process is writing into the run directory (the error says
+            which: pid, host, command, since when).
         CovidCXRError: bad data, a bad engine setting, weights that do not fit...
     """
     speak = say or _say_default
     say = lambda message: speak(message) if _is_rank_zero() else None  # noqa: E731 - one voice under DDP
     target = Path(run_dir) if run_dir is not None else recipe.run_dir()
-    if recipe.data.split.kind == "kfold" and recipe.data.split.fold is None:
-        return _train_kfold(recipe, target, force_new, progress, say, extra_callbacks)
-    return _train_one(recipe, target, force_new, progress, say, extra_callbacks)
+    from covidcxr.io.lock import RunLock
+    from covidcxr.train.callbacks import clean_partial_checkpoints
+
+    # One writer per run folder (a second one is told who holds it); DDP's other ranks share rank 0's lock.
+    with RunLock(target) if _is_rank_zero() else contextlib.nullcontext():
+        for stale in clean_partial_checkpoints(target) if _is_rank_zero() else []:
+            say(f"removed {stale}, a partial checkpoint left by an interrupted run")
+        if recipe.data.split.kind == "kfold" and recipe.data.split.fold is None:
+            return _train_kfold(recipe, target, force_new, progress, say, extra_callbacks)
+        return _train_one(recipe, target, force_new, progress, say, extra_callbacks)
