@@ -87,6 +87,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
         console.print("unreadable: none")
 
 
+_CACHE_HELP = "Reuse fingerprints cached in $COVIDCXR_CACHE_DIR (default .cache/covidcxr/fingerprints.sqlite)."
+
+
+def _fingerprint_cache(enabled: bool) -> Path | None:
+    from covidcxr.data.dedup import default_fingerprint_cache
+
+    return default_fingerprint_cache() if enabled else None
+
+
 @data_app.command("summarize")
 def data_summarize(
     directory: Annotated[Path, typer.Argument(help="A collection (manifest.csv) or any adapter's public layout.")],
@@ -94,11 +103,14 @@ def data_summarize(
     source: Annotated[Optional[str], typer.Option(help="Adapter name (see `covidcxr data sources`); detected if omitted.")] = None,
     check_images: Annotated[bool, typer.Option("--check-images/--no-check-images", help="Decode every image: find unreadable files and near-duplicates.")] = True,
     workers: Annotated[Optional[int], typer.Option(help="Worker processes (default: all cores).")] = None,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help=_CACHE_HELP)] = True,
 ) -> None:
     """Counts by source × label, patients, views, masks, duplicate groups, unreadable files."""
     from covidcxr.data.summary import summarize
 
-    summary = summarize(directory, source=source, check_images=check_images, workers=workers, show_progress=not json_output)
+    summary = summarize(
+        directory, source=source, check_images=check_images, workers=workers, show_progress=not json_output, cache=_fingerprint_cache(cache)
+    )
     if json_output:
         _print_json(summary)
     else:
@@ -112,6 +124,7 @@ def data_manifest(
     source: Annotated[Optional[str], typer.Option(help="Adapter name; detected if omitted.")] = None,
     dedup: Annotated[bool, typer.Option("--dedup/--no-dedup", help="Fingerprint images and fill dup_group.")] = True,
     workers: Annotated[Optional[int], typer.Option(help="Worker processes (default: all cores).")] = None,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help=_CACHE_HELP)] = True,
 ) -> None:
     """Read any supported layout into covidcxr's canonical manifest, rejected items listed."""
     from covidcxr.data.dedup import find_near_duplicates
@@ -121,7 +134,7 @@ def data_manifest(
     table = load_source(directory, source)
     manifest, rejected = table.manifest, list(table.rejected)
     if dedup:
-        manifest, _, unreadable = find_near_duplicates(manifest, workers=workers)
+        manifest, _, unreadable = find_near_duplicates(manifest, workers=workers, cache=_fingerprint_cache(cache))
         rejected.extend(unreadable)
         bad = {r.path for r in unreadable}
         manifest = manifest[~manifest["image"].isin(bad)]

@@ -22,8 +22,8 @@ matching finds. Mirrored copies are not detected. The phantoms of `covidcxr.data
 are more alike than real radiographs: 1 of the 45 000 pairs of different patients among
 300 phantoms is flagged.
 
-The search (`near_duplicate_pairs`) uses two exact indexes instead of comparing all pairs
-(``method="index"``, the default), so it finds the same pairs as the all-pairs comparison
+Above `ALL_PAIRS_UP_TO` images, the search (`near_duplicate_pairs`) uses two exact indexes
+instead of comparing all pairs (``method="index"``), so it finds the same pairs as the all-pairs comparison
 (``method="all_pairs"``) in near-linear time:
 
 * **multi-index hashing** (Norouzi, Punjani & Fleet, "Fast Search in Hamming Space with
@@ -65,6 +65,8 @@ THUMBNAIL_SIZE = 32
 DEFAULT_MAX_HASH_DISTANCE = 24  # of 256 bits
 DEFAULT_MIN_THUMBNAIL_CORRELATION = 0.97
 DEFAULT_MAX_HASH_DISTANCE_CORRELATED = 48
+# Up to this many images `near_duplicate_pairs` compares all pairs (quicker than building the indexes).
+ALL_PAIRS_UP_TO = 4000
 
 
 @dataclass(frozen=True)
@@ -281,7 +283,7 @@ def near_duplicate_pairs(
     min_correlation: float = DEFAULT_MIN_THUMBNAIL_CORRELATION,
     max_hash_distance_correlated: int = DEFAULT_MAX_HASH_DISTANCE_CORRELATED,
     block: int = 256,
-    method: str = "index",
+    method: str = "auto",
 ) -> pd.DataFrame:
     """All pairs ``i < j`` of near-duplicate images.
 
@@ -291,8 +293,9 @@ def near_duplicate_pairs(
         min_correlation: second rule: thumbnails correlating at least this much ...
         max_hash_distance_correlated: ... and hashes within this many bits.
         block: rows per block of the all-pairs comparison.
-        method: ``"index"`` (multi-index hashing + k-d tree, near-linear) or
-            ``"all_pairs"`` (every pair, O(N²) time; the reference). Both return the same pairs.
+        method: ``"index"`` (multi-index hashing + k-d tree, near-linear), ``"all_pairs"``
+            (every pair, O(N²) time; the reference) or ``"auto"``: all pairs up to
+            `ALL_PAIRS_UP_TO` images (faster there: ~1 s), the index above. All return the same pairs.
 
     Returns:
         A DataFrame with columns ``i, j, hash_distance, correlation`` (row positions into
@@ -304,11 +307,13 @@ def near_duplicate_pairs(
         [[0, 1, 0]]
     """
     rule = (max_hash_distance, min_correlation, max_hash_distance_correlated)
+    if method == "auto":
+        method = "all_pairs" if len(prints) <= ALL_PAIRS_UP_TO else "index"
     if method == "index":
         return _indexed_pairs(prints, *rule)
     if method == "all_pairs":
         return _all_pairs(prints, *rule, block=block)
-    raise ValueError(f"method must be 'index' or 'all_pairs', not {method!r}")
+    raise ValueError(f"method must be 'auto', 'index' or 'all_pairs', not {method!r}")
 
 
 def _all_pairs(
@@ -447,7 +452,8 @@ def _indexed_pairs(
         return _all_pairs(prints, max_hash_distance, min_correlation, max_hash_distance_correlated)
     found: list[np.ndarray] = []  # pair keys i * N + j
     count = np.int64(len(prints))
-    n_chunks = min(256, max(0, max_hash_distance) // 2 + 1)
+    # at least 5 chunks, so each fits an int64 (52 bits); more chunks only tighten the pigeonhole bound
+    n_chunks = min(256, max(5, max(0, max_hash_distance) // 2 + 1))
     for chunk, values in enumerate(hash_chunks(hashes[usable], n_chunks)):
         width = len(range(chunk, HASH_SIZE * HASH_SIZE, n_chunks))
         for i, j in _chunk_candidates(values, width):
@@ -515,9 +521,19 @@ def assign_dup_groups(manifest: pd.DataFrame, pairs: pd.DataFrame | None = None)
 
 
 def find_near_duplicates(
-    manifest: pd.DataFrame, workers: int | None = None, show_progress: bool = True
+    manifest: pd.DataFrame,
+    workers: int | None = None,
+    show_progress: bool = True,
+    cache: FingerprintCache | str | Path | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[Rejection]]:
     """Fingerprint every image of a manifest and link its near-duplicates.
+
+    Args:
+        manifest: the manifest.
+        workers: processes for decoding; None uses every available core.
+        show_progress: draw a progress bar.
+        cache: a `FingerprintCache` or its file (see `default_fingerprint_cache`); None
+            fingerprints every image afresh.
 
     Returns:
         ``(manifest with dup_group filled, pairs, rejected)`` — ``pairs`` has the columns of
@@ -525,7 +541,7 @@ def find_near_duplicates(
         images with the reason.
     """
     manifest = manifest.reset_index(drop=True)
-    prints, rejected = fingerprint_images(manifest["image"].tolist(), workers=workers, show_progress=show_progress)
+    prints, rejected = fingerprint_images(manifest["image"].tolist(), workers=workers, show_progress=show_progress, cache=cache)
     pairs = near_duplicate_pairs(prints)
     pairs["image_i"] = manifest["image"].to_numpy()[pairs["i"].to_numpy(dtype=int)]
     pairs["image_j"] = manifest["image"].to_numpy()[pairs["j"].to_numpy(dtype=int)]

@@ -1274,7 +1274,7 @@ def synthetic_fingerprints(
     low-frequency hash bits are far from uniform. Its 256-bit DCT hash is computed exactly
     as `imagehash.phash` does on a 64×64 image, its thumbnail as `covidcxr.data.dedup.fingerprint`.
     A ``duplicate_share`` of the images are copies of an earlier image re-windowed
-    (gain 0.8–1.2, offset ±0.1, gamma 0.8–1.25) with pixel noise (σ 0–0.03).
+    (gain 0.7–1.3, offset ±0.1, gamma 0.7–1.4) with pixel noise (σ 0–0.06).
 
     Args:
         count: number of fingerprints.
@@ -1324,8 +1324,8 @@ def synthetic_fingerprints(
         for index in range(start, stop):
             if index in source_of:
                 original = rendered[source_of[index]]
-                gain, offset, gamma = rng.uniform(0.8, 1.2), rng.uniform(-0.1, 0.1), rng.uniform(0.8, 1.25)
-                copy = np.clip(original * gain + offset, 0, 1) ** gamma + rng.normal(0, rng.uniform(0, 0.03), original.shape)
+                gain, offset, gamma = rng.uniform(0.7, 1.3), rng.uniform(-0.1, 0.1), rng.uniform(0.7, 1.4)
+                copy = np.clip(original * gain + offset, 0, 1) ** gamma + rng.normal(0, rng.uniform(0, 0.06), original.shape)
                 images[index - start] = np.clip(copy, 0, 1)
             if index in needed:
                 rendered[index] = images[index - start].copy()
