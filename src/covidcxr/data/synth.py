@@ -1263,7 +1263,7 @@ def _readme(manifest: pd.DataFrame, config: dict[str, object], sites: Sequence[S
 
 
 def synthetic_fingerprints(
-    count: int, duplicate_share: float = 0.01, seed: int = 0, batch: int = 8192
+    count: int, duplicate_share: float = 0.01, seed: int = 0, batch: int = 2048
 ) -> tuple["Fingerprints", np.ndarray]:
     """Fingerprints of ``count`` synthetic radiograph-like images with planted near-duplicates.
 
@@ -1291,14 +1291,14 @@ def synthetic_fingerprints(
         >>> len(prints), planted.shape
         (200, (10, 2))
     """
-    from scipy.fft import dct
+    from scipy.fft import dct, irfft2
 
     from covidcxr.data.dedup import THUMBNAIL_SIZE, Fingerprints
 
     rng = np.random.default_rng(seed)
     side = 64
-    fy, fx = np.meshgrid(np.fft.fftfreq(side), np.fft.fftfreq(side), indexing="ij")
-    amplitude = 1.0 / np.maximum(np.hypot(fx, fy), 1.0 / side)
+    fy, fx = np.meshgrid(np.fft.fftfreq(side), np.fft.rfftfreq(side), indexing="ij")
+    amplitude = (1.0 / np.maximum(np.hypot(fx, fy), 1.0 / side)).astype(np.float32)
     amplitude[0, 0] = 0.0
     yy, xx = np.mgrid[-1:1:side * 1j, -1:1:side * 1j]
     template = 0.6 - 0.35 * (np.exp(-(((np.abs(xx) - 0.45) / 0.25) ** 2 + (yy / 0.6) ** 2)))  # two dark lungs
@@ -1317,8 +1317,9 @@ def synthetic_fingerprints(
     needed = set(originals.tolist())
     for start in range(0, count, batch):
         stop = min(start + batch, count)
-        noise = rng.standard_normal((stop - start, side, side)) + 1j * rng.standard_normal((stop - start, side, side))
-        field = np.fft.ifft2(noise * amplitude).real
+        shape = (stop - start, side, side // 2 + 1)  # half spectrum of a real field
+        noise = rng.standard_normal(shape, dtype=np.float32) + 1j * rng.standard_normal(shape, dtype=np.float32)
+        field = irfft2(noise * amplitude, s=(side, side))
         field /= field.std(axis=(1, 2), keepdims=True) + 1e-12
         images = np.clip(template * rng.uniform(0.7, 1.3, (stop - start, 1, 1)) + 0.12 * field, 0, 1)
         for index in range(start, stop):
@@ -1330,7 +1331,7 @@ def synthetic_fingerprints(
             if index in needed:
                 rendered[index] = images[index - start].copy()
         pixels = np.round(images * 255).astype(np.uint8)
-        coefficients = dct(dct(pixels.astype(np.float64), axis=1), axis=2)[:, :16, :16].reshape(len(pixels), -1)
+        coefficients = dct(dct(pixels.astype(np.float32), axis=1), axis=2)[:, :16, :16].reshape(len(pixels), -1)
         bits = coefficients > np.median(coefficients, axis=1, keepdims=True)
         hashes[start:stop] = np.packbits(bits, axis=1).view(">u8").astype(np.uint64)
         thumbs = pixels.reshape(len(pixels), THUMBNAIL_SIZE, 2, THUMBNAIL_SIZE, 2).mean(axis=(2, 4)).round()
