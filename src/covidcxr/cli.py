@@ -131,10 +131,15 @@ def data_manifest(
     from covidcxr.data.manifest import write_manifest
     from covidcxr.data.sources import load_source
 
-    table = load_source(directory, source)
+    from covidcxr.data.dedup import FingerprintCache
+    from covidcxr.data.sources._common import sha1_cache
+
+    fingerprints = None if not cache else FingerprintCache(_fingerprint_cache(cache))
+    with sha1_cache(fingerprints):
+        table = load_source(directory, source)
     manifest, rejected = table.manifest, list(table.rejected)
     if dedup:
-        manifest, _, unreadable = find_near_duplicates(manifest, workers=workers, cache=_fingerprint_cache(cache))
+        manifest, _, unreadable = find_near_duplicates(manifest, workers=workers, cache=fingerprints)
         rejected.extend(unreadable)
         bad = {r.path for r in unreadable}
         manifest = manifest[~manifest["image"].isin(bad)]

@@ -106,3 +106,26 @@ def test_index_gives_the_all_pairs_groups_on_the_shared_collection(shared_collec
     assert _pairs(indexed) == _pairs(reference) and len(reference) > 0
     groups = assign_dup_groups(manifest, indexed)["dup_group"]
     assert groups.equals(assign_dup_groups(manifest, reference)["dup_group"])
+
+
+def test_adapters_take_sha1_from_the_cache(tmp_path, monkeypatch):
+    from covidcxr.data import manifest as manifest_module
+    from covidcxr.data.sources import _common, load_source
+    from covidcxr.data.sources._common import sha1_cache
+
+    root = tmp_path / "chest_xray"
+    for k, label in enumerate(["NORMAL", "PNEUMONIA"]):
+        folder = root / "train" / label
+        folder.mkdir(parents=True)
+        Image.fromarray(np.full((8, 8), k * 50, np.uint8)).save(folder / f"person{k}_x.jpeg")
+    cache = FingerprintCache(tmp_path / "fp.sqlite")
+    with sha1_cache(cache):
+        first = load_source(root).manifest
+    hashed: list[str] = []
+    real = manifest_module.file_sha1
+    monkeypatch.setattr(dedup, "file_sha1", lambda path: hashed.append(str(path)) or real(path))
+    monkeypatch.setattr(_common, "file_sha1", lambda path: hashed.append(str(path)) or real(path))
+    with sha1_cache(cache):
+        again = load_source(root).manifest
+    assert hashed == [] and again["sha1"].tolist() == first["sha1"].tolist()
+    assert first["sha1"].tolist() == [real(p) for p in first["image"]]

@@ -56,7 +56,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from covidcxr.data.manifest import is_missing
+from covidcxr.data.manifest import file_sha1, is_missing
 from covidcxr.data.sources.base import Rejection
 from covidcxr.parallel import map_items
 
@@ -177,6 +177,8 @@ class FingerprintCache:
                 "CREATE TABLE IF NOT EXISTS fingerprints (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
                 "hash BLOB, thumbnail BLOB, error TEXT)"
             )
+            self._db.execute("CREATE TABLE IF NOT EXISTS sha1s (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, sha1 TEXT)")
+        self._pending_sha1: list[tuple[str, int, int, str]] = []
 
     @staticmethod
     def key(path: str) -> tuple[str, int, int] | None:
@@ -209,10 +211,33 @@ class FingerprintCache:
         with self._db:
             self._db.executemany("INSERT OR REPLACE INTO fingerprints VALUES (?, ?, ?, ?, ?, ?)", rows)
 
+    def sha1(self, path: str | Path) -> str:
+        """The SHA-1 of a file's bytes (the manifest's ``sha1``), from the cache when the file is unchanged.
+
+        New digests are written by `flush` (`close` flushes), in one transaction.
+        """
+        key = self.key(str(path))
+        if key is not None:
+            row = self._db.execute("SELECT sha1 FROM sha1s WHERE path = ? AND size = ? AND mtime_ns = ?", key).fetchone()
+            if row is not None:
+                return str(row[0])
+        digest = file_sha1(path)
+        if key is not None:
+            self._pending_sha1.append((*key, digest))
+        return digest
+
+    def flush(self) -> None:
+        """Write the SHA-1 digests computed since the last flush."""
+        if self._pending_sha1:
+            with self._db:
+                self._db.executemany("INSERT OR REPLACE INTO sha1s VALUES (?, ?, ?, ?)", self._pending_sha1)
+            self._pending_sha1 = []
+
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM fingerprints").fetchone()[0])
 
     def close(self) -> None:
+        self.flush()
         self._db.close()
 
 

@@ -17,6 +17,7 @@ import pandas as pd
 from covidcxr.data.dedup import FingerprintCache, find_near_duplicates
 from covidcxr.data.manifest import LABELS, is_missing
 from covidcxr.data.sources import SourceTable, detect_source, load_source
+from covidcxr.data.sources._common import sha1_cache
 
 
 def _counts(series: pd.Series) -> dict[str, int]:
@@ -110,7 +111,10 @@ def summarize(
     """
     root = Path(root)
     adapter = source or detect_source(root)
-    table = load_source(root, adapter)
+    if isinstance(cache, (str, Path)):
+        cache = FingerprintCache(cache)
+    with sha1_cache(cache):
+        table = load_source(root, adapter)
     summary = summarize_manifest(table, check_images=check_images, workers=workers, show_progress=show_progress, cache=cache)
     return {"root": str(root), "adapter": adapter, **summary}
 

@@ -8,8 +8,11 @@ ids, one row per image, a `Rejection` instead of a silent drop).
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -19,6 +22,35 @@ from covidcxr.errors import SourceLayoutError
 
 # Extensions a chest X-ray can come in; used where a layout is "a folder of images".
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".tif", ".tiff", ".bmp"})
+
+
+# The fingerprint cache adapters take SHA-1s from (`sha1_cache`); None: every file is hashed.
+_SHA1_CACHE: ContextVar[Any] = ContextVar("covidcxr_sha1_cache", default=None)
+
+
+@contextmanager
+def sha1_cache(cache: Any) -> Iterator[None]:
+    """Within the block, adapters take each image's SHA-1 from ``cache`` (a `covidcxr.data.dedup.FingerprintCache`).
+
+    An unchanged file (same path, size, mtime) is not read again: at 100k images, hashing
+    every byte is most of the cost of loading a layout. ``None`` leaves hashing as it is.
+
+    Example:
+        >>> with sha1_cache(FingerprintCache(default_fingerprint_cache())):  # doctest: +SKIP
+        ...     table = load_source("CheXpert-v1.0-small")
+    """
+    token = _SHA1_CACHE.set(cache)
+    try:
+        yield
+    finally:
+        _SHA1_CACHE.reset(token)
+        if cache is not None:
+            cache.flush()
+
+
+def _sha1(path: Path) -> str:
+    cache = _SHA1_CACHE.get()
+    return file_sha1(path) if cache is None else cache.sha1(path)
 
 
 def resolve_root(root: str | Path) -> Path:
@@ -140,7 +172,7 @@ class ManifestBuilder:
                 "label": label,
                 "finding": finding,
                 "patient_id": normalize_patient_id(source, patient),
-                "sha1": file_sha1(image),
+                "sha1": _sha1(image),
                 **extra,
             }
         )
