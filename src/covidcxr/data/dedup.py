@@ -398,8 +398,8 @@ def hash_chunks(hashes: np.ndarray, n_chunks: int) -> list[np.ndarray]:
         ``n_chunks`` arrays ``(N,)`` int64, the chunk values.
 
     Example:
-        >>> [c.tolist() for c in hash_chunks(np.array([[1 << 63, 0, 0, 1]], np.uint64), 2)]
-        [[1], [128]]
+        >>> [int(c[0]) for c in hash_chunks(np.array([[(1 << 63) | (1 << 62), 0, 0, 0]], np.uint64), 5)]
+        [1, 1, 0, 0, 0]
     """
     bits = np.unpackbits(np.ascontiguousarray(hashes.astype(">u8")).view(np.uint8), axis=1)
     chunks = []
