@@ -468,7 +468,10 @@ def _indexed_pairs(
     Rule 1 (hash distance ≤ D): multi-index hashing with ``m = D // 2 + 1`` chunks, so a
     pair within ``D`` bits differs in at most one bit of some chunk (pigeonhole). Rule 2
     (correlation ≥ c and hash distance ≤ D'): the k-d tree of `_thumbnail_candidates`.
-    A candidate found by either index is kept when the full rule holds.
+    A candidate found by either index is kept when the full rule holds. Correlations are
+    float32 dot products pair by pair, where `_all_pairs` takes them from a block product:
+    they can differ in the last bit, which matters only for a pair exactly at the threshold
+    (none on ../shared/data/cxr, where both give the same pairs and groups).
     """
     hashes, thumbnails = prints.hashes, prints.thumbnails
     usable = np.nonzero(prints.valid)[0]
