@@ -379,7 +379,7 @@ def _pair_frame(i: np.ndarray, j: np.ndarray, distance: np.ndarray, correlation:
 
 # Thumbnail dimensions kept by the projection the k-d tree indexes: enough to separate real
 # radiographs (a few candidates per true pair on ../shared/data/cxr), few enough for a k-d tree.
-PROJECTION_DIMS = 24
+PROJECTION_DIMS = 16
 # Rows the projection is fitted on (any orthonormal basis keeps the search exact; a good one is faster).
 PROJECTION_SAMPLE = 10_000
 
