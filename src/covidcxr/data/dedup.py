@@ -377,8 +377,10 @@ def _pair_frame(i: np.ndarray, j: np.ndarray, distance: np.ndarray, correlation:
     )
 
 
-# Thumbnail dimensions kept by the projection the k-d tree indexes: enough to separate real
-# radiographs (a few candidates per true pair on ../shared/data/cxr), few enough for a k-d tree.
+# Thumbnail dimensions kept by the projection the k-d tree indexes. Measured: ~4.7k candidate
+# pairs for the 2,521 images of ../shared/data/cxr (16 true pairs); on 30k synthetic fingerprints
+# 26k candidates and a 19 s query against 0.3k and 33 s with 24 dimensions (k-d trees slow down
+# as dimensions grow, and verifying a candidate is cheap).
 PROJECTION_DIMS = 16
 # Rows the projection is fitted on (any orthonormal basis keeps the search exact; a good one is faster).
 PROJECTION_SAMPLE = 10_000
