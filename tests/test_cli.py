@@ -134,3 +134,18 @@ def test_summarize_and_manifest_reuse_cached_fingerprints(tmp_path, tiny_manifes
     # --no-cache decodes every image again
     runner.invoke(app, ["data", "summarize", str(root), "--json", "--workers", "1", "--no-cache"])
     assert len(decoded) == 88
+
+
+def test_split_of_a_folder_reuses_cached_fingerprints(tmp_path, tiny_manifest, monkeypatch):
+    from covidcxr.data import dedup
+
+    root = _collection(tmp_path, tiny_manifest)
+    monkeypatch.setenv("COVIDCXR_CACHE_DIR", str(tmp_path / "cache"))
+    assert runner.invoke(app, ["data", "summarize", str(root), "--json", "--workers", "1"]).exit_code == 0
+    decoded: list[str] = []
+    real = dedup._fingerprint_file
+    monkeypatch.setattr(dedup, "_fingerprint_file", lambda path: decoded.append(path) or real(path))
+    out = tmp_path / "split.csv"
+    result = runner.invoke(app, ["data", "split", str(root), "--out", str(out), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert decoded == [] and len(read_manifest(out)) == 88

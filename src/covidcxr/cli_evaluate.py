@@ -73,7 +73,10 @@ def _print_run(report: dict[str, Any]) -> None:
         console.print(escape(f"within-source AUC (pairs from the same source only: {', '.join(within['sources'])}): {_auc_ci(within)}"), highlight=False)
     if baseline:
         console.print(escape(f"source-only baseline (each image scored by its source's training positive rate): AUC {_auc_ci(baseline)}"), highlight=False)
-    console.print(escape(f"patient-level bootstrap CIs ({report['n_boot']} resamples); written to {Path(report['run_dir']) / 'evaluation.json'}"), highlight=False)
+    console.print(escape(
+        "95% CIs count a patient's images as correlated: analytic intervals on the effective sample size "
+        f"(Wilson / Newcombe, see README 'Intervals'); within-source and source-only AUCs: patient bootstrap "
+        f"({report['n_boot']} resamples); written to {Path(report['run_dir']) / 'evaluation.json'}"), highlight=False)
 
 
 def _print_matrix(matrix: Any) -> None:

@@ -18,6 +18,8 @@ from covidcxr.data.dedup import FingerprintCache, find_near_duplicates
 from covidcxr.data.manifest import LABELS, is_missing
 from covidcxr.data.sources import SourceTable, detect_source, load_source
 from covidcxr.data.sources._common import sha1_cache
+from covidcxr.data.splits import check_label_conflicts
+from covidcxr.errors import LabelConflictError
 
 
 def _counts(series: pd.Series) -> dict[str, int]:
@@ -52,6 +54,12 @@ def summarize_manifest(
         for source, frame in manifest.groupby("source", sort=True)
     }
     ages = manifest["age"].dropna()
+    conflicts: list[str] = []
+    try:
+        check_label_conflicts(manifest)
+    except LabelConflictError as error:
+        conflicts = error.offenders
+    origins = _counts(manifest["patient_origin"].fillna("given")) if "patient_origin" in manifest.columns else {}
     return {
         "images": int(len(manifest)),
         "patients": int(manifest["patient_id"].nunique()),
@@ -60,6 +68,10 @@ def summarize_manifest(
         "by_label": {label: int((manifest["label"] == label).sum()) for label in LABELS},
         "patients_by_source": {s: int(n) for s, n in manifest.groupby("source")["patient_id"].nunique().items()},
         "images_per_patient_max": int(manifest["patient_id"].value_counts().max()) if len(manifest) else 0,
+        # where each image's patient came from (hospital adapter: patients.csv, labels.csv,
+        # dicom, or none: each such image is its own patient); {} when the layout does not say
+        "patient_origin": origins,
+        "images_without_patient_id": int(origins.get("none", 0)),
         "views": _counts(manifest["view"]),
         "sex": _counts(manifest["sex"].fillna("unknown")),
         "age": {
@@ -77,6 +89,8 @@ def summarize_manifest(
         "near_duplicate_pairs_detected": detected_pairs,
         "images_checked": bool(check_images),
         "unreadable": unreadable,
+        # byte-identical copies filed under different labels: splitting and training refuse them
+        "label_conflicts": conflicts,
     }
 
 

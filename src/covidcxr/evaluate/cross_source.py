@@ -36,6 +36,7 @@ from covidcxr.evaluate.metrics import (
     bootstrap_ci,
     confusion_counts,
     metrics_from_counts,
+    proportion_ci,
 )
 from covidcxr.evaluate.stats import delong_test_independent
 from covidcxr.io.atomic import atomic_write_text
@@ -105,11 +106,8 @@ def _one_class_metrics(y: np.ndarray, s: np.ndarray, patients: np.ndarray, thres
     for name in BINARY_METRIC_NAMES:
         if name in _ONE_CLASS_METRICS[cls]:
             # a one-class set: sensitivity/specificity/accuracy are all the fraction decided as that class
-            def fn(yy: np.ndarray, ss: np.ndarray, c: int = cls) -> float:
-                return float(np.mean((ss >= threshold).astype(np.int64) == c))
-
-            ci = bootstrap_ci(y, s, patients, fn, n_boot=n_boot, seed=seed)
-            out[name] = {"estimate": point[name], "low": ci["low"], "high": ci["high"], "n_boot_valid": ci["n_boot_valid"]}
+            ci = proportion_ci(pred == cls, patients)
+            out[name] = {k: ci[k] for k in ("low", "high", "method", "n_effective", "design_effect")} | {"estimate": point[name]}
         else:
             out[name] = None
     out["dor_corrected"] = False

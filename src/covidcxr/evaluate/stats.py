@@ -6,6 +6,10 @@
   provides it (scikit-learn, SciPy and statsmodels do not), so it is written by hand
   here and checked against scikit-learn's AUC and a bootstrap variance in the tests.
 * :func:`delong_test_independent` — two AUCs on two independent test sets.
+* :func:`obuchowski_variance` — the AUC's variance when a patient contributes several
+  images (Obuchowski 1997, Biometrics 53:567), the clustered form of DeLong's variance;
+  the AUC interval of :func:`covidcxr.evaluate.metrics.auc_ci` takes its design effects
+  from it. Hand-written for the same reason as DeLong's.
 * :func:`mcnemar_test` — paired correctness of two classifiers' decisions
   (statsmodels underneath).
 
@@ -30,7 +34,7 @@ from statsmodels.stats.contingency_tables import mcnemar as _sm_mcnemar
 
 from covidcxr.evaluate.metrics import MetricInputError, _as_1d, _both_classes, _check_length, _labels, _scores
 
-__all__ = ["delong_test", "delong_test_independent", "delong_variance", "mcnemar_test"]
+__all__ = ["delong_test", "delong_test_independent", "delong_variance", "mcnemar_test", "obuchowski_variance"]
 
 
 def _fast_delong(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -57,6 +61,98 @@ def _fast_delong(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndar
     sx = np.atleast_2d(np.cov(v01))
     sy = np.atleast_2d(np.cov(v10))
     return aucs, sx / m + sy / n
+
+
+def _placements(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Placement values (DeLong's structural components) of one score row, ties counted 1/2.
+
+    Returns:
+        ``v10`` (m,): for each positive, the fraction of negatives scored below it;
+        ``v01`` (n,): for each negative, the fraction of positives scored above it.
+    """
+    pos = y == 1
+    m, n = int(pos.sum()), int((~pos).sum())
+    overall = rankdata(s)
+    v10 = (overall[pos] - rankdata(s[pos])) / n
+    v01 = 1.0 - (overall[~pos] - rankdata(s[~pos])) / m
+    return v10, v01
+
+
+def obuchowski_variance(y_true: Any, score: Any, groups: Any) -> dict[str, float]:
+    """AUC and its variance when images are clustered in patients (Obuchowski 1997).
+
+    With ``V10_i`` (``V01_i``) the sum of the placement values of patient i's positive
+    (negative) images, ``m_i``/``n_i`` their numbers, ``M``/``N`` the totals and
+    ``I10``/``I01``/``I`` the numbers of patients with positive / negative / any images
+    (Obuchowski NA, "Nonparametric analysis of clustered ROC curve data", Biometrics
+    1997; 53:567-578, eqs. 3-5)::
+
+        S10 = I10 / ((I10 - 1) M) * sum_i (V10_i - m_i AUC)^2
+        S01 = I01 / ((I01 - 1) N) * sum_i (V01_i - n_i AUC)^2
+        S11 = I / (I - 1) * sum_i (V10_i - m_i AUC)(V01_i - n_i AUC)
+        var(AUC) = S10 / M + S01 / N + 2 S11 / (M N)
+
+    With one image per patient it is DeLong's variance (up to the n/(n-1) factor). The
+    design effects compare each class's clustered variance with the one that treats its
+    images as independent (``s10 = var(V10_j)``): ``design_effect_positive = S10 / s10``
+    (NaN when undefined: one patient in the class, or every placement equal, e.g. AUC 1).
+
+    Args:
+        y_true: (N,) labels 0/1 with both classes present.
+        score: (N,) finite scores.
+        groups: (N,) patient id of each image.
+
+    Returns:
+        ``auc, variance, variance_independent`` (DeLong's, images independent),
+        ``s10, s01, s11, design_effect_positive, design_effect_negative,
+        n_positive, n_negative, n_patients_positive, n_patients_negative``.
+
+    Example::
+
+        >>> r = obuchowski_variance([0, 0, 1, 1, 1, 0], [0.1, 0.3, 0.8, 0.7, 0.2, 0.4], ["a", "a", "b", "b", "c", "c"])
+        >>> round(r["auc"], 3)
+        0.778
+    """
+    y = _labels(y_true, "y_true")
+    s = _scores(score, "score", y.size)
+    _both_classes(y)
+    g = _as_1d(groups, "groups")
+    _check_length(g, "groups", y.size, "y_true")
+    _, cluster = np.unique(g.astype(str), return_inverse=True)
+    cluster = cluster.reshape(-1)
+    k = int(cluster.max()) + 1
+    pos = y == 1
+    v10, v01 = _placements(y, s)
+    m, n = v10.size, v01.size
+    auc = float(v10.mean())
+    m_i = np.bincount(cluster[pos], minlength=k).astype(np.float64)
+    n_i = np.bincount(cluster[~pos], minlength=k).astype(np.float64)
+    d10 = np.bincount(cluster[pos], weights=v10, minlength=k) - m_i * auc
+    d01 = np.bincount(cluster[~pos], weights=v01, minlength=k) - n_i * auc
+    i10, i01 = int((m_i > 0).sum()), int((n_i > 0).sum())
+    s10 = i10 / ((i10 - 1) * m) * float(np.sum(d10**2)) if i10 > 1 else math.nan
+    s01 = i01 / ((i01 - 1) * n) * float(np.sum(d01**2)) if i01 > 1 else math.nan
+    s11 = k / (k - 1) * float(np.sum(d10 * d01)) if k > 1 else math.nan
+    var_x = float(np.var(v10, ddof=1)) if m > 1 else math.nan
+    var_y = float(np.var(v01, ddof=1)) if n > 1 else math.nan
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if math.isfinite(a) and math.isfinite(b) and b > 1e-15 else math.nan
+
+    return {
+        "auc": auc,
+        "variance": s10 / m + s01 / n + 2.0 * s11 / (m * n),
+        "variance_independent": var_x / m + var_y / n,
+        "s10": s10,
+        "s01": s01,
+        "s11": s11,
+        "design_effect_positive": ratio(s10, var_x),
+        "design_effect_negative": ratio(s01, var_y),
+        "n_positive": m,
+        "n_negative": n,
+        "n_patients_positive": i10,
+        "n_patients_negative": i01,
+    }
 
 
 def _prepare(y_true: Any, scores: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 from scipy import ndimage
 
 from covidcxr.data.manifest import file_sha1
@@ -66,7 +66,8 @@ from covidcxr.preprocess.geometry import (
 
 # Bump whenever a code change alters any output array or number for the same config:
 # it is part of the config hash, so stale cache entries are never read as current.
-PIPELINE_VERSION = 1
+# 2: images that are not chest radiographs are refused (`covidcxr.preprocess.screening`).
+PIPELINE_VERSION = 2
 
 # Long side of the QC thumbnails (`PreprocessedImage.original`), in pixels.
 QC_SIZE = 192
@@ -111,6 +112,16 @@ def _weights_sha1(weights: str | None) -> str | None:
         return None
     digests = [_file_sha1_at(str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files]
     return hashlib.sha1("".join(digests).encode("ascii")).hexdigest()
+
+
+_SIZE_SCHEMA = {
+    "description": "model input size: N (square), 'HxW', or [height, width]",
+    "anyOf": [
+        {"type": "integer", "minimum": 8, "maximum": 4096},
+        {"type": "string", "pattern": "^\\s*\\d+\\s*([xX,]\\s*\\d+\\s*)?$"},
+        {"type": "array", "items": {"type": "integer", "minimum": 8, "maximum": 4096}, "minItems": 2, "maxItems": 2},
+    ],
+}
 
 
 class PreprocessConfig(BaseModel):
@@ -162,7 +173,10 @@ class PreprocessConfig(BaseModel):
     blur_radius: Annotated[float, Field(ge=0.0, le=50.0)] = 3.0
     crop_margin: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
     crop_min_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
-    size: tuple[Annotated[int, Field(ge=8, le=4096)], Annotated[int, Field(ge=8, le=4096)]] = (224, 224)
+    size: Annotated[
+        tuple[Annotated[int, Field(ge=8, le=4096)], Annotated[int, Field(ge=8, le=4096)]],
+        WithJsonSchema(_SIZE_SCHEMA),  # the forms the validator below accepts, for editors
+    ] = (224, 224)
     pad_value: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     segmenter_weights: str | None = None
 
@@ -450,6 +464,7 @@ def preprocess_batch(
     items: Sequence[tuple[str | Path, MaskPath]],
     config: PreprocessConfig,
     segmenter: Segmenter | None = None,
+    screen: bool = False,
 ) -> list[PreprocessedImage | CovidCXRError]:
     """Preprocess several images, segmenting those that need the U-Net in one batch.
 
@@ -459,18 +474,28 @@ def preprocess_batch(
         config: the pipeline settings.
         segmenter: a loaded segmenter (anything with ``segment_batch``); None loads the
             configured one when an image needs it (`load_segmenter`).
+        screen: refuse what is not a chest radiograph (colour photograph, extreme aspect,
+            tiny, non-radiograph DICOM modality, blank, test pattern) with the one check
+            training and inference share (`covidcxr.preprocess.screening`).
 
     Returns:
         One entry per item, in order: a `PreprocessedImage`, or the `CovidCXRError` that
-        made it unusable (unreadable image or mask, missing manifest mask) — the caller
-        reports it; other exceptions are bugs and propagate.
+        made it unusable (unreadable image or mask, missing manifest mask, refused by the
+        screening) — the caller reports it; other exceptions are bugs and propagate.
     """
+    from covidcxr.io.image import DEFAULT_MAX_PIXELS
+    from covidcxr.preprocess.screening import inspect_input, screen_pixels
+
     results: list[PreprocessedImage | CovidCXRError | None] = [None] * len(items)
     prepared: list[tuple[int, np.ndarray, np.ndarray | None, str]] = []
     for position, (path, manifest_mask) in enumerate(items):
         try:
             origin = mask_origin(config, manifest_mask)
+            if screen:
+                inspect_input(path, DEFAULT_MAX_PIXELS)
             equalized = load_equalized(path, config)
+            if screen:
+                screen_pixels(equalized)
             mask = None
             if origin == "manifest":
                 if isinstance(manifest_mask, np.ndarray):

@@ -20,9 +20,6 @@ from covidcxr.data.manifest import file_sha1, is_missing, make_manifest, normali
 from covidcxr.data.sources.base import Rejection, SourceTable, require_columns, require_file
 from covidcxr.errors import SourceLayoutError
 
-# Extensions a chest X-ray can come in; used where a layout is "a folder of images".
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".tif", ".tiff", ".bmp"})
-
 
 # The fingerprint cache adapters take SHA-1s from (`sha1_cache`); None: every file is hashed.
 _SHA1_CACHE: ContextVar[Any] = ContextVar("covidcxr_sha1_cache", default=None)
