@@ -46,7 +46,8 @@ from scipy.special import expit, log_expit, log_softmax, logit, softmax
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss
 
-from covidcxr.evaluate.metrics import MetricInputError, _labels, _scores, bootstrap_ci
+from covidcxr.evaluate.curves import bootstrap_statistic
+from covidcxr.evaluate.metrics import MetricInputError, _labels, _scores
 
 __all__ = [
     "apply_temperature",
@@ -203,10 +204,12 @@ def calibration_with_ci(
 ) -> dict[str, Any]:
     """Brier score and ECE with patient-level bootstrap percentile intervals, and the curve.
 
-    The intervals come from :func:`covidcxr.evaluate.metrics.bootstrap_ci` (patients drawn
-    with replacement, all their images taken), so several images of one patient do not
-    narrow them. The ECE is biased upwards in small samples (an empty-ish bin's gap is
-    mostly noise), so its interval says how unstable the number is, not where the truth is.
+    Patients are drawn with replacement with all their images
+    (:func:`covidcxr.evaluate.curves.bootstrap_statistic`, vectorised), so several images of
+    one patient do not narrow the intervals. The bins stay those of the full data (for
+    ``"quantile"`` the resamples reuse its edges). The ECE is biased upwards in small
+    samples (a sparse bin's gap is mostly noise), so its interval says how unstable the
+    number is, not where the truth is.
 
     Args:
         y_true: (N,) labels 0/1.
@@ -229,15 +232,21 @@ def calibration_with_ci(
     y = _labels(y_true, "y_true")
     p = _probabilities(y_prob, "y_prob", y.size)
     n_bins, strategy = _bins(n_bins, strategy)
+    _, ids = _bin_ids(p, n_bins, strategy)
+    onehot = np.eye(n_bins)[ids]  # (N, n_bins)
+
+    def brier(w: np.ndarray) -> np.ndarray:
+        return (w @ (p - y) ** 2) / w.sum(axis=1)
+
+    def ece(w: np.ndarray) -> np.ndarray:
+        return np.abs(w @ (onehot * y[:, None]) - w @ (onehot * p[:, None])).sum(axis=1) / w.sum(axis=1)
+
     out: dict[str, Any] = {}
-    fns = {
-        "brier": lambda yy, pp: brier_score(yy, pp),
-        "ece": lambda yy, pp: expected_calibration_error(yy, pp, n_bins=n_bins, strategy=strategy),
-    }
-    for name, fn in fns.items():
-        ci = bootstrap_ci(y, p, patient_ids, fn, n_boot=n_boot, alpha=alpha, seed=seed)
-        out[name] = {k: ci[k] for k in ("estimate", "low", "high", "n_boot_valid")}
-        out["n_images"], out["n_patients"] = ci["n_images"], ci["n_patients"]
+    for name, fn, estimate in (("brier", brier, brier_score(y, p)), ("ece", ece, expected_calibration_error(y, p, n_bins, strategy))):
+        ci = bootstrap_statistic(fn, patient_ids, y.size, n_boot=n_boot, alpha=alpha, seed=seed)
+        out[name] = {"estimate": estimate, "low": ci["low"], "high": ci["high"], "n_boot_valid": ci["n_boot_valid"]}
+        out["n_patients"] = ci["n_patients"]
+    out["n_images"] = int(y.size)
     out["curve"] = reliability_curve(y, p, n_bins=n_bins, strategy=strategy)
     out.update({"n_bins": n_bins, "strategy": strategy, "alpha": float(alpha)})
     return out
