@@ -166,8 +166,8 @@ def reliability_curve(y_true: Any, y_prob: Any, n_bins: int = 10, strategy: str 
 
     Returns:
         ``prob_pred`` (mean probability per non-empty bin), ``prob_true`` (fraction positive
-        there), ``count`` (images there) — three lists of equal length, ordered by
-        probability — plus ``edges`` (n_bins + 1 bin edges), ``strategy``, ``n_bins``, ``n``.
+        there), ``count`` (images there), ``bin`` (its index, 0..n_bins−1) — four lists of
+        equal length, ordered by probability — plus ``edges`` (n_bins + 1 bin edges), ``strategy``, ``n_bins``, ``n``.
 
     Example::
 
@@ -185,6 +185,7 @@ def reliability_curve(y_true: Any, y_prob: Any, n_bins: int = 10, strategy: str 
         "prob_pred": [float(v) for v in prob_pred],
         "prob_true": [float(v) for v in prob_true],
         "count": [int(c) for c in count[count > 0]],
+        "bin": [int(i) for i in np.flatnonzero(count > 0)],
         "edges": [float(e) for e in edges],
         "strategy": strategy,
         "n_bins": n_bins,

@@ -18,7 +18,7 @@ Example::
 
     >>> from covidcxr.report.palette import LABEL_COLORS, source_colors
     >>> source_colors(["site_b", "site_a"])
-    {'site_a': '#332288', 'site_b': '#88CCEE'}
+    {'site_a': '#332288', 'site_b': '#44AA99'}
     >>> LABEL_COLORS["covid"]
     '#D55E00'
 """
@@ -50,8 +50,9 @@ OKABE_ITO = {
     "vermillion": "#D55E00",
     "reddish_purple": "#CC79A7",
 }
-#: Tol (2021) "muted", in Tol's order; the pale grey (#DDDDDD) is kept for "no data"
-TOL_MUTED = ("#332288", "#88CCEE", "#44AA99", "#117733", "#999933", "#DDCC77", "#CC6677", "#882255", "#AA4499")
+#: Tol (2021) "muted", ordered so the first sources get the darker colours (readable as thin
+#: lines on white; the pale cyan and sand come last); the pale grey (#DDDDDD) marks "no data"
+TOL_MUTED = ("#332288", "#44AA99", "#CC6677", "#117733", "#882255", "#999933", "#AA4499", "#88CCEE", "#DDCC77")
 NO_DATA = "#DDDDDD"
 
 #: diagnostic labels: COVID-19 vermillion, pneumonia orange, normal bluish green, other grey-black
@@ -107,7 +108,7 @@ def source_colors(sources: Iterable[str]) -> dict[str, str]:
     Example::
 
         >>> source_colors(["b", "a", "a"])
-        {'a': '#332288', 'b': '#88CCEE'}
+        {'a': '#332288', 'b': '#44AA99'}
     """
     names = sorted({str(s) for s in sources})
     return {name: TOL_MUTED[k % len(TOL_MUTED)] for k, name in enumerate(names)}

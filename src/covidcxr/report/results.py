@@ -970,10 +970,19 @@ def _palette(inputs: Sequence[RunInputs], runs: Sequence[Mapping[str, Any]]) -> 
             "scheme": "labels and roles: Okabe-Ito; sources: Paul Tol's muted (both colour-blind safe)"}
 
 
-def _names(finding: Mapping[str, Any], site: str) -> bool:
-    """Does a finding name ``site`` (its ``source``/``sources`` field, or the word in its text)?"""
+def _mentions(finding: Mapping[str, Any], name: str) -> bool:
     named = finding.get("sources") or ([finding["source"]] if finding.get("source") else [])
-    return site in [str(n) for n in named] or re.search(rf"(?<![\w]){re.escape(site)}(?![\w])", str(finding.get("text", ""))) is not None
+    return name in [str(n) for n in named] or re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", str(finding.get("text", ""))) is not None
+
+
+def _names(finding: Mapping[str, Any], site: str, sources: Sequence[str]) -> bool:
+    """Does a finding single out ``site`` (its ``source``/``sources`` field or its text)?
+
+    A finding that lists every tested source (e.g. "within a source (site_a, site_b, site_c)")
+    names none of them in particular.
+    """
+    others = [s for s in sources if s != site]
+    return _mentions(finding, site) and not (others and all(_mentions(finding, s) for s in others))
 
 
 def ground_truth_outcome(truth: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -997,20 +1006,27 @@ def ground_truth_outcome(truth: Mapping[str, Any], runs: Sequence[Mapping[str, A
     for run in runs:
         audited = (run.get("audit") or {}).get("status") == "audited"
         findings = [f for f in run.get("findings") or [] if f.get("origin") == "audit"]
-        shortcut = [f["id"] for f in findings if f["severity"] == "shortcut" and site and _names(f, site)]
-        warning = [f["id"] for f in findings if f["severity"] == "warning" and site and _names(f, site)]
+        sources = sorted({str(c["name"]) for c in run.get("roc") or [] if not c.get("pooled")})
+        shortcut = [f["id"] for f in findings if f["severity"] == "shortcut" and site and _names(f, site, sources)]
+        warning = [f["id"] for f in findings if f["severity"] == "warning" and site and _names(f, site, sources)]
         head = description[:1].upper() + description[1:]
         if not audited:
             outcome, sentence = "not_audited", f"{head}; this run was not audited, so nothing here says whether the audit finds it."
         elif shortcut:
             outcome, sentence = "found", f"{head}; the audit found it: {', '.join(shortcut)} names {site} as a shortcut."
+        elif not site and run["verdict"]["level"] == "shortcut":
+            shortcut = [f["id"] for f in findings if f["severity"] == "shortcut"]
+            outcome, sentence = "found", f"{head}; the audit found a shortcut ({', '.join(shortcut)})."
         elif warning:
             outcome, sentence = "flagged", f"{head}; the audit did not call it a shortcut, but a warning names {site} ({', '.join(warning)})."
         elif run["verdict"]["level"] == "shortcut":
-            outcome, sentence = "flagged", f"{head}; the audit reports a shortcut, but no finding names {site}."
+            shortcut = [f["id"] for f in findings if f["severity"] == "shortcut"]
+            outcome, sentence = "flagged", f"{head}; the audit reports a shortcut ({', '.join(shortcut)}), but no finding singles out {site}."
         else:
-            outcome, sentence = "missed", f"{head}; the audit did not find it: no finding names {site}."
+            outcome, sentence = "missed", f"{head}; the audit did not find it: no finding singles out {site}."
         out["runs"].append({"run": run["name"], "outcome": outcome, "evidence": shortcut or warning, "sentence": sentence})
+    if not site:
+        out["note"] = "planted at every site: a shortcut verdict counts as found"
     return out
 
 
