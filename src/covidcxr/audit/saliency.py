@@ -224,7 +224,7 @@ def plot_gallery(
         raise CovidCXRError("plot_gallery: no images to draw")
     columns = max(1, min(columns, n))
     rows = int(np.ceil(n / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.85 * rows), squeeze=False, layout="constrained")
+    figure, axes = plt.subplots(rows, columns, figsize=(2.5 * columns, 2.95 * rows), squeeze=False, layout="constrained")
     for k, axis in enumerate(axes.ravel()):
         axis.axis("off")
         if k >= n:
@@ -234,7 +234,7 @@ def plot_gallery(
         if lung_masks[k].any():
             axis.contour(lung_masks[k].astype(float), levels=[0.5], colors="white", linewidths=0.8)
         colour = "black" if correct is None else (OKABE_ITO["bluish_green"] if correct[k] else OKABE_ITO["vermillion"])
-        axis.set_title(captions[k], fontsize=8, color=colour, linespacing=1.25)
+        axis.set_title(captions[k], fontsize=9, color=colour, linespacing=1.25)
     path = Path(path)
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)

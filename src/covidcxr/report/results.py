@@ -543,7 +543,8 @@ def _audit_section(inputs: RunInputs) -> dict[str, Any]:
     saliency = audit.get("saliency") if isinstance(audit.get("saliency"), Mapping) else {}
     embedding = audit.get("embedding") if isinstance(audit.get("embedding"), Mapping) else {}
     if saliency.get("gallery"):
-        referenced.append((str(saliency["gallery"]), "Grad-CAM saliency on test images, lung contours drawn (saliency outside the lungs = the model looks elsewhere)"))
+        referenced.append((str(saliency["gallery"]), "Grad-CAM saliency on test images, lung contours in white (saliency outside the lungs = the model looks elsewhere). "
+                                                     "Each caption: source and true label, then the probability, the decision at the run's threshold and whether it is right (✓) or wrong (✗); saliency is weak evidence, in one direction only"))
     if embedding.get("figure"):
         method = {"tsne": "t-SNE", "umap": "UMAP", "pca": "PCA"}.get(str(embedding.get("method", "")).lower(), str(embedding.get("method") or "2-D"))
         referenced.append((str(embedding["figure"]), f"{method} map of the model's image embeddings, coloured by source and by label (clusters by source rather than by label = the model encodes where an image comes from)"))
