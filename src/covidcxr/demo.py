@@ -28,7 +28,7 @@ import pandas as pd
 
 from covidcxr.errors import CovidCXRError
 
-__all__ = ["DemoResult", "REAL_RECIPES", "SYNTHETIC_RECIPES", "run_demo", "test_on_every_source"]
+__all__ = ["DemoResult", "REAL_RECIPES", "SYNTHETIC_RECIPES", "planted_shortcut", "run_demo", "test_on_every_source"]
 
 #: (pretraining recipe, fine-tuning recipe) of the synthetic and the real-data journeys
 SYNTHETIC_RECIPES = ("recipes/demo_pretrain.yaml", "recipes/demo.yaml")
@@ -57,6 +57,42 @@ def _recipe_path(name: str, repo_root: Path | None) -> Path:
         if path.is_file():
             return path
     raise CovidCXRError(f"demo recipe {name} not found (looked in {', '.join(str(c) for c in candidates)}); run the demo from the repository root")
+
+
+_KINDS = {"marker": "a text marker", "window": "an intensity-window change"}
+
+
+def planted_shortcut(recipe: Any) -> dict[str, Any] | None:
+    """The shortcut a synthetic recipe plants, as the report's ground truth (None: none planted).
+
+    Args:
+        recipe: a validated training recipe (``data.synthetic.shortcut``).
+
+    Returns:
+        ``{"kind", "site", "label", "strength", "false_rate", "description"}``, e.g. the
+        description "a text marker was planted on COVID images of site_a"; the report checks
+        the audit's findings against ``site`` (:func:`covidcxr.report.results.ground_truth_outcome`).
+
+    Example::
+
+        >>> from covidcxr.train.recipe import load_recipe                 # doctest: +SKIP
+        >>> planted_shortcut(load_recipe("recipes/demo.yaml"))["description"]  # doctest: +SKIP
+        'a text marker was planted on COVID images of site_a'
+    """
+    synthetic = getattr(recipe.data, "synthetic", None)
+    shortcut = getattr(synthetic, "shortcut", None) if synthetic is not None else None
+    if shortcut is None:
+        return None
+    label = "COVID" if shortcut.label == "covid" else shortcut.label
+    where = f"of {shortcut.site}" if shortcut.site else "of every site"
+    return {
+        "kind": shortcut.kind,
+        "site": shortcut.site,
+        "label": shortcut.label,
+        "strength": float(shortcut.strength),
+        "false_rate": float(shortcut.false_rate),
+        "description": f"{_KINDS.get(shortcut.kind, 'a ' + shortcut.kind)} was planted on {label} images {where}",
+    }
 
 
 def test_on_every_source(run_dir: Path, pretrain_dir: Path | None = None, progress: bool = False) -> pd.DataFrame:
@@ -210,7 +246,8 @@ def run_demo(
     timings["audit"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    paths = write_report([run_dir], out / "report.html", n_boot=n_boot, title=f"covidcxr demo: {finetune.name}")
+    truth = planted_shortcut(finetune) if data is None else None
+    paths = write_report([run_dir], out / "report.html", n_boot=n_boot, title=f"covidcxr demo: {finetune.name}", ground_truth=truth)
     timings["report"] = time.perf_counter() - started
     return DemoResult(
         out=out,

@@ -36,7 +36,7 @@ from covidcxr.audit.ablation import blank_lungs, keep_lungs_only, lung_ablation
 from covidcxr.audit.embedding import plot_embedding, tsne_map
 from covidcxr.audit.findings import derive_findings, verdict
 from covidcxr.audit.probe import source_probe
-from covidcxr.audit.saliency import gradcam, lung_focus_fraction, plot_gallery, saliency_layer, select_gallery, summarize_lung_focus
+from covidcxr.audit.saliency import gallery_captions, gradcam, lung_focus_fraction, plot_gallery, saliency_layer, select_gallery, summarize_lung_focus
 from covidcxr.errors import CovidCXRError
 from covidcxr.evaluate.cross_source import evaluate_run, json_ready, training_sources
 from covidcxr.io.atomic import atomic_path, atomic_write_text
@@ -66,6 +66,30 @@ def _subsample_by_patient(rows: pd.DataFrame, max_images: int | None, seed: int)
         keep.add(patient)
         count += int(sizes[patient])
     return rows[rows["patient_id"].astype(str).isin(keep)]
+
+
+def _unseen_source_rows(run: Any, max_images: int | None, seed: int, say: Callable[[str], None]) -> pd.DataFrame:
+    """Manifest rows of the unseen-source test images scored after training (``predictions.parquet``
+    rows with ``test_set == "unseen_source"``, e.g. by ``covidcxr.demo.test_on_every_source``),
+    for the embedding map only: the probe, ablation and saliency stay on the run's own split."""
+    predictions_file = run.run_dir / "predictions.parquet"
+    if not predictions_file.is_file():
+        return pd.DataFrame()
+    predictions = pd.read_parquet(predictions_file, columns=None)
+    if "test_set" not in predictions.columns or "image" not in predictions.columns:
+        return pd.DataFrame()
+    scored = set(predictions.loc[predictions["test_set"].astype(str) == "unseen_source", "image"].astype(str))
+    if not scored:
+        return pd.DataFrame()
+    from covidcxr.experiments.testsets import test_images
+
+    try:
+        rows = test_images(run.recipe, run.run_dir, sources="all")
+    except CovidCXRError as exc:  # e.g. the collection moved: the map shows the run's own split only, and says so
+        say(f"t-SNE without the unseen sources: their images cannot be read back ({exc})")
+        return pd.DataFrame()
+    rows = rows[rows["image"].astype(str).isin(scored)].drop(columns=["seen", "linked_out"], errors="ignore").assign(split="test")
+    return _subsample_by_patient(rows.reset_index(drop=True), max_images, seed).reset_index(drop=True)
 
 
 def audit_run(
@@ -158,7 +182,16 @@ def audit_run(
     }
 
     say("t-SNE of the embeddings")
-    coordinates = tsne_map(embeddings, seed=seed) if len(embeddings) >= 5 else None
+    mapped = kept[["source", "label", "target", "split"]].copy()
+    mapped_embeddings = embeddings
+    unseen = _unseen_source_rows(run, max_images, seed, say)
+    if len(unseen):  # the map shows every tested source: unseen ones are only in predictions.parquet
+        kept_unseen, images_unseen, _, _ = cached_inputs(unseen, run.recipe, progress=progress)
+        if len(kept_unseen):
+            mapped = pd.concat([mapped, kept_unseen[["source", "label", "target", "split"]]], ignore_index=True)
+            mapped_embeddings = np.concatenate([embeddings, run.embed(images_unseen)])
+            say(f"t-SNE includes {len(kept_unseen)} test images of unseen sources {sorted(kept_unseen['source'].astype(str).unique())}")
+    coordinates = tsne_map(mapped_embeddings, seed=seed) if len(mapped_embeddings) >= 5 else None
 
     findings = derive_findings(evaluation, ablation, probe, saliency, lungs_mode)
     report = {
@@ -191,15 +224,15 @@ def audit_run(
             focus.to_parquet(tmp, index=False)
         gallery = select_gallery(focus.reset_index(drop=True), gallery_per_group)
         if gallery:
-            captions = [f"{focus['source'][i]} · {focus['label'][i]} · p={focus['probability'][i]:.2f}" for i in gallery]
-            plot_gallery(images[is_test][gallery], maps[gallery], lung_masks[is_test][gallery], captions, out / "gallery.png")
+            captions, correct = gallery_captions(focus.iloc[gallery], run.threshold, run.classes[-1], run.classes[0])
+            plot_gallery(images[is_test][gallery], maps[gallery], lung_masks[is_test][gallery], captions, out / "gallery.png", correct=correct)
             saliency["gallery"] = "gallery.png"
         if coordinates is not None:
-            table = kept[["source", "label", "target", "split"]].copy()
+            table = mapped
             table["x"], table["y"] = coordinates[:, 0], coordinates[:, 1]
             with atomic_path(out / "embedding.parquet") as tmp:
                 table.to_parquet(tmp, index=False)
-            plot_embedding(table, out / "embedding.png", title=f"{run.name}: val + test embeddings")
+            plot_embedding(table, out / "embedding.png", title=f"{run.name}: val + test embeddings", training_sources=training_sources(run.run_dir))
     report["seconds"] = round(time.perf_counter() - started, 2)
     report = json_ready(report)
     if write:
