@@ -296,7 +296,7 @@ app.add_typer(recipe_app, name="recipe")
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path("demo"),
     data: Annotated[Optional[Path], typer.Option(help="A real collection (e.g. ../shared/data/cxr) instead of the phantoms.")] = None,
-    n_boot: Annotated[int, typer.Option("--n-boot", help="Patient-bootstrap resamples behind every CI.")] = 1000,
+    n_boot: Annotated[int, typer.Option("--n-boot", help="Patient-bootstrap resamples behind the bootstrap CIs (ROC bands, within-source and source-only AUCs, calibration); per-source metric CIs are analytic.")] = 1000,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
 ) -> None:
     """The whole journey: data -> lungs -> preprocess -> pretrain -> fine-tune -> seen/unseen test -> audit -> report.

@@ -24,7 +24,7 @@ _STYLE = {"shortcut": "bold red", "warning": "yellow", "info": "cyan", "ok": "gr
 
 def audit(
     run: Annotated[Path, typer.Argument(help="A run directory written by `covidcxr train` (k-fold: one fold-k).")],
-    n_boot: Annotated[int, typer.Option("--n-boot", help="Patient-bootstrap resamples behind each CI.")] = 1000,
+    n_boot: Annotated[int, typer.Option("--n-boot", help="Patient-bootstrap resamples behind the bootstrap CIs (probe, within-source AUC); per-source metric CIs are analytic.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap, the probe's folds and t-SNE.")] = 0,
     max_images: Annotated[int, typer.Option("--max-images", help="Cap on the val + test images audited (whole patients sampled).")] = 2000,
     as_json: Annotated[bool, typer.Option("--json", help="Print audit.json to stdout instead of the findings.")] = False,

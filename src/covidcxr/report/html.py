@@ -223,8 +223,10 @@ def _copy_raster(source: Path, directory: str | Path | None, name: str, prefix: 
 
 def render_html(results: Mapping[str, Any], figures: Mapping[str, Any]) -> str:
     """The page's HTML from the collected numbers and the figures' data URIs."""
+    from covidcxr.evaluate.metrics import CI_DESCRIPTION
+
     template = _environment().get_template(TEMPLATE)
-    return template.render(results=results, figures=figures)
+    return template.render(results=results, figures=figures, ci_description=CI_DESCRIPTION)
 
 
 def write_report(
