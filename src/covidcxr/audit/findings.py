@@ -105,7 +105,7 @@ def _where(triple: tuple[float, float, float], bar: float, what: str) -> str:
     return {
         "above": f"clearly above {what} ({bar:.2f})",
         "below": f"clearly below {what} ({bar:.2f})",
-        "inconclusive": f"an interval that includes {what} ({bar:.2f}): inconclusive",
+        "inconclusive": f"an interval that includes {what} ({bar:.2f}), inconclusive",
     }[versus(triple, bar)]
 
 
@@ -413,8 +413,10 @@ def _view(confounders: Mapping[str, Any]) -> list[dict[str, Any]]:
     linked = assoc is not None and versus(assoc, 0.0) != "inconclusive"
     if cls != "inconclusive" and large and linked:
         return [_finding("view_dependence", "shortcut", f"{head}, {_where(auc, CHANCE_AUC, 'chance')}; in training the {a} rate differed between labels ({_fmt(assoc)} positives minus negatives): the projection is a shortcut (DeGrave et al. 2021).", auc[0], 0.5 + VIEW_EFFECT)]
-    if cls != "inconclusive" and large:
+    if cls != "inconclusive" and large and assoc is None:
         return [_finding("view_dependence", "warning", f"{head}, {_where(auc, CHANCE_AUC, 'chance')}: the score depends on the projection as well as on the disease.", auc[0], 0.5 + VIEW_EFFECT)]
+    if cls != "inconclusive" and large:
+        return [_finding("view_dependence", "info", f"{head}, {_where(auc, CHANCE_AUC, 'chance')}: the score depends on the projection, but in training the {a} rate did not differ clearly between labels ({_fmt(assoc)}), so the training data did not reward reading it.", auc[0], 0.5 + VIEW_EFFECT)]
     if cls == "inconclusive":
         return [_finding("view_dependence", "ok", f"{head}, {_where(auc, CHANCE_AUC, 'chance')}: no evidence that the score depends on the projection.", auc[0], 0.5 + VIEW_EFFECT)]
     return [_finding("view_dependence", "info", f"{head}, {_where(auc, CHANCE_AUC, 'chance')}, but less than {VIEW_EFFECT:.2f} from it: a small dependence on the projection.", auc[0], 0.5 + VIEW_EFFECT)]
