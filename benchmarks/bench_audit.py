@@ -7,16 +7,20 @@ every site: the site itself is no shortcut), then audited (`covidcxr.audit.run.a
 * ``marker``: a burned-in corner text on COVID images of site_a (strength 0.9, 0.05 on the rest);
 * ``window``: a brighter, flatter global intensity window on COVID images of site_a;
 * ``view``: COVID images of site_a are AP films, its other images PA (DeGrave et al. 2021);
-* ``clean``: nothing planted.
+* ``clean``: nothing planted (histogram equalisation on, as for marker and view);
+* ``clean_noeq``: nothing planted, equalisation off (the false-alarm control of ``window``).
 
 Figures: ``detection_rate`` (verdict ``shortcut`` on planted runs; goal 1.0) and
 ``false_alarm_rate`` (verdict ``shortcut`` on clean runs; goal 0.0), the same per shortcut type,
 ``ok_rate_clean`` (verdict ``ok`` on clean runs: a verdict that is never OK informs no one),
 ``no_skill_rate`` per type, and the mean test AUC per type (every model must demonstrably learn:
-the clean runs' AUC says whether it did). Every run trains on ONE thread with histogram
-equalisation OFF (``preprocess.equalization: none``): equalisation maps a global monotone
-window back onto the same histogram, so a planted window would never reach the model (measured:
-mean |difference| 0.007 after equalisation) and the window condition would test nothing.
+the clean runs' AUC says whether it did). Every run trains ``small_cnn`` at 128 px on 400
+phantoms for 20 epochs on ONE thread (on phantoms a ResNet-18 from scratch at 96 px / 6
+epochs reached test AUC 0.46–0.55: it learned nothing; this setting reached 0.70 [0.61, 0.80]
+on a clean collection). Histogram equalisation is on, as in the demo, except for the window
+condition: equalisation maps a global monotone window back onto the same histogram, so a
+planted window would never reach the model (measured: mean |difference| 0.007 after
+equalisation) and the condition would test nothing.
 
 Environment: ``COVIDCXR_BENCH_AUDIT_SEEDS`` (default 10) seeds per condition,
 ``COVIDCXR_BENCH_AUDIT_TYPES`` (comma-separated subset of the conditions). Runs print progress.
@@ -30,18 +34,21 @@ import warnings
 from typing import Any
 
 SEEDS = int(os.environ.get("COVIDCXR_BENCH_AUDIT_SEEDS", "10"))
-TYPES = tuple(t for t in os.environ.get("COVIDCXR_BENCH_AUDIT_TYPES", "marker,window,view,clean").split(",") if t)
+TYPES = tuple(t for t in os.environ.get("COVIDCXR_BENCH_AUDIT_TYPES", "marker,window,view,clean,clean_noeq").split(",") if t)
 #: the phantom and model settings: demo-size, chosen so a clean model has real skill (see the README)
-SIZE = 96
-N_IMAGES = 240
-EPOCHS = 6
+SIZE = 128
+N_IMAGES = 400
+EPOCHS = 20
+MODEL = "small_cnn"
 N_BOOT = 200
+#: histogram equalisation except where it would erase the planted shortcut (see the module docstring)
+EQUALIZATION = {"window": "none", "clean_noeq": "none"}
 LABEL_MIX = {"covid": 0.5, "normal": 0.5}
 
 
 def recipe_for(root: Any, kind: str, seed: int) -> dict[str, Any]:
     """The training recipe of one benchmark run (``kind``: marker, window, view or clean)."""
-    shortcut = None if kind == "clean" else {"kind": kind, "site": "site_a", "label": "covid", "strength": 0.9, "false_rate": 0.05}
+    shortcut = None if kind.startswith("clean") else {"kind": kind, "site": "site_a", "label": "covid", "strength": 0.9, "false_rate": 0.05}
     return {
         "name": f"audit-{kind}-{seed}",
         "seed": seed,
@@ -50,8 +57,8 @@ def recipe_for(root: Any, kind: str, seed: int) -> dict[str, Any]:
             "task": "covid_vs_rest",
             "split": {"test_size": 0.4, "val_size": 0.25},
         },
-        "preprocess": {"cache_dir": str(root / "cache"), "size": SIZE, "mask_source": "manifest", "lungs": "none", "equalization": "none", "workers": 1},
-        "model": {"name": "resnet18", "head": "linear"},
+        "preprocess": {"cache_dir": str(root / "cache"), "size": SIZE, "mask_source": "manifest", "lungs": "none", "equalization": EQUALIZATION.get(kind, "histogram"), "workers": 1},
+        "model": {"name": MODEL},
         "optimizer": {"name": "adam", "lr": 1.0e-3},
         "train": {"epochs": EPOCHS, "batch_size": 16, "checkpoint_every_n_steps": 0},
         "augmentation": {"rotation_degrees": 4, "translation": 0.03, "hflip": 0.0},
@@ -100,14 +107,14 @@ def _measure(context: Any) -> dict[str, Any]:
             results.append(row)
             print(f"[bench audit] seed {seed} {kind:>6}: verdict {row['verdict']:<8} test AUC {row['auc']:.2f} (low {row['auc_low']:.2f}) "
                   f"shortcut findings {row['shortcut_findings']} — {time.perf_counter() - t0:.0f} s ({time.perf_counter() - started:.0f} s total)", flush=True)
-    planted = [r for r in results if r["kind"] != "clean"]
-    clean = [r for r in results if r["kind"] == "clean"]
+    planted = [r for r in results if not r["kind"].startswith("clean")]
+    clean = [r for r in results if r["kind"].startswith("clean")]
     figures: dict[str, Any] = {
         "detection_rate": _rate(planted, "shortcut"),
         "false_alarm_rate": _rate(clean, "shortcut"),
         "ok_rate_clean": _rate(clean, "ok"),
         "seeds": SEEDS,
-        "settings": {"size": SIZE, "n_images": N_IMAGES, "epochs": EPOCHS, "model": "resnet18", "equalization": "none", "label_mix": LABEL_MIX},
+        "settings": {"size": SIZE, "n_images": N_IMAGES, "epochs": EPOCHS, "model": MODEL, "equalization": {k: EQUALIZATION.get(k, "histogram") for k in TYPES}, "label_mix": LABEL_MIX},
     }
     for kind in TYPES:
         part = [r for r in results if r["kind"] == kind]
@@ -129,7 +136,7 @@ def bench_detection_rate(context: Any) -> dict[str, Any]:
 def bench_false_alarm_rate(context: Any) -> dict[str, Any]:
     """``audit.false_alarm_rate``: verdict ``shortcut`` on clean runs, and the rate of OK verdicts on them."""
     figures = _figures(context)
-    return {k: v for k, v in figures.items() if k in ("false_alarm_rate", "ok_rate_clean", "seeds") or k.startswith("clean.")}
+    return {k: v for k, v in figures.items() if k in ("false_alarm_rate", "ok_rate_clean", "seeds") or k.startswith("clean")}
 
 
 BENCHMARKS = [bench_detection_rate, bench_false_alarm_rate]

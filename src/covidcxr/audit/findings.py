@@ -327,7 +327,7 @@ def _ablation(ablation: Mapping[str, Any], lungs_mode: str) -> list[dict[str, An
         if versus(full, 0.6) == "above" and only[2] < full[0] - LUNGS_ONLY_DROP:
             out.append(_finding("lungs_only", "warning", f"Shown only its lungs, the model's AUC falls from {_fmt(full)} to {_fmt(only)}, clearly below {full[0] - LUNGS_ONLY_DROP:.2f}: its decision depends on what lies outside them.", only[0], full[0] - LUNGS_ONLY_DROP))
         else:
-            out.append(_finding("lungs_only", "ok", f"Shown only its lungs, the model keeps AUC {_fmt(only)} (full image {_fmt(full)}).", only[0], full[0] - LUNGS_ONLY_DROP))
+            out.append(_finding("lungs_only", "ok", f"Shown only its lungs, the model's AUC is {_fmt(only)} (full image {_fmt(full)}): not clearly below {full[0] - LUNGS_ONLY_DROP:.2f}, so no clear dependence on what lies outside them.", only[0], full[0] - LUNGS_ONLY_DROP))
     return out
 
 
