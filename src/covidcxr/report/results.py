@@ -540,7 +540,11 @@ def _verdict(findings: Sequence[Mapping[str, Any]], audit: Mapping[str, Any], he
             auc_text += f" (95% CI {auc['low']:.3f}–{auc['high']:.3f})"
     else:
         auc_text = "test performance"
-    if level == "shortcut":
+    audit_level = level
+    if level == "no_skill":  # shown as a warning banner until the template styles no_skill itself
+        level = "warning"
+        title = f"No skill: this model's {auc_text} is no better than chance, and nothing else in the audit is called OK."
+    elif level == "shortcut":
         title = f"Shortcut learning: this model's {auc_text} is not evidence it reads the lungs."
     elif audit["status"] != "audited":
         level = "not_audited"
@@ -552,6 +556,7 @@ def _verdict(findings: Sequence[Mapping[str, Any]], audit: Mapping[str, Any], he
         title = f"The audit found no shortcut behind the {auc_text} (which does not make it a diagnostic test)."
     return {
         "level": level,
+        "audit_verdict": audit_level,
         "title": title,
         "n_shortcut": sum(f["severity"] == "shortcut" for f in findings),
         "n_warning": sum(f["severity"] == "warning" for f in findings),
