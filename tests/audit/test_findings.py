@@ -148,6 +148,15 @@ def test_intensity_window_dependence_is_a_shortcut_only_when_decisive():
     mild = {"windows": {"brighter_flatter": {"description": "brighter", "flip_rate": ci(0.05, 0.02, 0.09), "shift_auc": ci(0.60, 0.52, 0.68)}}}
     assert by_id(derive_findings(SKILLED, {}, {}, {}, intensity=strong))["intensity_window"]["severity"] == "shortcut"
     assert by_id(derive_findings(SKILLED, {}, {}, {}, intensity=mild))["intensity_window"]["severity"] == "ok"
+    # the phantom case: the decisive window is not the one with the largest shift
+    both = {"windows": {
+        "brighter_flatter": {"description": "brighter", "flip_rate": ci(0.51, 0.42, 0.60), "shift_auc": ci(0.94, 0.91, 0.97)},
+        "darker_steeper": {"description": "darker", "flip_rate": ci(0.03, 0.01, 0.07), "shift_auc": ci(0.03, 0.01, 0.05)},
+    }}
+    found = by_id(derive_findings(SKILLED, {}, {}, {}, intensity=both))["intensity_window"]
+    assert found["severity"] == "shortcut" and "brighter" in found["text"]
+    clean = {"windows": {"brighter_flatter": {"description": "brighter", "flip_rate": ci(0.21, 0.15, 0.29), "shift_auc": ci(0.93, 0.89, 0.96)}}}
+    assert by_id(derive_findings(SKILLED, {}, {}, {}, intensity=clean))["intensity_window"]["severity"] == "warning"
 
 
 def test_every_interval_phrase_agrees_with_its_interval():
