@@ -227,7 +227,7 @@ def data_synth(
     out: Annotated[Path, typer.Argument(help="Folder to write the phantom collection into.")],
     images: Annotated[int, typer.Option(help="Total number of images, spread over the sites.")] = 300,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
-    shortcut: Annotated[str, typer.Option(help="Planted shortcut: none, marker (corner text) or window (intensity).")] = "none",
+    shortcut: Annotated[str, typer.Option(help="Planted shortcut: none, marker (corner text), window (intensity) or view (AP films on the label).")] = "none",
     shortcut_site: Annotated[Optional[str], typer.Option(help="Site carrying the shortcut (default: the first site).")] = None,
     shortcut_label: Annotated[str, typer.Option(help="Label the shortcut correlates with.")] = "covid",
     seed: Annotated[int, typer.Option(help="Random seed; the same seed writes identical files.")] = 0,
@@ -239,8 +239,8 @@ def data_synth(
 
     spec = None
     if shortcut != "none":
-        if shortcut not in ("marker", "window"):
-            raise CovidCXRError(f"--shortcut must be none, marker or window, not {shortcut!r}")
+        if shortcut not in ("marker", "window", "view"):
+            raise CovidCXRError(f"--shortcut must be none, marker, window or view, not {shortcut!r}")
         spec = ShortcutSpec(kind=shortcut, site=shortcut_site or DEFAULT_SITES[0].name, label=shortcut_label)
     with make_progress() as progress:
         task = progress.add_task("synthesizing phantoms", total=images)

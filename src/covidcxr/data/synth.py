@@ -41,8 +41,9 @@ hospital and a classifier can score well by recognising the hospital.
 
 Shortcut (`ShortcutSpec`, off by default): with probability ``strength`` an image of the
 chosen label (at the chosen site, or at all sites) carries either a bright burned-in text
-``marker`` in a corner, away from the lungs and the body, or a shifted global intensity
-``window``; other labels carry it with probability ``false_rate``. Tartaglione et al.
+``marker`` in a corner, away from the lungs and the body, a shifted global intensity
+``window``, or the AP ``view`` (the projection confounded with the label, no pixel added);
+other labels carry it with probability ``false_rate``. Tartaglione et al.
 (2020, "Unveiling COVID-19 from chest X-ray with deep learning: a hurdles race with small
 data", IJERPH 17:6933, §3.2) show that such text markers and windowing differences
 between sources are enough for a network to separate the classes without looking at the
@@ -86,6 +87,7 @@ from covidcxr.io.writers import write_png
 
 __all__ = [
     "DEFAULT_SITES",
+    "SHORTCUT_KINDS",
     "SYNTH_VERSION",
     "Anatomy",
     "Finding",
@@ -229,13 +231,20 @@ DEFAULT_SITES: tuple[SiteProfile, ...] = (
 )
 
 
+#: the planted shortcut types (`ShortcutSpec.kind`)
+SHORTCUT_KINDS = ("marker", "window", "view")
+
+
 @dataclass(frozen=True)
 class ShortcutSpec:
     """A shortcut planted outside the lungs, correlated with one label.
 
     Attributes:
         kind: ``"marker"`` (a bright burned-in text block in a corner, outside lungs and
-            body) or ``"window"`` (a brighter, lower-contrast global intensity window).
+            body), ``"window"`` (a brighter, lower-contrast global intensity window) or
+            ``"view"`` (the projection follows the label: a carrying image is an AP film —
+            magnified heart, higher clavicles, shallower inspiration, more rotation — and
+            the site's other images are PA; no marker, no intensity change).
         site: the site where it is planted, or None for every site.
         label: the label it correlates with.
         strength: probability that an image of ``label`` (at ``site``) carries it.
@@ -257,8 +266,8 @@ class ShortcutSpec:
     corner: str = "top_right"
 
     def __post_init__(self) -> None:
-        if self.kind not in ("marker", "window"):
-            raise ValueError(f"shortcut kind {self.kind!r}; expected 'marker' or 'window'")
+        if self.kind not in SHORTCUT_KINDS:
+            raise ValueError(f"shortcut kind {self.kind!r}; expected one of {SHORTCUT_KINDS}")
         if self.label not in LABELS:
             raise ValueError(f"shortcut label {self.label!r}; expected one of {LABELS}")
         if not (0.0 <= self.strength <= 1.0 and 0.0 <= self.false_rate <= 1.0):
@@ -856,6 +865,8 @@ def render_phantom_detailed(
     a = acq_rng.random(8)
     if view is None:
         view = "AP" if a[0] < site.ap_rate else "PA"
+        if spec is not None and spec.kind == "view" and shortcut_applied:
+            view = "AP"
     if view not in ("PA", "AP"):
         raise ValueError(f"view must be 'PA' or 'AP', got {view!r}")
     # Source-detector distance and detector size vary film to film: ±3% magnification.
@@ -1042,6 +1053,8 @@ def plan_synthesis(
                 view = "AP" if rng.random() < site.ap_rate else "PA"
                 coin = rng.random()  # always drawn: the plan must not depend on the shortcut
                 carries = shortcut is not None and coin < shortcut.probability(label, site.name)
+                if shortcut is not None and shortcut.kind == "view" and shortcut.probability(label, site.name) > 0:
+                    view = "AP" if carries else "PA"  # the projection follows the label (DeGrave et al. 2021)
                 rows.append(
                     {
                         "index": index,

@@ -709,6 +709,7 @@ def _verdict(findings: Sequence[Mapping[str, Any]], audit: Mapping[str, Any], he
             auc_text += f" (95% CI {auc['low']:.3f}–{auc['high']:.3f})"
     else:
         auc_text = "test performance"
+    audit_level = level
     if level == "no_skill":
         gate = next((f["text"] for f in findings if f["severity"] == "no_skill"), None)
         title = f"No skill: {gate}" if gate else f"No skill: this model's {auc_text} is not distinguishable from chance."
@@ -725,6 +726,7 @@ def _verdict(findings: Sequence[Mapping[str, Any]], audit: Mapping[str, Any], he
         title = f"The audit found no shortcut behind the {auc_text} (which does not make it a diagnostic test)."
     return {
         "level": level,
+        "audit_verdict": audit_level,
         "title": title,
         "n_no_skill": sum(f["severity"] == "no_skill" for f in findings),
         "n_shortcut": sum(f["severity"] == "shortcut" for f in findings),

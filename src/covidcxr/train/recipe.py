@@ -125,7 +125,7 @@ class _Section(BaseModel):
 class ShortcutSection(_Section):
     """A shortcut planted in synthetic phantoms (`covidcxr.data.synth.ShortcutSpec`)."""
 
-    kind: Literal["marker", "window"] = "marker"
+    kind: Literal["marker", "window", "view"] = "marker"
     site: str | None = None
     label: Literal["covid", "pneumonia", "normal", "other"] = "covid"
     strength: Annotated[float, Field(ge=0.0, le=1.0)] = 0.9
