@@ -21,6 +21,7 @@ from covidcxr.evaluate.metrics import (
     metrics_from_counts,
     three_class_accuracy,
     threshold_at_sensitivity,
+    threshold_at_specificity,
     two_class_accuracy,
     youden_threshold,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "metrics_from_counts",
     "three_class_accuracy",
     "threshold_at_sensitivity",
+    "threshold_at_specificity",
     "two_class_accuracy",
     "youden_threshold",
 ]

@@ -57,6 +57,7 @@ from covidcxr.evaluate.metrics import (
 )
 from covidcxr.evaluate.stats import delong_test, mcnemar_test
 from covidcxr.io.atomic import atomic_write_text
+from covidcxr.rundir import RunDir
 
 __all__ = [
     "REPORT_SCHEMA",
@@ -94,6 +95,10 @@ class RunInputs:
         evaluation: ``evaluation.json`` or computed; evaluation_origin says which and why.
         audit: ``audit/audit.json``, or None; audit_problem says why it is unusable.
         notes: anything the report had to work around, in words.
+        operating_point: the run's operating point (`covidcxr.rundir.OperatingPoint.to_dict`
+            plus ``describe``, one sentence).
+        run_warnings: warnings about the run itself (`covidcxr.rundir.RunDir.warnings`, e.g.
+            ``random_frozen_backbone``: a hollow run), for the first screen.
     """
 
     run_dir: Path
@@ -110,6 +115,8 @@ class RunInputs:
     audit: dict[str, Any] | None = None
     audit_problem: str | None = None
     notes: list[str] = field(default_factory=list)
+    operating_point: dict[str, Any] | None = None
+    run_warnings: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def audit_dir(self) -> Path:
@@ -165,7 +172,8 @@ def load_run_inputs(
 
     Args:
         run_dir: a run directory written by ``covidcxr train``.
-        threshold: decision threshold (None: the stored evaluation's, else 0.5).
+        threshold: decision threshold (None: the run's operating point,
+            `covidcxr.rundir.RunDir.threshold`; 0.5 for a run that stored none).
         n_boot: bootstrap resamples when the evaluation is computed here; seed: their seed.
         reevaluate: compute the evaluation even when ``evaluation.json`` is usable.
 
@@ -173,10 +181,11 @@ def load_run_inputs(
         CovidCXRError: not a run directory, no or unreadable ``predictions.parquet``,
             unreadable ``config.yaml``/``manifest.parquet``/``excluded.csv``.
     """
-    path = Path(run_dir)
+    rd = RunDir(run_dir)
+    path = rd.path
     if not path.is_dir():
         raise CovidCXRError(f"{path}: not a run directory (expected a folder written by `covidcxr train`)")
-    pred_path = path / "predictions.parquet"
+    pred_path = rd.predictions
     if not pred_path.is_file():
         raise CovidCXRError(f"{path}: no predictions.parquet (expected a finished run of `covidcxr train`)")
     predictions = _read_parquet(pred_path)
@@ -185,7 +194,12 @@ def load_run_inputs(
             raise CovidCXRError(f"{pred_path}: missing column '{column}' (expected the predictions of `covidcxr train`)")
 
     inputs = RunInputs(run_dir=path, name=path.resolve().name, predictions=predictions)
-    config_path = path / "config.yaml"
+    point = rd.operating_point()
+    inputs.operating_point = {**point.to_dict(), "describe": point.describe()}
+    inputs.run_warnings = rd.warnings()
+    if threshold is None:
+        threshold = rd.threshold
+    config_path = rd.config
     if config_path.is_file():
         import yaml
 
@@ -199,16 +213,16 @@ def load_run_inputs(
             inputs.name = str(inputs.config["name"])
     else:
         inputs.notes.append("config.yaml is missing: the run's configuration cannot be shown")
-    metrics, problem = _read_json(path / "metrics.json")
+    metrics, problem = _read_json(rd.metrics)
     inputs.metrics = metrics or {}
     if problem:
         inputs.notes.append(problem)
 
-    if (path / "manifest.parquet").is_file():
-        inputs.manifest = _read_parquet(path / "manifest.parquet")
+    if rd.manifest.is_file():
+        inputs.manifest = _read_parquet(rd.manifest)
         inputs.manifest_origin = "manifest.parquet"
     else:
-        folds = sorted(path.glob("fold-*/manifest.parquet"))
+        folds = [f.manifest for f in rd.folds() if f.manifest.is_file()]
         if folds:
             # each image is tested in exactly one fold: the folds' test rows are every image once,
             # and the "split" column becomes the fold that tested it
@@ -222,20 +236,16 @@ def load_run_inputs(
                 inputs.manifest_origin = f"test rows of {len(parts)} fold manifests (k-fold run; columns are folds)"
         else:
             inputs.notes.append("manifest.parquet is missing: the data composition cannot be shown")
-    if (path / "excluded.csv").is_file():
-        try:
-            inputs.excluded = pd.read_csv(path / "excluded.csv")
-        except Exception as exc:  # noqa: BLE001
-            raise CovidCXRError(f"{path / 'excluded.csv'}: unreadable CSV ({exc})") from None
+    inputs.excluded = rd.read_excluded()
 
     if inputs.binary:
-        stored, problem = _read_json(path / EVALUATION_FILE)
+        stored, problem = _read_json(rd.evaluation)
         why = None
         if stored is None:
             why = problem or f"{EVALUATION_FILE} is missing"
         elif reevaluate:
             why = "--reevaluate was given"
-        elif (path / EVALUATION_FILE).stat().st_mtime < pred_path.stat().st_mtime:
+        elif rd.evaluation.stat().st_mtime < pred_path.stat().st_mtime:
             why = f"{EVALUATION_FILE} is older than predictions.parquet"
         else:
             why = _evaluation_is_usable(stored, threshold)
@@ -244,7 +254,7 @@ def load_run_inputs(
         else:
             if (predictions["split"] == "test").any():
                 try:
-                    inputs.evaluation = evaluate_run(path, threshold=0.5 if threshold is None else threshold, n_boot=n_boot, seed=seed, write=False)
+                    inputs.evaluation = evaluate_run(path, threshold=threshold, n_boot=n_boot, seed=seed, write=False)
                     inputs.evaluation_origin = f"computed by the report ({why}; n_boot={n_boot}, seed={seed})"
                 except CovidCXRError as exc:  # e.g. no manifest or config naming the training sources
                     inputs.notes.append(f"the evaluation cannot be computed: {exc}")
@@ -253,7 +263,7 @@ def load_run_inputs(
         if inputs.evaluation is not None:
             inputs.evaluation["run"] = inputs.name
 
-    audit_path = inputs.audit_dir / "audit.json"
+    audit_path = rd.audit_file
     inputs.audit, inputs.audit_problem = _read_json(audit_path)
     return inputs
 
@@ -571,6 +581,8 @@ def collect_run(inputs: RunInputs) -> dict[str, Any]:
         "composition": data_composition(inputs.manifest, inputs.excluded),
         "audit": _audit_section(inputs),
         "notes": list(inputs.notes),
+        "operating_point": inputs.operating_point,
+        "run_warnings": list(inputs.run_warnings),
         "evaluation": None,
         "headline": None,
         "roc": [],

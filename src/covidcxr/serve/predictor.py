@@ -83,13 +83,11 @@ def audit_warnings(run_dir: Path) -> list[InputWarning]:
     prediction should be read without that. A missing or unreadable audit gives nothing
     here (the model card says it is missing).
     """
-    import json
-
-    from covidcxr.audit import AUDIT_DIR, AUDIT_FILE
+    from covidcxr.rundir import RunDir
 
     try:
-        audit = json.loads((Path(run_dir) / AUDIT_DIR / AUDIT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        audit = RunDir(run_dir).read_audit() or {}
+    except CovidCXRError:
         return []
     findings = audit.get("findings") if isinstance(audit, dict) else None
     if not isinstance(findings, list):
@@ -255,7 +253,7 @@ class Predictor:
         if engine == "onnx":
             from covidcxr.serve.onnx_export import CLASSIFIER_FILE, SEGMENTER_FILE, read_export
 
-            folder, self.export_summary = read_export(run.run_dir, run.checkpoint)
+            folder, self.export_summary = read_export(run.run_dir, run.weights_fingerprint)
             self.classifier: Any = OnnxClassifier(folder / CLASSIFIER_FILE, threads=threads)
             self.segmenter: Any = OnnxLungSegmenter(folder / SEGMENTER_FILE, self.config.segmenter_weights, threads=threads)
         else:
