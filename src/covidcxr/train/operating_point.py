@@ -34,7 +34,7 @@ from covidcxr.errors import CovidCXRError
 from covidcxr.rundir import OperatingPoint
 from covidcxr.train.recipe import OperatingPointSection
 
-__all__ = ["apply_temperature", "choose_operating_point", "validation_at"]
+__all__ = ["choose_operating_point", "validation_at"]
 
 INTERVAL = "95% interval of covidcxr.evaluate.metrics.binary_metrics_with_ci (patients kept together)"
 
@@ -64,16 +64,6 @@ def validation_at(threshold: float, y: np.ndarray, probability: np.ndarray, pati
         for name in ("sensitivity", "specificity"):
             out[name] = {k: ci[name][k] for k in ("estimate", "low", "high")}
     return out
-
-
-def apply_temperature(logits: np.ndarray, temperature: float | None, binary: bool) -> np.ndarray:
-    """Probabilities from logits divided by ``temperature`` (None: 1): ``(N,)`` binary, ``(N, K)`` otherwise."""
-    z = np.asarray(logits, dtype=np.float64) / (1.0 if temperature is None else float(temperature))
-    if binary:
-        return 1.0 / (1.0 + np.exp(-z.reshape(-1)))
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def _threshold(spec: OperatingPointSection, y: np.ndarray, probability: np.ndarray) -> float:

@@ -454,17 +454,18 @@ def _calibrate_and_choose(recipe: TrainRecipe, records: pd.DataFrame, deployed: 
         ``(point, deployed)``: with ``calibrate: temperature`` the probabilities of every
         split are replaced by the calibrated ones (``sigmoid(logit / T)``).
     """
-    from covidcxr.train.operating_point import apply_temperature, choose_operating_point
+    from covidcxr.train.operating_point import choose_operating_point
 
     binary = recipe.num_outputs == 1
     spec = recipe.operating_point
     temperature = None
     if spec.calibrate == "temperature" and "val" in deployed:
-        from covidcxr.evaluate.calibration import fit_temperature
+        from covidcxr.evaluate.calibration import apply_temperature, fit_temperature
 
         rows, _, logits = deployed["val"]
-        temperature = float(fit_temperature(logits.reshape(-1) if binary else logits, records.iloc[rows]["target"].to_numpy()))
-        deployed = {s: (r, apply_temperature(z, temperature, binary), z) for s, (r, _, z) in deployed.items()}
+        flat = (lambda z: z.reshape(-1)) if binary else (lambda z: z)  # noqa: E731 - binary logits (N, 1) -> (N,)
+        temperature = float(fit_temperature(flat(logits), records.iloc[rows]["target"].to_numpy().astype(np.int64)))
+        deployed = {s: (r, apply_temperature(flat(z), temperature), z) for s, (r, _, z) in deployed.items()}
     if not binary:
         return OperatingPoint(threshold=None, rule="argmax", chosen_on="nothing", temperature=temperature), deployed
     if "val" not in deployed:
