@@ -37,7 +37,9 @@ def report(
 
     if n_boot < 1:
         raise CovidCXRError(f"--n-boot: expected a positive integer, got {n_boot}")
-    target = out if out is not None else (runs[0] / "report.html" if len(runs) == 1 else Path("report.html"))
+    from covidcxr.rundir import RunDir
+
+    target = out if out is not None else (RunDir(runs[0]).report if len(runs) == 1 else Path("report.html"))
     paths = write_report(runs, target, json_path=json_path, threshold=threshold, n_boot=n_boot, seed=seed, reevaluate=reevaluate, title=title)
     for run in paths.results["runs"]:
         style = _LEVEL_STYLE.get(run["verdict"]["level"], "")

@@ -158,9 +158,9 @@ def find_runs(runs_dir: str | Path) -> list[Path]:
         return []
     found: dict[Path, float] = {}
     for name in CHECKPOINT_NAMES:
-        for checkpoint in root.glob(f"**/checkpoints/{name}.ckpt"):
+        for checkpoint in root.glob(f"**/{RunDir.CHECKPOINTS}/{name}.ckpt"):
             run = checkpoint.parent.parent
-            if not (run / "config.yaml").is_file():
+            if not RunDir(run).config.is_file():
                 continue
             found[run] = max(found.get(run, 0.0), checkpoint.stat().st_mtime)
     return sorted(found, key=lambda p: found[p], reverse=True)

@@ -34,7 +34,7 @@ from covidcxr.errors import CovidCXRError
 from covidcxr.rundir import OperatingPoint
 from covidcxr.train.recipe import OperatingPointSection
 
-__all__ = ["choose_operating_point", "validation_at"]
+__all__ = ["choose_operating_point", "threshold_for_rule", "validation_at"]
 
 INTERVAL = "95% interval of covidcxr.evaluate.metrics.binary_metrics_with_ci (patients kept together)"
 
@@ -66,7 +66,12 @@ def validation_at(threshold: float, y: np.ndarray, probability: np.ndarray, pati
     return out
 
 
-def _threshold(spec: OperatingPointSection, y: np.ndarray, probability: np.ndarray) -> float:
+def threshold_for_rule(spec: OperatingPointSection, y: np.ndarray, probability: np.ndarray) -> float:
+    """The threshold the rule picks on ``(y, probability)`` (validation targets and scores).
+
+    Raises:
+        CovidCXRError: a data-driven rule and a validation split without both classes.
+    """
     from covidcxr.evaluate.metrics import threshold_at_sensitivity, threshold_at_specificity, youden_threshold
 
     if spec.rule == "fixed":
@@ -112,7 +117,7 @@ def choose_operating_point(
     """
     y = np.asarray(y).astype(np.int64)
     probability = np.asarray(probability, dtype=np.float64)
-    threshold = _threshold(spec, y, probability)
+    threshold = threshold_for_rule(spec, y, probability)
     if spec.rule == "fixed":
         chosen_on = "the recipe (fixed; validation numbers reported)"
     return OperatingPoint(
