@@ -119,6 +119,9 @@ def test_a_frozen_random_backbone_is_refused_unless_opted_in_and_then_flagged(tm
     warnings = RunDir(result.run_dir).warnings()
     assert [w["id"] for w in warnings] == ["random_frozen_backbone"] and "random" in warnings[0]["text"]
     assert RunDir(result.run_dir).read_config()["model"]["allow_random_frozen"] is True
+    from covidcxr.serve.predictor import hollow_run_warnings
+
+    assert [w.code for w in hollow_run_warnings(result.run_dir)] == ["model_random_frozen_backbone"]  # on every prediction
 
 
 def test_the_paper_recipes_small_scales_are_not_hollow_and_the_full_ones_need_weights(monkeypatch: pytest.MonkeyPatch) -> None:

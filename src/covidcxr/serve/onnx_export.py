@@ -298,7 +298,7 @@ def read_export(run_dir: str | Path, checkpoint: Path | str | None = None) -> tu
         raise EngineUnavailable(f"{path} is unreadable ({exc}); run `covidcxr export {run_dir} --onnx` again") from None
     wanted = file_sha1(checkpoint) if isinstance(checkpoint, Path) else checkpoint
     if wanted is not None and summary.get("checkpoint_sha1") != wanted:
-        raise EngineUnavailable(f"the ONNX export in {folder} was made from other weights than the run's model now; run `covidcxr export {run_dir} --onnx` again")
+        raise EngineUnavailable(f"the ONNX export in {folder} was made from another checkpoint than the run's model now (its weights changed); run `covidcxr export {run_dir} --onnx` again")
     try:
         current = segmenter_sha1(summary.get("segmenter_weights"))
     except CovidCXRError:

@@ -105,6 +105,21 @@ def audit_warnings(run_dir: Path) -> list[InputWarning]:
     ]
 
 
+def hollow_run_warnings(run_dir: Path) -> list[InputWarning]:
+    """A warning for every prediction of a hollow run (`covidcxr.rundir.RunDir.warnings`, severity ``warning``).
+
+    E.g. ``random_frozen_backbone``: the run was trained with frozen random backbone layers
+    (``model.allow_random_frozen: true``), so its features were never learned.
+    """
+    from covidcxr.rundir import RunDir
+
+    try:
+        found = RunDir(run_dir).warnings()
+    except CovidCXRError:
+        return []
+    return [InputWarning(f"model_{w['id']}", f"this model is a hollow run: {w.get('text', '')}") for w in found if w.get("severity") == "warning"]
+
+
 def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
@@ -272,7 +287,7 @@ class Predictor:
                 self.reference_problem = None
             except CovidCXRError as exc:
                 self.reference_problem = str(exc)
-        self.model_warnings = audit_warnings(run.run_dir)
+        self.model_warnings = audit_warnings(run.run_dir) + hollow_run_warnings(run.run_dir)
         self._lock = threading.Lock()
         self._screening = threading.BoundedSemaphore(SCREENING_SLOTS)
 

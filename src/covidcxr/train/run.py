@@ -463,8 +463,14 @@ def _calibrate_and_choose(recipe: TrainRecipe, records: pd.DataFrame, deployed: 
         from covidcxr.evaluate.calibration import apply_temperature, fit_temperature
 
         rows, _, logits = deployed["val"]
+        targets = records.iloc[rows]["target"].to_numpy()
+        if len(np.unique(targets)) < 2:
+            raise CovidCXRError(
+                f"operating_point.calibrate: a temperature is fitted on validation images of more than one class; the validation split has "
+                f"only class {sorted(set(targets.tolist()))} ({len(targets)} images): enlarge data.split.val_size, or use calibrate none"
+            )
         flat = (lambda z: z.reshape(-1)) if binary else (lambda z: z)  # noqa: E731 - binary logits (N, 1) -> (N,)
-        temperature = float(fit_temperature(flat(logits), records.iloc[rows]["target"].to_numpy().astype(np.int64)))
+        temperature = float(fit_temperature(flat(logits), targets.astype(np.int64)))
         deployed = {s: (r, apply_temperature(flat(z), temperature), z) for s, (r, _, z) in deployed.items()}
     if not binary:
         return OperatingPoint(threshold=None, rule="argmax", chosen_on="nothing", temperature=temperature), deployed
