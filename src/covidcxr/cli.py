@@ -227,6 +227,10 @@ from covidcxr.cli_report import report  # noqa: E402  (thin: imports matplotlib/
 
 app.command("report")(report)
 
+from covidcxr.cli_recipe import recipe_app  # noqa: E402  (thin: imports pydantic models only when run)
+
+app.add_typer(recipe_app, name="recipe")
+
 
 # ---------------------------------------------------------------- demo
 

@@ -698,3 +698,34 @@ def load_experiment(
     )
     experiment.base_recipe  # noqa: B018 - validates the base point now (errors name the field)
     return experiment
+
+
+def recipe_json_schema(kind: Literal["train", "experiment"] = "experiment") -> dict[str, Any]:
+    """The JSON Schema of a recipe file, for editors (YAML language servers) and validators.
+
+    Args:
+        kind: ``"train"`` for a plain training recipe (what ``covidcxr train`` reads) or
+            ``"experiment"`` for an experiment recipe (the same fields plus the
+            ``experiment:`` section, what ``covidcxr experiment run`` reads).
+
+    Returns:
+        A JSON Schema (draft 2020-12, as pydantic writes it) as a dict.
+
+    Example:
+        >>> schema = recipe_json_schema("train")
+        >>> "data" in schema["required"]
+        True
+    """
+    if kind not in ("train", "experiment"):
+        raise ExperimentError(f"recipe schema kind: expected 'train' or 'experiment', got {kind!r}")
+    schema = TrainRecipe.model_json_schema()
+    schema["title"] = "covidcxr training recipe"
+    if kind == "experiment":
+        section = ExperimentSection.model_json_schema()
+        defs = schema.setdefault("$defs", {})
+        defs.update(section.pop("$defs", {}))
+        defs["ExperimentSection"] = section
+        schema["properties"]["experiment"] = {"$ref": "#/$defs/ExperimentSection"}
+        schema["title"] = "covidcxr experiment recipe"
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema

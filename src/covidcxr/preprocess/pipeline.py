@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 from scipy import ndimage
 
 from covidcxr.data.manifest import file_sha1
@@ -113,6 +113,16 @@ def _weights_sha1(weights: str | None) -> str | None:
     return hashlib.sha1("".join(digests).encode("ascii")).hexdigest()
 
 
+_SIZE_SCHEMA = {
+    "description": "model input size: N (square), 'HxW', or [height, width]",
+    "anyOf": [
+        {"type": "integer", "minimum": 8, "maximum": 4096},
+        {"type": "string", "pattern": "^\\s*\\d+\\s*([xX,]\\s*\\d+\\s*)?$"},
+        {"type": "array", "items": {"type": "integer", "minimum": 8, "maximum": 4096}, "minItems": 2, "maxItems": 2},
+    ],
+}
+
+
 class PreprocessConfig(BaseModel):
     """Everything that decides the model input; frozen, and hashed to key the cache.
 
@@ -162,7 +172,10 @@ class PreprocessConfig(BaseModel):
     blur_radius: Annotated[float, Field(ge=0.0, le=50.0)] = 3.0
     crop_margin: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
     crop_min_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
-    size: tuple[Annotated[int, Field(ge=8, le=4096)], Annotated[int, Field(ge=8, le=4096)]] = (224, 224)
+    size: Annotated[
+        tuple[Annotated[int, Field(ge=8, le=4096)], Annotated[int, Field(ge=8, le=4096)]],
+        WithJsonSchema(_SIZE_SCHEMA),  # the forms the validator below accepts, for editors
+    ] = (224, 224)
     pad_value: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     segmenter_weights: str | None = None
 
