@@ -61,7 +61,6 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import pandas as pd
 
-from covidcxr.data.manifest import file_sha1
 from covidcxr.errors import CovidCXRError
 from covidcxr.io.atomic import atomic_path
 from covidcxr.rundir import RunDir
