@@ -74,7 +74,7 @@ _RULE_WORDS = {
     "sensitivity": "the highest threshold reaching the target sensitivity",
     "specificity": "the lowest threshold reaching the target specificity",
     "argmax": "the most probable class (multi-class: no threshold)",
-    LEGACY_RULE: "0.5, not chosen on validation (the run predates stored operating points)",
+    LEGACY_RULE: "not chosen on validation: the run predates stored operating points, so 0.5 is assumed",
 }
 
 
@@ -195,9 +195,12 @@ class OperatingPoint:
         if self.threshold is None:
             return "decision: the most probable class (multi-class run, no threshold)"
         if self.legacy:
-            return f"threshold 0.5 ({_RULE_WORDS[LEGACY_RULE]})"
-        target = "" if self.value is None or self.rule == "fixed" else f" {self.value:g}"
-        text = f"threshold {self.threshold:.4g} ({_RULE_WORDS.get(self.rule, self.rule)}{target}, chosen on {self.chosen_on})"
+            return f"threshold 0.5 (rule {LEGACY_RULE}: {_RULE_WORDS[LEGACY_RULE]})"
+        if self.rule == "fixed":
+            text = f"threshold {self.threshold:.4g} (fixed by the recipe, not chosen on data)"
+        else:
+            target = "" if self.value is None else f" {self.value:g}"
+            text = f"threshold {self.threshold:.4g} ({_RULE_WORDS.get(self.rule, self.rule)}{target}, chosen on {self.chosen_on})"
         v = self.validation
         parts = []
         for name in ("sensitivity", "specificity"):

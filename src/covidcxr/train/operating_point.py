@@ -119,7 +119,7 @@ def choose_operating_point(
     probability = np.asarray(probability, dtype=np.float64)
     threshold = threshold_for_rule(spec, y, probability)
     if spec.rule == "fixed":
-        chosen_on = "the recipe (fixed; validation numbers reported)"
+        chosen_on = "the recipe"
     return OperatingPoint(
         threshold=float(threshold),
         rule=spec.rule,
