@@ -75,10 +75,22 @@ def _print_summary(summary: dict[str, Any]) -> None:
         table.add_row(str(source), *(str(v) for v in row.tolist()), style=style)
     console.print(table)
     console.print(f"views: {summary['views']}   sex: {summary['sex']}   age: {summary['age']}")
+    if summary.get("patient_origin"):
+        origins = ", ".join(f"{n} from {origin}" for origin, n in summary["patient_origin"].items() if origin != "none")
+        console.print(f"patient ids (kept as salted hashes): {origins or 'none given'}")
+        if summary["images_without_patient_id"]:
+            console.print(
+                f"[yellow]{summary['images_without_patient_id']} image(s) without a patient id: each is its own patient, "
+                "so images of one patient may fall on both sides of a split; give patients.csv or DICOM Patient IDs"
+            )
     console.print(
         f"duplicate groups: {summary['duplicate_groups']} ({summary['duplicate_images']} images; "
         f"{summary['duplicate_groups_across_sources']} across sources; {summary['duplicate_groups_listed']} listed in the manifest)"
     )
+    if summary.get("label_conflicts"):
+        console.print(f"[red]{len(summary['label_conflicts'])} file(s) copied under different labels (split and train refuse them):")
+        for line in summary["label_conflicts"]:
+            console.print(f"  [red]{escape(line)}", highlight=False)
     if summary["unreadable"]:
         console.print(f"[red]{len(summary['unreadable'])} unreadable or rejected item(s):")
         for item in summary["unreadable"]:
@@ -117,6 +129,7 @@ def data_manifest(
     from covidcxr.data.dedup import find_near_duplicates
     from covidcxr.data.manifest import write_manifest
     from covidcxr.data.sources import load_source
+    from covidcxr.data.splits import check_label_conflicts
 
     table = load_source(directory, source)
     manifest, rejected = table.manifest, list(table.rejected)
@@ -129,6 +142,10 @@ def data_manifest(
     console.print(f"wrote {out}: {len(manifest)} images, {manifest['patient_id'].nunique()} patients")
     for item in rejected:
         console.print(f"  [red]rejected[/red] {item.path}: {item.reason}")
+    try:
+        check_label_conflicts(manifest)
+    except CovidCXRError as error:  # written all the same (it is the collection as it is), but said
+        console.print(f"[red]{escape(str(error))}", highlight=False)
 
 
 @data_app.command("split")
@@ -142,13 +159,24 @@ def data_split(
     test_source: Annotated[Optional[str], typer.Option(help="loso: the source held out as unseen.")] = None,
     stratify: Annotated[str, typer.Option(help="Comma-separated columns kept in proportion.")] = "source,label",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    dedup: Annotated[bool, typer.Option("--dedup/--no-dedup", help="Decode every image and group near-duplicates (exact copies are always grouped by sha1).")] = True,
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes for --dedup (default: all cores).")] = None,
 ) -> None:
-    """Split patient-disjointly (with near-duplicates kept together); leakage is an error."""
+    """Split patient-disjointly, copies and near-duplicates kept together; leakage and copies with conflicting labels are errors."""
     from covidcxr.data.manifest import read_manifest, write_manifest
     from covidcxr.data.sources import load_source
-    from covidcxr.data.splits import group_kfold, leave_one_source_out, split_train_val_test
+    from covidcxr.data.splits import group_kfold, leave_one_source_out, link_duplicates, split_train_val_test
 
-    manifest = load_source(manifest_path).manifest if manifest_path.is_dir() else read_manifest(manifest_path)
+    if manifest_path.is_dir():
+        table = load_source(manifest_path)
+        manifest, rejected = table.manifest, list(table.rejected)
+    else:
+        manifest, rejected = read_manifest(manifest_path), []
+    if dedup:
+        manifest, unreadable = link_duplicates(manifest, workers=workers, show_progress=True)
+        rejected.extend(unreadable)
+    for item in rejected:
+        console.print(f"  [red]left out[/red] {escape(item.path)}: {escape(item.reason)}", highlight=False)
     columns = tuple(c.strip() for c in stratify.split(",") if c.strip())
     if scheme == "holdout":
         result = split_train_val_test(manifest, test_size=test_size, val_size=val_size, stratify=columns, seed=seed)
@@ -166,7 +194,8 @@ def data_split(
     else:
         raise CovidCXRError(f"--scheme must be holdout, kfold or loso, not {scheme!r}")
     write_manifest(result, out)
-    console.print(f"wrote {out}: {counts}; no patient or duplicate group crosses a boundary")
+    linked = "patient, exact copy (sha1) or near-duplicate group" if dedup else "patient, exact copy (sha1) or listed duplicate group"
+    console.print(f"wrote {out}: {counts}; checked: no {linked} crosses a boundary")
 
 
 @data_app.command("synth")

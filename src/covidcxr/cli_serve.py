@@ -71,52 +71,91 @@ def _print_prediction(image: Path, payload: dict[str, Any]) -> None:
 
 
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="Chest radiographs: PNG, JPEG, TIFF, BMP or DICOM (format from content).")],
+    images: Annotated[list[Path], typer.Argument(help="Chest radiographs or folders (walked recursively): PNG, JPEG, TIFF, BMP or DICOM, format from content.")],
     run: RunOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object per image (a list) instead of tables.")] = False,
+    csv: Annotated[Optional[Path], typer.Option("--csv", help="Batch mode: one row per file (refused ones with the reason) in this CSV, written atomically; a rerun resumes.")] = None,
     out: Annotated[Path, typer.Option(help="Folder for the overlay PNGs (<image>.input.png, .lungs.png, .gradcam.png).")] = Path("predictions"),
-    gradcam: Annotated[bool, typer.Option("--gradcam/--no-gradcam", help="Compute the Grad-CAM map (a backward pass).")] = True,
+    overlays: Annotated[Optional[bool], typer.Option("--overlays/--no-overlays", help="Write the overlay PNGs (default: yes, except with --csv).")] = None,
+    gradcam: Annotated[Optional[bool], typer.Option("--gradcam/--no-gradcam", help="Compute the Grad-CAM map, a backward pass (default: yes, except with --csv).")] = None,
     engine: EngineOption = "torch",
     threads: ThreadsOption = None,
 ) -> None:
     """Probability, decision at the run's threshold, lung-mask and Grad-CAM overlays, and warnings per image.
 
-    Every image is tried; unreadable or refused ones are reported with the reason and
-    the command exits with status 1 after the others are done.
+    Every file is tried; unreadable or refused ones are reported with the reason. Without
+    --csv the command exits with status 1 after the others are done if any was refused;
+    with --csv every outcome is a row of the CSV and the status is 0.
     """
     from covidcxr import MEDICAL_USE_BANNER
     from covidcxr.errors import CovidCXRError
-    from covidcxr.io.atomic import atomic_write_bytes
+    from covidcxr.serve.batch import expand_inputs, predict_to_csv
     from covidcxr.serve.predictor import Predictor
 
+    batch = csv is not None
+    overlays = (not batch) if overlays is None else overlays
+    gradcam = (not batch) if gradcam is None else gradcam
+    files = expand_inputs(images)
     predictor = Predictor.load(run, engine=engine, progress=not json_output, threads=threads)
     if not json_output:
         console.print(f"[bold yellow]{MEDICAL_USE_BANNER}")
     results: list[dict[str, Any]] = []
-    failures = 0
-    suffix = {"input": "input", "lung_mask": "lungs", "gradcam": "gradcam"}
-    for image, name in zip(images, _overlay_names(images)):
-        try:
-            prediction = predictor.predict_file(image, gradcam=gradcam)
-        except CovidCXRError as exc:
-            failures += 1
-            results.append({"image": str(image), "error": getattr(exc, "code", "invalid_input"), "detail": str(exc)})
+    names = dict(zip(files, _overlay_names(files)))
+
+    def report(image: Path, prediction: Any, error: CovidCXRError | None) -> None:
+        if error is not None:
+            results.append({"image": str(image), "error": getattr(error, "code", "invalid_input"), "detail": str(error)})
             if not json_output:
-                err_console.print(f"[bold red]refused[/bold red] {escape(str(image))}: {escape(str(exc))}", highlight=False)
-            continue
-        written = {}
-        for overlay, png in prediction.overlays.items():
-            path = out / f"{name}.{suffix.get(overlay, overlay)}.png"
-            atomic_write_bytes(path, png)
-            written[overlay] = str(path)
-        payload = {"image": str(image), **prediction.to_dict(overlays=written)}
+                err_console.print(f"[bold red]refused[/bold red] {escape(str(image))}: {escape(str(error))}", highlight=False)
+            return
+        payload = {"image": str(image), **prediction.to_dict(overlays=_write_overlays(prediction, out, names.get(image, image.stem)) if overlays else "none")}
         results.append(payload)
-        if not json_output:
+        if not json_output and not batch:
             _print_prediction(image, payload)
+
+    if batch:
+        from contextlib import nullcontext
+
+        from covidcxr.parallel import make_progress
+
+        def on_result(image: Path, row: dict[str, Any], prediction: Any) -> None:
+            report(image, prediction, None if prediction is not None else CovidCXRError(row["detail"]))
+
+        with nullcontext() if json_output else make_progress(transient=True) as progress:
+            task = None if progress is None else progress.add_task("predicting", total=len(files))
+            advance = None if progress is None else (lambda: progress.advance(task))
+            summary = predict_to_csv(predictor, files, csv, gradcam=gradcam, on_result=on_result, on_file=advance)
+        if not json_output:
+            console.print(
+                escape(f"wrote {summary['csv']}: {summary['files']} files, {summary['predicted']} predicted, "
+                       f"{summary['refused']} refused (reason in the CSV), {summary['reused']} reused from an earlier run"),
+                highlight=False,
+            )
+    else:
+        for image in files:
+            try:
+                prediction = predictor.predict_file(image, gradcam=gradcam)
+            except CovidCXRError as exc:
+                report(image, None, exc)
+                continue
+            report(image, prediction, None)
     if json_output:
         sys.stdout.write(json.dumps(results, indent=2, default=str) + "\n")
-    if failures:
+    if not batch and any("error" in r for r in results):
         raise typer.Exit(1)
+
+
+def _write_overlays(prediction: Any, out: Path, name: str) -> dict[str, str]:
+    """Write a prediction's overlay PNGs as ``out/<name>.<kind>.png``; returns kind -> path."""
+    from covidcxr.io.atomic import atomic_write_bytes
+
+    suffix = {"input": "input", "lung_mask": "lungs", "gradcam": "gradcam"}
+    written = {}
+    for overlay, png in prediction.overlays.items():
+        path = out / f"{name}.{suffix.get(overlay, overlay)}.png"
+        atomic_write_bytes(path, png)
+        written[overlay] = str(path)
+    return written
 
 
 def serve(

@@ -83,3 +83,17 @@ class LeakageError(CovidCXRError):
         shown = "\n  ".join(self.offenders[:20])
         more = f"\n  ... and {len(self.offenders) - 20} more" if len(self.offenders) > 20 else ""
         super().__init__(f"{message} ({len(self.offenders)} offenders):\n  {shown}{more}")
+
+
+class LabelConflictError(CovidCXRError):
+    """Byte-identical copies of one image are filed under different labels.
+
+    Attributes:
+        offenders: one line per file hash, naming every copy and its label.
+    """
+
+    def __init__(self, message: str, offenders: Sequence[str]):
+        self.offenders = list(offenders)
+        shown = "\n  ".join(self.offenders[:20])
+        more = f"\n  ... and {len(self.offenders) - 20} more" if len(self.offenders) > 20 else ""
+        super().__init__(f"{message} ({len(self.offenders)} offenders):\n  {shown}{more}")

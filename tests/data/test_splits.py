@@ -94,3 +94,82 @@ def test_shared_collection_split_has_no_leakage(shared_collection):
     grouped = split[split["dup_group"].notna()]
     assert (grouped.groupby("dup_group")["split"].nunique() == 1).all()
     assert (split.groupby("patient_id")["split"].nunique() == 1).all()
+
+
+def _class_folders_with_cross_label_copies(root, copies: int = 8, conflicting: bool = True):
+    """covid/ and normal/ folders of distinct noise images, plus byte-identical copies of covid/0.png."""
+    import shutil
+
+    from covidcxr.io.writers import write_png
+
+    rng = np.random.default_rng(0)
+    for label in ("covid", "normal"):
+        (root / label).mkdir(parents=True)
+        for index in range(12):
+            write_png(root / label / f"{index}.png", rng.random((48, 48)).astype(np.float32))
+    target = "normal" if conflicting else "covid"
+    for index in range(copies):
+        shutil.copy(root / "covid" / "0.png", root / target / f"copy{index}.png")
+    return root
+
+
+def test_copies_under_another_label_are_an_error_naming_the_files(tmp_path):
+    """The issue's reproduction: 8 copies under the other label used to be split apart silently."""
+    from covidcxr.data.sources import load_source
+    from covidcxr.errors import LabelConflictError
+
+    root = _class_folders_with_cross_label_copies(tmp_path / "hospital")
+    manifest = load_source(root, "hospital").manifest
+    for splitter in (split_train_val_test, lambda m: group_kfold(m, n_splits=3)):
+        with pytest.raises(LabelConflictError) as info:
+            splitter(manifest)
+        message = str(info.value)
+        assert "covid/0.png (covid)" in message and "normal/copy7.png (normal)" in message
+
+
+def test_exact_copies_are_linked_by_sha1_without_a_dup_group(tmp_path):
+    from covidcxr.data.sources import load_source
+
+    root = _class_folders_with_cross_label_copies(tmp_path / "hospital", conflicting=False)
+    manifest = load_source(root, "hospital").manifest
+    assert manifest["dup_group"].isna().all()  # nothing listed: only the file hashes link them
+    copies = manifest["sha1"] == manifest.loc[manifest["image"].str.endswith("covid/0.png"), "sha1"].iloc[0]
+    assert copies.sum() == 9
+    for seed in range(4):
+        split = split_train_val_test(manifest, seed=seed)
+        assert split.loc[copies.to_numpy(), "split"].nunique() == 1
+    # and a split made elsewhere that separates them is caught from the sha1 alone
+    split.loc[np.flatnonzero(copies.to_numpy())[0], "split"] = "test"
+    split.loc[np.flatnonzero(copies.to_numpy())[1], "split"] = "train"
+    with pytest.raises(LeakageError, match=r"exact copy \(sha1\)"):
+        check_leakage(split)
+
+
+def test_link_duplicates_groups_near_copies_from_pixels(tmp_path):
+    from covidcxr.data.sources import load_source
+    from covidcxr.data.splits import link_duplicates
+    from covidcxr.io import read_image
+    from covidcxr.io.writers import write_png
+
+    root = _class_folders_with_cross_label_copies(tmp_path / "hospital", copies=0)
+    pixels = read_image(root / "covid" / "3.png").pixels
+    write_png(root / "covid" / "3-reencoded.png", pixels, bits=16)  # same picture, other bytes
+    manifest = load_source(root, "hospital").manifest
+    linked, unreadable = link_duplicates(manifest)
+    assert unreadable == []
+    groups = linked.set_index(linked["image"].str.rsplit("/", n=2).str[-2:].str.join("/"))["dup_group"]
+    assert groups["covid/3.png"] == groups["covid/3-reencoded.png"] and isinstance(groups["covid/3.png"], str)
+
+
+def test_link_duplicates_hashes_the_bytes_not_the_manifest_column(tmp_path):
+    """A manifest whose sha1 describes other files (e.g. the original downloads) cannot hide copies."""
+    from covidcxr.data.sources import load_source
+    from covidcxr.data.splits import link_duplicates
+    from covidcxr.errors import LabelConflictError
+
+    root = _class_folders_with_cross_label_copies(tmp_path / "hospital", copies=2)
+    manifest = load_source(root, "hospital").manifest
+    manifest["sha1"] = [f"{index:040x}" for index in range(len(manifest))]  # stale, all different
+    check_leakage(manifest.assign(split="train"))  # nothing to see from the columns alone
+    with pytest.raises(LabelConflictError, match="file_sha1"):
+        link_duplicates(manifest)

@@ -60,3 +60,19 @@ def test_sniff_file_on_a_text_file(tmp_path) -> None:
     path = tmp_path / "notes.png"
     path.write_text("not an image")
     assert sniff_file(path) is None
+
+
+def test_dicom_marker_wins_over_a_tiff_preamble(tmp_path) -> None:
+    """A valid DICOM whose 128-byte preamble starts with TIFF bytes is a DICOM (PS3.10 7.1)."""
+    from covidcxr.io import read_image
+    from covidcxr.io.writers import dicom_dataset
+
+    pixels = (np.arange(64 * 48, dtype=np.uint16).reshape(64, 48) % 4096).astype(np.uint16)
+    dataset = dicom_dataset(pixels, "MONOCHROME2", 12)
+    dataset.preamble = (b"II*\x00" + struct.pack("<I", 8)).ljust(128, b"\x00")
+    path = tmp_path / "dual_personality"  # no extension, as PACS exports write them
+    dataset.save_as(path, enforce_file_format=True)
+    assert path.read_bytes()[:4] == b"II*\x00"
+    assert sniff_file(path) == "dicom"
+    image = read_image(path)
+    assert image.metadata.format == "dicom" and image.pixels.shape == (64, 48)

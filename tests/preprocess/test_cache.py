@@ -209,3 +209,32 @@ def test_the_real_segmenter_class_plugs_in_through_weights_on_disk(phantoms, tmp
         a, b = load_cached(tmp_path / "a", config, key), load_cached(tmp_path / "b", config, key)
         assert a.lung_mask.shape == (48, 48)
         np.testing.assert_array_equal(a.lung_mask, b.lung_mask)
+
+
+def test_non_radiographs_are_refused_for_training_with_the_reason(phantoms, tmp_path):
+    """A colour photograph, a test pattern and a blank frame never reach the cache (one shared check)."""
+    from PIL import Image
+
+    from covidcxr.io.writers import write_png
+
+    rng = np.random.default_rng(0)
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(photo)
+    pattern = tmp_path / "pattern.png"
+    write_png(pattern, np.repeat(np.arange(8) / 7, 12)[None].repeat(96, axis=0).astype(np.float32))
+    blank = tmp_path / "blank.png"
+    write_png(blank, np.full((96, 96), 0.4, np.float32))
+    bad = phantoms.iloc[:3].copy()
+    bad["image"] = [str(photo), str(pattern), str(blank)]
+    bad["mask"] = None
+    manifest = pd.concat([phantoms, bad], ignore_index=True)
+    config = PreprocessConfig(lungs="none", mask_source="auto", size=(64, 80))
+    result = preprocess_collection(manifest, config, tmp_path / "cache", workers=1, progress=False, segmenter=HalfSegmenter())
+    reasons = {r.path: r.reason for r in result.rejected}
+    assert set(reasons) == {str(photo), str(pattern), str(blank)}
+    assert "colour image" in reasons[str(photo)]
+    assert "distinct grey levels" in reasons[str(pattern)]
+    assert "blank" in reasons[str(blank)]
+    index = result.index.set_index("image")
+    assert set(index.loc[[str(photo), str(pattern), str(blank)], "cache_status"]) == {"error"}
+    assert (index["cache_status"] == "miss").sum() == len(phantoms)  # every phantom passes the screening

@@ -78,3 +78,39 @@ def test_bad_usage_is_one_clear_error(run_dir: Path) -> None:
     assert proc.returncode == 2 and "--onnx" in proc.stderr and "Traceback" not in proc.stderr
     result = runner.invoke(app, ["predict", "x.png", "--run", str(run_dir), "--engine", "onnx"])
     assert isinstance(result.exception, CovidCXRError) and "covidcxr export" in str(result.exception)
+
+
+def test_predict_batch_csv_reports_every_file_and_resumes(run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    folder = tmp_path / "incoming"
+    (folder / "ward" / "deep").mkdir(parents=True)
+    good = split_images(run_dir, "test")[:2]
+    shutil.copy(good[0], folder / "ward" / "IM0001")  # extension-less: read by content
+    shutil.copy(good[1], folder / "ward" / "deep" / "b.png")
+    write_text_as_png(folder / "notes.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(folder / "photo.jpg")
+    csv = tmp_path / "out.csv"
+    overlays = tmp_path / "overlays"
+    result = runner.invoke(app, ["predict", str(folder), "--run", str(run_dir), "--csv", str(csv), "--out", str(overlays)])
+    assert result.exit_code == 0, result.output
+    assert "4 files, 2 predicted, 2 refused" in " ".join(result.output.split())
+    assert not overlays.exists()  # no overlay PNGs in batch mode unless asked
+    rows = pd.read_csv(csv, dtype=str, keep_default_na=False).set_index("image")
+    assert sorted(Path(p).name for p in rows.index) == ["IM0001", "b.png", "notes.png", "photo.jpg"]
+    predicted = rows[rows["status"] == "predicted"]
+    assert sorted(Path(p).name for p in predicted.index) == ["IM0001", "b.png"]
+    assert predicted["probability"].astype(float).between(0, 1).all() and (predicted["decision"] != "").all()
+    refused = rows[rows["status"] == "refused"]
+    assert refused.loc[str(folder / "notes.png"), "error"] == "unsupported_media_type"
+    assert refused.loc[str(folder / "photo.jpg"), "error"] == "not_a_chest_xray" and "colour" in refused.loc[str(folder / "photo.jpg"), "detail"]
+    # a rerun predicts nothing again; a changed file is predicted anew
+    shutil.copy(good[0], folder / "ward" / "deep" / "b.png")
+    again = runner.invoke(app, ["predict", str(folder), "--run", str(run_dir), "--csv", str(csv), "--json"])
+    assert again.exit_code == 0, again.output
+    assert [Path(item["image"]).name for item in json.loads(again.stdout)] == ["b.png"]
+    assert len(pd.read_csv(csv)) == 4

@@ -170,3 +170,28 @@ def test_build_records_on_phantoms(tmp_path: Path) -> None:
     assert train["target"].mean() == pytest.approx(0.5)  # balanced by composition
     assert math.isclose(records["target"].isin([0, 1]).mean(), 1.0)
     assert rejected == []
+
+
+def test_training_straight_from_a_hospital_folder_groups_copies_and_refuses_conflicts(tmp_path: Path) -> None:
+    """load_records on a raw layout finds exact copies and near-duplicates; copies under another label stop it."""
+    import shutil
+
+    from covidcxr.errors import LabelConflictError
+    from covidcxr.io.writers import write_png
+    from covidcxr.train.data import load_records
+
+    root = tmp_path / "ward"
+    rng = np.random.default_rng(0)
+    for label in ("covid", "normal"):
+        (root / label).mkdir(parents=True)
+        for index in range(6):
+            write_png(root / label / f"{index}.png", rng.random((48, 48)).astype(np.float32))
+    shutil.copy(root / "covid" / "0.png", root / "covid" / "0-again.png")
+    recipe = recipe_from_mapping({"data": {"collection": str(root), "task": "covid_vs_rest"}})
+    manifest, rejected = load_records(recipe)
+    assert rejected == []
+    copies = manifest[manifest["image"].str.contains(r"covid/0(?:-again)?\.png$")]
+    assert len(copies) == 2 and copies["dup_group"].nunique() == 1 and copies["dup_group"].notna().all()
+    shutil.copy(root / "covid" / "0.png", root / "normal" / "misfiled.png")
+    with pytest.raises(LabelConflictError, match=r"normal/misfiled\.png \(normal\)"):
+        load_records(recipe)

@@ -1,13 +1,16 @@
 """Patient-disjoint splits, grouped cross-validation, leave-one-source-out, and the leakage check.
 
 Every split here is made over *linked groups*, not images: images of the same patient,
-and near-duplicate images (same ``dup_group``, even under different patient ids), form one
-group and always land on the same side. "Excluding from the test-set exams taken from
+byte-identical copies (same ``sha1``) and near-duplicate images (same ``dup_group``, even
+under different patient ids) form one group and always land on the same side. Copies of
+one file filed under different labels are an error (`check_label_conflicts`): no split
+can be right while the labels contradict each other. `link_duplicates` fills
+``dup_group`` from the pixels (`covidcxr.data.dedup`) for layouts that list none. "Excluding from the test-set exams taken from
 patients already present in the training-set is important ... to exclude the deep model
 has not learned a 'patient's lung shape' feature" (Tartaglione et al. 2020, §3.2).
 
 Every function ends by running `check_leakage`, which raises `LeakageError` listing each
-patient or duplicate group found on two sides — an error, never a warning.
+patient, exact copy or duplicate group found on two sides — an error, never a warning.
 
 Defaults follow Tartaglione et al. §3.2: 70% train / 30% test, then 80/20 of the training
 part for train/val. Hall et al. and Apostolopoulos et al. use 10-fold cross-validation;
@@ -22,14 +25,24 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from covidcxr.data.dedup import Fingerprints, edges_of_shared_values, link_groups, near_duplicate_pairs
-from covidcxr.data.manifest import is_missing, validate_manifest
+from covidcxr.data.dedup import Fingerprints, edges_of_shared_values, find_near_duplicates, link_groups, near_duplicate_pairs
+from covidcxr.data.manifest import file_sha1, is_missing, validate_manifest
 from covidcxr.data.sources.base import Rejection
-from covidcxr.errors import CovidCXRError, LeakageError
+from covidcxr.errors import CovidCXRError, LabelConflictError, LeakageError
+
+# Columns whose shared values link rows into one group, and what a shared value means.
+# ``file_sha1`` is the preprocessing cache's hash of the bytes actually read (a manifest's
+# ``sha1`` may describe the original download); both are used when present.
+LINK_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("patient_id", "patient"),
+    ("sha1", "exact copy (sha1)"),
+    ("file_sha1", "exact copy (file sha1)"),
+    ("dup_group", "near-duplicate group"),
+)
 
 
 def linked_groups(manifest: pd.DataFrame) -> np.ndarray:
-    """Group id per row: rows sharing a ``patient_id`` or a ``dup_group`` are linked.
+    """Group id per row: rows sharing a ``patient_id``, a ``sha1`` or a ``dup_group`` are linked.
 
     Returns:
         ``(N,)`` int array, row-aligned with ``manifest``.
@@ -40,8 +53,81 @@ def linked_groups(manifest: pd.DataFrame) -> np.ndarray:
         [0, 0, 1, 1]
     """
     frame = manifest.reset_index(drop=True)
-    edges = np.concatenate([edges_of_shared_values(frame["patient_id"]), edges_of_shared_values(frame["dup_group"])])
-    return link_groups(len(frame), edges)
+    edges = [edges_of_shared_values(frame[column]) for column, _ in LINK_COLUMNS if column in frame.columns]
+    return link_groups(len(frame), np.concatenate(edges) if edges else np.zeros((0, 2), np.int64))
+
+
+def check_label_conflicts(manifest: pd.DataFrame) -> None:
+    """Raise `LabelConflictError` when byte-identical copies of a file carry different labels.
+
+    Exact copies (same ``sha1`` or ``file_sha1``) are one radiograph: two labels for it
+    mean the collection is mislabelled, and no split or training can be trusted until a
+    person decides. Near-duplicates (``dup_group``) with different labels are not refused:
+    a re-encoded or re-cropped figure may legitimately be relabelled by another source,
+    and the split keeps them together anyway.
+
+    Raises:
+        LabelConflictError: one offender per conflicting file hash, naming every file and
+            its label.
+
+    Example:
+        >>> m = pd.DataFrame({"image": ["/c/covid/0.png", "/c/normal/9.png"], "label": ["covid", "normal"],
+        ...                   "sha1": ["a" * 40, "a" * 40]})
+        >>> check_label_conflicts(m)  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        covidcxr.errors.LabelConflictError: byte-identical copies filed under different labels (1 offenders): ...
+    """
+    offenders: list[str] = []
+    seen: set[frozenset[str]] = set()
+    for column in ("sha1", "file_sha1"):
+        if column not in manifest.columns:
+            continue
+        present = manifest[~manifest[column].map(is_missing)]
+        labels = present.groupby(column)["label"].nunique()
+        for value in labels.index[labels > 1]:
+            rows = present[present[column] == value]
+            images = frozenset(rows["image"].astype(str))
+            if images in seen:
+                continue
+            seen.add(images)
+            listed = ", ".join(f"{image} ({label})" for image, label in zip(rows["image"], rows["label"]))
+            offenders.append(f"{column} {str(value)[:12]}: {listed}")
+    if offenders:
+        raise LabelConflictError(
+            "byte-identical copies filed under different labels; keep one copy with its right label "
+            "(or remove all) before splitting or training",
+            offenders,
+        )
+
+
+def link_duplicates(
+    manifest: pd.DataFrame, workers: int | None = None, show_progress: bool = False
+) -> tuple[pd.DataFrame, list[Rejection]]:
+    """Fill ``dup_group`` from the pixels and refuse copies with conflicting labels.
+
+    The step every path that splits or trains runs on a layout that lists no duplicates
+    (a hospital's folders, a public layout): exact copies (``sha1``, and ``file_sha1``, the
+    hash of the bytes actually on disk, added here) and near-duplicates detected by
+    `covidcxr.data.dedup.find_near_duplicates` join one ``dup_group``.
+
+    Returns:
+        ``(manifest, unreadable)``: the readable rows with ``dup_group`` and ``file_sha1`` filled, and one
+        `Rejection` per image that could not be decoded (left out, with the reason).
+
+    Raises:
+        LabelConflictError: byte-identical copies with different labels (`check_label_conflicts`).
+    """
+    if manifest.empty:
+        check_label_conflicts(manifest)
+        return manifest.reset_index(drop=True), []
+    linked, _, unreadable = find_near_duplicates(manifest, workers=workers, show_progress=show_progress)
+    bad = {item.path for item in unreadable}
+    linked = linked[~linked["image"].astype(str).isin(bad)].reset_index(drop=True)
+    # The bytes actually there, not the manifest's word for them (a collection's sha1 may
+    # describe the original download): copies are linked and checked by this too.
+    linked["file_sha1"] = [file_sha1(path) for path in linked["image"]]
+    check_label_conflicts(linked)
+    return linked, unreadable
 
 
 def _group_strata(manifest: pd.DataFrame, groups: np.ndarray, stratify: Sequence[str]) -> pd.Series:
@@ -111,6 +197,7 @@ def split_train_val_test(
     if not 0.0 <= test_size < 1.0 or not 0.0 <= val_size < 1.0:
         raise CovidCXRError(f"test_size and val_size must be in [0, 1); got {test_size} and {val_size}")
     out = manifest.reset_index(drop=True).copy()
+    check_label_conflicts(out)
     groups = linked_groups(out)
     sizes = pd.Series(groups).value_counts()
     strata = _group_strata(out, groups, stratify)
@@ -136,6 +223,7 @@ def group_kfold(
         test set is ``fold == k``; its training set is every other fold.
     """
     out = manifest.reset_index(drop=True).copy()
+    check_label_conflicts(out)
     groups = linked_groups(out)
     if len(np.unique(groups)) < n_splits:
         raise CovidCXRError(f"cannot make {n_splits} folds from {len(np.unique(groups))} patient groups")
@@ -170,6 +258,7 @@ def leave_one_source_out(
     out = manifest.reset_index(drop=True).copy()
     if test_source not in set(out["source"]):
         raise CovidCXRError(f"source {test_source!r} is not in the manifest; it has {sorted(set(out['source']))}")
+    check_label_conflicts(out)
     groups = linked_groups(out)
     is_test = (out["source"] == test_source).to_numpy()
     test_linked = np.isin(groups, np.unique(groups[is_test]))
@@ -197,7 +286,11 @@ def _describe(rows: pd.DataFrame, column: str) -> str:
 
 
 def check_leakage(manifest: pd.DataFrame, column: str = "split", fingerprints: Fingerprints | None = None) -> None:
-    """Raise `LeakageError` if a patient or a near-duplicate sits on two sides of ``column``.
+    """Raise `LeakageError` if a patient, an exact copy or a near-duplicate sits on two sides of ``column``.
+
+    Exact copies are found from the file hashes (``sha1``, and ``file_sha1`` when
+    present), not only from ``dup_group``: a manifest whose ``dup_group`` was never filled
+    (or was filled by someone else) cannot hide a copy on both sides.
 
     Args:
         manifest: a split manifest (``split`` or ``fold`` column); rows with an empty
@@ -215,7 +308,9 @@ def check_leakage(manifest: pd.DataFrame, column: str = "split", fingerprints: F
         raise CovidCXRError(f"cannot check leakage: the manifest has no {column!r} column")
     assigned = manifest[~manifest[column].map(is_missing)]
     offenders: list[str] = []
-    for key, kind in (("patient_id", "patient"), ("dup_group", "near-duplicate group")):
+    for key, kind in LINK_COLUMNS:
+        if key not in assigned.columns:
+            continue
         present = assigned[~assigned[key].map(is_missing)]
         sides = present.groupby(key)[column].nunique()
         for value in sides.index[sides > 1]:

@@ -17,6 +17,8 @@ import pandas as pd
 from covidcxr.data.dedup import find_near_duplicates
 from covidcxr.data.manifest import LABELS, is_missing
 from covidcxr.data.sources import SourceTable, detect_source, load_source
+from covidcxr.data.splits import check_label_conflicts
+from covidcxr.errors import LabelConflictError
 
 
 def _counts(series: pd.Series) -> dict[str, int]:
@@ -44,6 +46,12 @@ def summarize_manifest(table: SourceTable, check_images: bool = True, workers: i
         for source, frame in manifest.groupby("source", sort=True)
     }
     ages = manifest["age"].dropna()
+    conflicts: list[str] = []
+    try:
+        check_label_conflicts(manifest)
+    except LabelConflictError as error:
+        conflicts = error.offenders
+    origins = _counts(manifest["patient_origin"].fillna("given")) if "patient_origin" in manifest.columns else {}
     return {
         "images": int(len(manifest)),
         "patients": int(manifest["patient_id"].nunique()),
@@ -52,6 +60,10 @@ def summarize_manifest(table: SourceTable, check_images: bool = True, workers: i
         "by_label": {label: int((manifest["label"] == label).sum()) for label in LABELS},
         "patients_by_source": {s: int(n) for s, n in manifest.groupby("source")["patient_id"].nunique().items()},
         "images_per_patient_max": int(manifest["patient_id"].value_counts().max()) if len(manifest) else 0,
+        # where each image's patient came from (hospital adapter: patients.csv, labels.csv,
+        # dicom, or none: each such image is its own patient); {} when the layout does not say
+        "patient_origin": origins,
+        "images_without_patient_id": int(origins.get("none", 0)),
         "views": _counts(manifest["view"]),
         "sex": _counts(manifest["sex"].fillna("unknown")),
         "age": {
@@ -69,6 +81,8 @@ def summarize_manifest(table: SourceTable, check_images: bool = True, workers: i
         "near_duplicate_pairs_detected": detected_pairs,
         "images_checked": bool(check_images),
         "unreadable": unreadable,
+        # byte-identical copies filed under different labels: splitting and training refuse them
+        "label_conflicts": conflicts,
     }
 
 

@@ -73,7 +73,14 @@ def sniff_format(head: bytes) -> str | None:
         'png'
         >>> sniff_format(bytes(128) + b"DICM"), sniff_format(b"hello") is None
         ('dicom', True)
+        >>> sniff_format(b"II*\\x00" + bytes(124) + b"DICM")  # TIFF bytes in the preamble
+        'dicom'
     """
+    # DICOM first: PS3.10's 128-byte preamble is free for applications to fill, and some
+    # write a TIFF header there (a "dual-personality" file), so a file with "DICM" at
+    # byte 128 is a DICOM whatever its first bytes say.
+    if has_dicom_preamble(head):
+        return "dicom"
     if head.startswith(_PNG_SIGNATURE):
         return "png"
     if head.startswith(_JPEG_SIGNATURE):
@@ -84,7 +91,7 @@ def sniff_format(head: bytes) -> str | None:
         (info_header_size,) = struct.unpack_from("<I", head, 14)
         if info_header_size in _BMP_INFO_HEADER_SIZES:
             return "bmp"
-    if has_dicom_preamble(head) or _looks_like_bare_dicom(head):
+    if _looks_like_bare_dicom(head):
         return "dicom"
     return None
 

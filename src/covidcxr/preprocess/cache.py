@@ -29,7 +29,9 @@ index's ``cache_key`` column holds the key of every row; ``file_sha1`` the image
   which mask was used, shapes, hashes).
 
 Rejected images (empty mask, crop too small) are cached too, with their reason, so a
-resumed run does not redo them; unreadable files are not (they are re-tried each run).
+resumed run does not redo them; unreadable files, and files that are not chest
+radiographs (`covidcxr.preprocess.screening`: colour photographs, test patterns, blank
+frames...), are not: they are reported with the reason each run and never trained on.
 
 **Writes** go through `covidcxr.io.atomic_path`: an entry exists complete or not at all,
 so a killed run loses only its in-flight images and the next run counts the rest as hits.
@@ -353,7 +355,7 @@ def _compute_chunk(todo: Sequence[_Todo]) -> list[dict[str, Any]]:
     config: PreprocessConfig = _STATE["config"]
     directory: Path = _STATE["directory"]
     needs_model = any(item[2] is None for item in todo)
-    results = preprocess_batch([(item[1], item[2]) for item in todo], config, _segmenter() if needs_model else None)
+    results = preprocess_batch([(item[1], item[2]) for item in todo], config, _segmenter() if needs_model else None, screen=True)
     done: list[dict[str, Any]] = []
     for (position, _, _, image_sha1, mask_sha1, key), result in zip(todo, results):
         if isinstance(result, CovidCXRError):

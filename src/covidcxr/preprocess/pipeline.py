@@ -66,7 +66,8 @@ from covidcxr.preprocess.geometry import (
 
 # Bump whenever a code change alters any output array or number for the same config:
 # it is part of the config hash, so stale cache entries are never read as current.
-PIPELINE_VERSION = 1
+# 2: images that are not chest radiographs are refused (`covidcxr.preprocess.screening`).
+PIPELINE_VERSION = 2
 
 # Long side of the QC thumbnails (`PreprocessedImage.original`), in pixels.
 QC_SIZE = 192
@@ -463,6 +464,7 @@ def preprocess_batch(
     items: Sequence[tuple[str | Path, MaskPath]],
     config: PreprocessConfig,
     segmenter: Segmenter | None = None,
+    screen: bool = False,
 ) -> list[PreprocessedImage | CovidCXRError]:
     """Preprocess several images, segmenting those that need the U-Net in one batch.
 
@@ -472,18 +474,28 @@ def preprocess_batch(
         config: the pipeline settings.
         segmenter: a loaded segmenter (anything with ``segment_batch``); None loads the
             configured one when an image needs it (`load_segmenter`).
+        screen: refuse what is not a chest radiograph (colour photograph, extreme aspect,
+            tiny, non-radiograph DICOM modality, blank, test pattern) with the one check
+            training and inference share (`covidcxr.preprocess.screening`).
 
     Returns:
         One entry per item, in order: a `PreprocessedImage`, or the `CovidCXRError` that
-        made it unusable (unreadable image or mask, missing manifest mask) — the caller
-        reports it; other exceptions are bugs and propagate.
+        made it unusable (unreadable image or mask, missing manifest mask, refused by the
+        screening) — the caller reports it; other exceptions are bugs and propagate.
     """
+    from covidcxr.io.image import DEFAULT_MAX_PIXELS
+    from covidcxr.preprocess.screening import inspect_input, screen_pixels
+
     results: list[PreprocessedImage | CovidCXRError | None] = [None] * len(items)
     prepared: list[tuple[int, np.ndarray, np.ndarray | None, str]] = []
     for position, (path, manifest_mask) in enumerate(items):
         try:
             origin = mask_origin(config, manifest_mask)
+            if screen:
+                inspect_input(path, DEFAULT_MAX_PIXELS)
             equalized = load_equalized(path, config)
+            if screen:
+                screen_pixels(equalized)
             mask = None
             if origin == "manifest":
                 if isinstance(manifest_mask, np.ndarray):

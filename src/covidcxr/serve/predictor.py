@@ -3,7 +3,7 @@
 The steps, for a file (an upload is first written to a private temporary file whose name
 the client never chooses):
 
-1. **screen** (`covidcxr.serve.checks.inspect_input`): content sniffing, the pixel limit
+1. **screen** (`covidcxr.preprocess.screening.inspect_input`): content sniffing, the pixel limit
    before decoding, refusal of what is plainly not a chest radiograph, early warnings;
 2. **preprocess** with the run's own `PreprocessConfig` through
    `covidcxr.preprocess.pipeline.preprocess_batch` — the code path training used (read →
@@ -48,14 +48,13 @@ import torch
 from covidcxr import MEDICAL_USE_BANNER
 from covidcxr.errors import CovidCXRError, ImageReadError
 from covidcxr.serve.checks import (
-    BLANK_STD,
     DEFAULT_SERVICE_MAX_PIXELS,
     InputInfo,
     InputWarning,
     inspect_input,
     segmentation_warnings,
 )
-from covidcxr.serve.errors import EmptyUpload, NotAChestXray, UnreadableImage
+from covidcxr.serve.errors import EmptyUpload, ServeError, UnreadableImage
 from covidcxr.train.inference import LoadedRun, latest_run, load_run
 
 __all__ = ["DEFAULT_RUN_ROOTS", "Prediction", "Predictor", "default_run"]
@@ -355,7 +354,7 @@ class Predictor:
 
         Raises:
             UnsupportedImageType, ImageTooLarge, UnreadableImage, NotAChestXray: see
-                `covidcxr.serve.checks.inspect_input`; also a blank image.
+                `covidcxr.preprocess.screening` (inspect_input; screen_pixels: blank, test pattern).
         """
         from covidcxr.audit.saliency import gradcam as gradcam_maps
         from covidcxr.audit.saliency import lung_focus_fraction
@@ -369,14 +368,15 @@ class Predictor:
         timings["screen"] = _ms(start)
         with self._lock:
             step = time.perf_counter()
-            (result,) = preprocess_batch([(path, None)], self.config, self.segmenter)
+            # screen=True: the blank / test-pattern refusals training makes too (one check)
+            (result,) = preprocess_batch([(path, None)], self.config, self.segmenter, screen=True)
+            if isinstance(result, ServeError):
+                raise result
             if isinstance(result, ImageReadError):
                 raise UnreadableImage(result.reason) from None
             if isinstance(result, CovidCXRError):
                 raise UnreadableImage(str(result).replace(str(path), "the image")) from None
             timings["preprocess"] = _ms(step)
-            if float(np.std(result.original)) < BLANK_STD:
-                raise NotAChestXray("the image is blank (one uniform intensity)")
             step = time.perf_counter()
             probabilities, embeddings = self.classifier(result.image[None])
             timings["classify"] = _ms(step)

@@ -4,7 +4,8 @@ The order of the steps, and why:
 
 1. **records** (`load_records`): the collection (any adapter's layout), a manifest file, or
    phantoms written by `covidcxr.data.synth.synthesize` (resumable, so the demo recipe
-   needs no data).
+   needs no data). A raw layout (a hospital's folders, a public dataset) gets its
+   exact copies and near-duplicates grouped from the pixels (`link_duplicates`).
 2. **task** (`select_task`): frontal views if asked, the recipe's sources, the task's
    labels, and the integer ``target`` (``class_name`` says which class it is). Kermany's
    bacterial/viral classes come from the ``finding`` column.
@@ -43,8 +44,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from covidcxr.data.compose import Composition, compose
 from covidcxr.data.manifest import LABELS, SPLITS, is_missing, read_manifest
-from covidcxr.data.sources import Rejection, load_source
-from covidcxr.data.splits import check_leakage, group_kfold, leave_one_source_out, split_train_val_test
+from covidcxr.data.sources import Rejection, detect_source, load_source
+from covidcxr.data.splits import check_leakage, group_kfold, leave_one_source_out, link_duplicates, split_train_val_test
 from covidcxr.errors import CovidCXRError
 from covidcxr.preprocess.cache import PreprocessResult, config_dir, entry_path, preprocess_collection, read_entry
 from covidcxr.train.recipe import TASKS, TrainRecipe
@@ -129,8 +130,14 @@ def load_records(recipe: TrainRecipe, progress: bool = False) -> tuple[pd.DataFr
     folder = Path(data.collection or "")
     if not folder.is_dir():
         raise CovidCXRError(f"data.collection {folder} is not a folder")
-    table = load_source(folder, data.adapter)
-    return table.manifest, list(table.rejected)
+    adapter = data.adapter or detect_source(folder)
+    table = load_source(folder, adapter)
+    if adapter == "collection":  # a covidcxr collection's manifest.csv lists its dup_group
+        return table.manifest, list(table.rejected)
+    # A raw layout (a hospital's folders, a public dataset) lists no duplicates: find them
+    # from the pixels, and refuse copies filed under different labels.
+    manifest, unreadable = link_duplicates(table.manifest, show_progress=progress)
+    return manifest, [*table.rejected, *unreadable]
 
 
 def _kermany_class(label: str, finding: object) -> str | None:

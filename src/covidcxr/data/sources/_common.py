@@ -17,9 +17,6 @@ from covidcxr.data.manifest import file_sha1, is_missing, make_manifest, normali
 from covidcxr.data.sources.base import Rejection, SourceTable, require_columns, require_file
 from covidcxr.errors import SourceLayoutError
 
-# Extensions a chest X-ray can come in; used where a layout is "a folder of images".
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".tif", ".tiff", ".bmp"})
-
 
 def resolve_root(root: str | Path) -> Path:
     """The layout's root as an absolute path, so every manifest path is absolute."""
