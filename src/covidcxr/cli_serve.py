@@ -256,7 +256,9 @@ def export(
     if json_output:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return
-    folder = out or run / "export"
+    from covidcxr.rundir import RunDir
+
+    folder = out or RunDir(run).export_dir
     classifier, unet = summary["classifier"], summary["lung_unet"]
     console.print(escape(f"wrote {folder}/{classifier['file']}, {unet['file']} and export.json in {summary['seconds']} s"), highlight=False)
     console.print(

@@ -46,6 +46,7 @@ from covidcxr.errors import CovidCXRError
 from covidcxr.evaluate import subgroups
 from covidcxr.evaluate.cross_source import evaluate_run, json_ready, training_sources
 from covidcxr.io.atomic import atomic_path, atomic_write_text
+from covidcxr.rundir import RunDir
 from covidcxr.train.inference import cached_inputs, load_run
 
 __all__ = ["AUDIT_DIR", "AUDIT_FILE", "audit_run", "read_audit"]
@@ -164,10 +165,9 @@ def audit_run(
     run = load_run(run_dir)
     if not run.binary:
         raise CovidCXRError(f"{run.run_dir}: the audit scores a binary run (AUC of the positive class); this run has classes {run.classes}")
-    manifest_file = run.run_dir / "manifest.parquet"
-    if not manifest_file.is_file():
-        raise CovidCXRError(f"{run.run_dir}: no manifest.parquet (expected a run directory written by covidcxr train)")
-    manifest = pd.read_parquet(manifest_file)
+    rd = RunDir(run.run_dir)
+    manifest_file = rd.manifest
+    manifest = rd.read_manifest()
     rows = manifest[manifest["split"].isin(["val", "test"])].reset_index(drop=True)
     if rows.empty or not (rows["split"] == "test").any():
         raise CovidCXRError(f"{manifest_file}: no test images to audit")
@@ -212,8 +212,10 @@ def audit_run(
         "run": run.name,
         "run_dir": str(run.run_dir),
         "checkpoint": str(run.checkpoint),
+        "model": run.model_description,
+        "threshold": run.threshold,
+        "operating_point": run.operating_point.to_dict() if run.operating_point is not None else None,
         "split": "test",
-        "threshold": float(run.threshold),
         "n_images": int(is_test.sum()),
         "n_patients": int(test_rows["patient_id"].nunique()),
         "n_images_probe": int(len(kept)),
@@ -242,7 +244,7 @@ def audit_run(
     report["seconds"] = round(time.perf_counter() - started, 2)
     report = json_ready(report)
     if write:
-        atomic_write_text(run.run_dir / AUDIT_DIR / AUDIT_FILE, json.dumps(report, indent=2, allow_nan=False) + "\n")
+        atomic_write_text(rd.audit_file, json.dumps(report, indent=2, allow_nan=False) + "\n")
     return report
 
 
@@ -268,10 +270,4 @@ def _write_outputs(run: Any, report: dict[str, Any], focus: pd.DataFrame, maps: 
 
 def read_audit(run_dir: str | Path) -> dict[str, Any] | None:
     """``RUN/audit/audit.json`` if the run was audited, else None."""
-    path = Path(run_dir) / AUDIT_DIR / AUDIT_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CovidCXRError(f"{path}: not valid JSON ({exc})") from None
+    return RunDir(run_dir).read_audit()
