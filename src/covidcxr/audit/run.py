@@ -37,7 +37,7 @@ import pandas as pd
 
 from covidcxr.audit import AUDIT_DIR, AUDIT_FILE
 from covidcxr.audit.ablation import blank_lungs, keep_lungs_only, lung_ablation
-from covidcxr.audit.embedding import plot_embedding, tsne_map
+from covidcxr.audit.embedding import EMBEDDING_METHODS, embedding_map, plot_embedding, require_umap
 from covidcxr.audit.findings import derive_findings, verdict
 from covidcxr.audit.intensity import intensity_perturbation
 from covidcxr.audit.probe import source_probe
@@ -138,6 +138,7 @@ def audit_run(
     write: bool = True,
     progress: bool = False,
     say: Callable[[str], None] = _say_nothing,
+    embedding: str = "tsne",
 ) -> dict[str, Any]:
     """Audit one binary run for shortcut learning.
 
@@ -150,6 +151,8 @@ def audit_run(
         write: write ``RUN/audit/`` (and ``RUN/evaluation.json``).
         progress: show the preprocessing progress bar.
         say: called with one line per step (the CLI prints them).
+        embedding: the embedding map's method, ``tsne`` or ``umap`` (umap-learn, optional;
+            `covidcxr.audit.embedding.embedding_map`).
 
     Returns:
         The ``audit.json`` content: ``run``, ``verdict`` (``no_skill``, ``shortcut``,
@@ -162,6 +165,10 @@ def audit_run(
         CovidCXRError: not a run directory, a multi-class run, no val/test images.
     """
     started = time.perf_counter()
+    if embedding not in EMBEDDING_METHODS:  # before the costly steps
+        raise CovidCXRError(f"embedding must be one of {list(EMBEDDING_METHODS)}; got {embedding!r}")
+    if embedding == "umap":
+        require_umap()
     run = load_run(run_dir)
     if not run.binary:
         raise CovidCXRError(f"{run.run_dir}: the audit scores a binary run (AUC of the positive class); this run has classes {run.classes}")
@@ -204,8 +211,8 @@ def audit_run(
     say(f"Grad-CAM and lung focus on {int(is_test.sum())} test images")
     saliency, focus, maps = _saliency(run, images[is_test], lung_masks[is_test], test_rows)
 
-    say("t-SNE of the embeddings (every audited source)")
-    coordinates = tsne_map(embeddings, seed=seed) if len(embeddings) >= 5 else None
+    say(f"{EMBEDDING_METHODS[embedding]} of the embeddings (every audited source)")
+    coordinates = embedding_map(embeddings, embedding, seed=seed) if len(embeddings) >= 5 else None
 
     findings = derive_findings(evaluation, ablation, probe, saliency, lungs_mode, label_mix=mix, confounders=confounders, intensity=intensity)
     report = {
@@ -234,7 +241,7 @@ def audit_run(
         "label_mix": mix,
         "source_probe": probe,
         "saliency": saliency,
-        "embedding": {"method": "tsne", "figure": "embedding.png", "table": "embedding.parquet"} if coordinates is not None else {"skipped": "fewer than 5 images"},
+        "embedding": {"method": embedding, "figure": "embedding.png", "table": "embedding.parquet"} if coordinates is not None else {"skipped": "fewer than 5 images"},
         "n_boot": int(n_boot),
         "seed": int(seed),
         "seconds": None,
@@ -265,7 +272,7 @@ def _write_outputs(run: Any, report: dict[str, Any], focus: pd.DataFrame, maps: 
         table["x"], table["y"] = coordinates[:, 0], coordinates[:, 1]
         with atomic_path(out / "embedding.parquet") as tmp:
             table.to_parquet(tmp, index=False)
-        plot_embedding(table, out / "embedding.png", title=f"{run.name}: val + test embeddings (seen and unseen sources)", training_sources=report["training_sources"])
+        plot_embedding(table, out / "embedding.png", title=f"{run.name}: val + test embeddings (seen and unseen sources)", training_sources=report["training_sources"], method=report["embedding"]["method"])
 
 
 def read_audit(run_dir: str | Path) -> dict[str, Any] | None:

@@ -16,6 +16,12 @@ What survives what:
   goes on; points that need a failed stage-1 run fail with that reason;
   ``--retry-failed`` puts failed runs back in the queue.
 
+**Checkpoints kept** (``output.keep``, ``--keep``): a run is trained keeping every
+checkpoint, and the policy is applied only once it is done — trained, tested and stored —
+so a run that may still resume keeps its ``last.ckpt``. ``last`` never removes a model
+another run of the grid starts from (a stage-1 run's, or a point's that has an adaptation
+run): those keep everything (`_apply_keep`).
+
 Each run scales out through Lightning: ``engine.devices`` / ``engine.num_nodes`` (the
 ``--devices`` / ``--num-nodes`` options). A run that needs more than one process is
 trained in a child ``covidcxr train`` process, so Lightning's launcher re-executes that
@@ -107,9 +113,11 @@ def _needs_child_process(recipe: Any) -> bool:
 
 
 def _train(recipe: Any, experiment: ExperimentRecipe, progress: bool, say: Callable[[str], None]) -> dict[str, Any]:
-    """Train (or resume, or find finished) one run; returns its metrics.json."""
+    """Train (or resume, or find finished) one run, keeping every checkpoint (`_apply_keep` prunes later); returns its metrics.json."""
     from covidcxr.train.run import train_recipe
 
+    if recipe.output.keep != "all":
+        recipe = recipe.with_updates({"output.keep": "all"})
     run_dir = recipe.run_dir()
     if _needs_child_process(recipe):
         recipe_file = experiment.root / ".recipes" / f"{run_dir.name}.yaml"
@@ -125,6 +133,30 @@ def _train(recipe: Any, experiment: ExperimentRecipe, progress: bool, say: Calla
     if result.status == "interrupted":
         raise KeyboardInterrupt
     return result.metrics
+
+
+def _apply_keep(target: GridPoint | PretrainRun | AdaptRun, targets: dict[str, Any], say: Callable[[str], None]) -> None:
+    """Apply the run's ``output.keep`` once it is done (`covidcxr.train.callbacks.keep_checkpoints`).
+
+    ``last`` would remove the model that a stage-1 run's points, or a point's adaptation
+    run, start from: such a run keeps every checkpoint (and says so).
+    """
+    from covidcxr.train.callbacks import keep_checkpoints
+
+    keep = target.recipe.output.keep
+    started_from = isinstance(target, PretrainRun) or f"{target.key}/adapt" in targets
+    if keep == "last" and started_from:
+        say(f"output.keep=last: {target.key} keeps every checkpoint (other runs of the grid start from its model)")
+        return
+    run = RunDir(target.recipe.run_dir())
+    for fold in run.folds() or [run]:
+        try:
+            removed = keep_checkpoints(fold.path, keep)
+        except CovidCXRError as exc:  # the run is stored as done; a policy that cannot apply is said, not a failure
+            say(f"output.keep={keep}: {exc}")
+            continue
+        if removed:
+            say(f"output.keep={keep}: removed {', '.join(p.name for p in removed)} from {fold.path}")
 
 
 def evaluate_point(point: GridPoint, test_sources: str | list[str], threshold: float | None = None, n_boot: int = 1000, progress: bool = False) -> tuple[list[dict[str, Any]], Any, dict[str, Any]]:
@@ -330,6 +362,7 @@ def _run_one(
                 say(f"{claimed.key}: another worker took this run over (stale heartbeat); its result is theirs")
                 return
             report.ran.append(claimed.key)
+            _apply_keep(target, targets, tell)
             say(f"  done in {seconds:.0f} s")
         except (KeyboardInterrupt, SystemExit):  # Ctrl-C (Lightning turns it into SystemExit)
             store.release(claimed.id, worker)

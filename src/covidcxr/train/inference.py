@@ -11,17 +11,25 @@ come from the ensemble's average, else ``best.ckpt`` — so what is deployed is 
 evaluated; the threshold and temperature are the run's operating point
 (`covidcxr.rundir.RunDir.operating_point`).
 
+New images (files, or arrays as read) go through the run's own preprocessing with
+`LoadedRun.predict_files` / `LoadedRun.predict_array`; `LoadedRun.predict` takes model
+inputs that are already preprocessed.
+
 Example:
     >>> run = load_run("runs/demo")                                  # doctest: +SKIP
     >>> images = np.random.rand(4, 128, 128).astype(np.float32)      # model inputs in [0, 1]
     >>> run.predict(images).shape, run.embed(images).shape           # doctest: +SKIP
     ((4,), (4, 512))
+    >>> run.predict_files(["cxr-1.png", "cxr-2.dcm"])[["image", "probability", "decision"]]  # doctest: +SKIP
+           image  probability decision
+    0  cxr-1.png        0.912    covid
+    1  cxr-2.dcm        0.103    other
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +74,7 @@ class LoadedRun:
     info: dict[str, Any]
     weights: ModelWeights | None = None
     operating_point: OperatingPoint | None = None
+    _segmenter: Any = field(default=None, init=False, repr=False)
 
     @property
     def temperature(self) -> float | None:
@@ -91,6 +100,15 @@ class LoadedRun:
     def preprocess_config(self) -> PreprocessConfig:
         """The preprocessing the run was trained with (same code path at inference)."""
         return self.recipe.preprocess.to_config()
+
+    @property
+    def inference_preprocess_config(self) -> PreprocessConfig:
+        """The run's preprocessing for a new image: `preprocess_config` with ``mask_source="model"``.
+
+        A new image has no manifest mask, so its lungs come from the U-Net (as in
+        ``covidcxr predict`` and the service); everything else is what training used.
+        """
+        return self.preprocess_config.model_copy(update={"mask_source": "model"})
 
     @property
     def name(self) -> str:
@@ -137,6 +155,117 @@ class LoadedRun:
         if not out:
             return np.zeros((0,) if self.binary else (0, len(self.classes)), dtype=np.float64)
         return torch.cat(out).numpy().astype(np.float64)
+
+    def predict_files(self, paths: Sequence[str | Path], batch_size: int = 16, on_error: str = "raise") -> pd.DataFrame:
+        """Probabilities and decisions for image files, through the run's own preprocessing.
+
+        Each file is screened, read, equalised, segmented, masked/cropped and resized by
+        `covidcxr.preprocess.pipeline.preprocess_batch` with `inference_preprocess_config` —
+        the code path training used — then classified at the run's temperature and threshold.
+
+        Args:
+            paths: PNG, JPEG, TIFF, BMP or DICOM files (format from content).
+            batch_size: images preprocessed and classified together (bounds memory).
+            on_error: ``"raise"`` (the first unusable file raises, naming it) or ``"record"``
+                (its row has NaN probabilities and the reason in ``error``).
+
+        Returns:
+            One row per path, in order: ``image`` (the path), ``probability`` (binary: the
+            positive class's; multi-class: ``prob_<class>`` columns), ``decision`` (the class
+            decided: binary at `threshold`, else argmax), ``threshold``, ``lung_warning`` (why
+            the segmentation is implausible — an empty mask, a crop too small — else None;
+            training would have excluded such an image) and ``error``.
+
+        Raises:
+            CovidCXRError: an unusable file with ``on_error="raise"``; a bad ``on_error``.
+
+        Example:
+            >>> run = load_run("runs/demo")                                   # doctest: +SKIP
+            >>> table = run.predict_files(sorted(Path("new").glob("*.png")))  # doctest: +SKIP
+            >>> table["decision"].value_counts().to_dict()                    # doctest: +SKIP
+            {'other': 7, 'covid': 3}
+        """
+        return self._predict_items([(p, None) for p in paths], [str(p) for p in paths], batch_size, on_error)
+
+    def predict_array(self, images: np.ndarray | Sequence[np.ndarray], batch_size: int = 16, on_error: str = "raise") -> pd.DataFrame:
+        """Probabilities and decisions for images already in memory, through the run's own preprocessing.
+
+        As `predict_files`, for images as `covidcxr.io.read_image` returns them: each an
+        ``(H, W)`` grey array in [0, 1] at its native size (not a model input: for those use
+        `predict`). The file-header screening (format, declared size) does not apply; the
+        pixel screening (blank, test pattern) does.
+
+        Args:
+            images: an ``(N, H, W)`` array or a sequence of ``(H_i, W_i)`` arrays.
+            batch_size, on_error: as `predict_files`.
+
+        Returns:
+            As `predict_files`, with ``image`` the position in ``images``.
+
+        Example:
+            >>> from covidcxr.io import read_image
+            >>> run = load_run("runs/demo")                                          # doctest: +SKIP
+            >>> run.predict_array([read_image("cxr.png").pixels])["probability"][0]  # doctest: +SKIP
+            0.912
+        """
+        if isinstance(images, np.ndarray) and images.ndim == 2:
+            raise CovidCXRError(f"predict_array takes (N, H, W) or a list of (H, W) images; got one (H, W) image of shape {images.shape}: pass [image]")
+        items = [(np.asarray(image), None) for image in images]
+        return self._predict_items(items, list(range(len(items))), batch_size, on_error)
+
+    def _predict_items(self, items: list[tuple[Any, None]], names: list[Any], batch_size: int, on_error: str) -> pd.DataFrame:
+        from covidcxr.preprocess.pipeline import load_segmenter, preprocess_batch
+
+        if on_error not in ("raise", "record"):
+            raise CovidCXRError(f"on_error must be 'raise' or 'record'; got {on_error!r}")
+        if batch_size < 1:
+            raise CovidCXRError(f"batch_size must be at least 1; got {batch_size}")
+        config = self.inference_preprocess_config
+        if self._segmenter is None and config.uses_model:
+            self._segmenter = load_segmenter(config.segmenter_weights)
+        width = 1 if self.binary else len(self.classes)
+        probabilities = np.full((len(items), width), np.nan)
+        lung_warning: list[str | None] = [None] * len(items)
+        errors: list[str | None] = [None] * len(items)
+        for start in range(0, len(items), batch_size):
+            results = preprocess_batch(items[start : start + batch_size], config, self._segmenter, screen=True)
+            usable = []
+            for offset, result in enumerate(results):
+                i = start + offset
+                if isinstance(result, CovidCXRError):
+                    text = str(result)
+                    errors[i] = text if str(names[i]) in text else f"image {names[i]}: {text}"
+                    if on_error == "raise":
+                        raise CovidCXRError(errors[i])
+                    continue
+                lung_warning[i] = result.rejected_reason
+                usable.append((i, result.image))
+            if usable:
+                predicted = self.predict(np.stack([image for _, image in usable]), batch_size=batch_size)
+                probabilities[[i for i, _ in usable]] = predicted.reshape(len(usable), width)
+        return self._decision_table(names, probabilities, lung_warning, errors)
+
+    def _decision_table(self, names: list[Any], probabilities: np.ndarray, lung_warning: list[str | None], errors: list[str | None]) -> pd.DataFrame:
+        """One row per image: probabilities, the decision at the run's operating point, warnings, errors."""
+        valid = ~np.isnan(probabilities).any(axis=1)
+        if self.binary:
+            columns: dict[str, Any] = {"probability": probabilities[:, 0]}
+            decided = np.where(probabilities[:, 0] >= self.threshold, self.classes[1], self.classes[0])
+            threshold: float | None = self.threshold
+        else:
+            columns = {f"prob_{name}": probabilities[:, k] for k, name in enumerate(self.classes)}
+            decided = np.asarray(self.classes, dtype=object)[np.nan_to_num(probabilities, nan=-1.0).argmax(axis=1)]
+            threshold = None
+        return pd.DataFrame(
+            {
+                "image": names,
+                **columns,
+                "decision": [str(d) if ok else None for d, ok in zip(decided, valid)],
+                "threshold": threshold,
+                "lung_warning": lung_warning,
+                "error": errors,
+            }
+        )
 
     @torch.no_grad()
     def embed(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:

@@ -572,10 +572,27 @@ class EngineSection(_Section):
 
 
 class OutputSection(_Section):
-    """Where the run directory goes: ``run_dir``, else ``runs_dir/<name>``."""
+    """Where the run directory goes (``run_dir``, else ``runs_dir/<name>``), what it keeps, where it is logged.
+
+    None of these fields is part of the experiment's identity (`TrainRecipe.identity`).
+
+    Attributes:
+        keep: which checkpoints survive once the run is finished (`covidcxr.train.callbacks.keep_checkpoints`):
+            ``all``; ``best`` (the model — ``best.ckpt`` and any snapshots — without
+            ``last.ckpt``, so the run can no longer be trained further); ``last`` (only
+            ``last.ckpt``: the run can be trained further, but its evaluated model is gone).
+        tensorboard: also log to TensorBoard event files in ``RUN/tensorboard/`` (needs the
+            ``tensorboard`` package: ``pip install covidcxr[tracking]``; absent, the run
+            refuses to start and says so).
+        mlflow: an MLflow tracking URI (``file:/path/mlruns``, ``http://host:5000``...) to log
+            the run's parameters and metrics to (needs ``mlflow``: ``covidcxr[tracking]``).
+    """
 
     runs_dir: str = "runs"
     run_dir: str | None = None
+    keep: Literal["all", "best", "last"] = "all"
+    tensorboard: bool = False
+    mlflow: str | None = None
 
 
 class TrainRecipe(_Section):

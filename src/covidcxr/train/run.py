@@ -8,8 +8,10 @@ every fold into ``RUN/fold-<k>/`` and pools the out-of-fold predictions)::
       manifest.parquet     the exact records used: manifest columns + split, fold, target,
                            class_name, role, cache_key, file_sha1
       excluded.csv         rows the preprocessing rejected, with the reason (if any)
-      checkpoints/         best.ckpt (by train.monitor), last.ckpt (every epoch and every
-                           train.checkpoint_every_n_steps steps), snapshot-<k>.ckpt
+      checkpoints/         best.ckpt (by train.monitor; weights only), last.ckpt (every
+                           epoch and every train.checkpoint_every_n_steps steps; the only
+                           one with optimizer state), snapshot-<k>.ckpt (weights only);
+                           once finished, output.keep says which stay
       operating_point.json the decision threshold chosen on validation by the recipe's
                            operating_point rule (+ temperature), `covidcxr.rundir.OperatingPoint`
       predictions.parquet  val and test images: run, split, source, patient_id, label,
@@ -20,6 +22,8 @@ every fold into ``RUN/fold-<k>/`` and pools the out-of-fold predictions)::
                            checkpoint(s) that are the model), ``warnings`` (a hollow run),
                            provenance, timing
       train_log.csv        one row per epoch
+      lightning_logs/      Lightning's CSVLogger: metrics.csv (every logged step), hparams.yaml
+      tensorboard/         TensorBoard event files (output.tensorboard / --tensorboard)
 
 Every path comes from `covidcxr.rundir.RunDir`, which the readers of a run use too.
 
@@ -37,6 +41,10 @@ refused unless ``force_new``, which moves the old directory aside. A finished ru
 (``metrics.json`` complete for this hash and epoch count) is not retrained; raising
 ``train.epochs`` trains it further.
 
+**Loggers** (`_loggers`): Lightning's CSVLogger always; TensorBoard and MLflow
+(``output.mlflow`` / ``--mlflow URI``) on request. Each receives the resolved recipe as
+hyper-parameters and every metric the module logs.
+
 **Provenance** in every checkpoint (``checkpoint["covidcxr"]``): config hash, manifest
 hash, split ids, code version (package version + git commit), classes, pretrained source.
 """
@@ -44,6 +52,7 @@ hash, split ids, code version (package version + git commit), classes, pretraine
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -249,6 +258,12 @@ def _existing_state(recipe: TrainRecipe, run_dir: Path, force_new: bool, say: Ca
         return "new"
     if metrics.get("status") == "complete" and metrics.get("config_hash") == wanted and metrics.get("epochs_requested") == recipe.train.epochs:
         return "finished"
+    pruned = (metrics.get("checkpoints") or {}).get("keep")
+    if metrics.get("status") == "complete" and pruned == "best" and not last.is_file():
+        raise RunConflictError(
+            f"run {run_dir} finished with output.keep=best, which removed last.ckpt: it cannot be trained "
+            f"to {recipe.train.epochs} epochs from where it stopped; --force-new retrains it from scratch"
+        )
     if last.is_file():
         return "resume"
     return "new"
@@ -489,6 +504,44 @@ def _calibrate_and_choose(recipe: TrainRecipe, records: pd.DataFrame, deployed: 
     return point, deployed
 
 
+def check_tracking(recipe: TrainRecipe) -> None:
+    """Refuse, before anything is trained, a recipe asking for TensorBoard or MLflow when the package is absent.
+
+    Raises:
+        CovidCXRError: naming the field and the extra that installs it (``covidcxr[tracking]``).
+    """
+    for package, wanted in (("tensorboard", recipe.output.tensorboard), ("mlflow", recipe.output.mlflow is not None)):
+        if wanted and importlib.util.find_spec(package) is None:
+            raise CovidCXRError(
+                f"output.{package}: logging to {package} needs the '{package}' package, which is not installed; "
+                f"pip install 'covidcxr[tracking]', or turn output.{package} off"
+            )
+
+
+def _loggers(recipe: TrainRecipe, run_dir: Path) -> list[Any]:
+    """Lightning loggers: CSV into ``RUN/lightning_logs/`` always, TensorBoard and MLflow when the recipe asks.
+
+    ``train_log.csv`` (`TrainLogCallback`) stays the run's own per-epoch table; these carry
+    the same numbers to the tools researchers already use. A resumed run appends to the
+    same CSV and TensorBoard folder and starts a new MLflow run (named after the folder).
+
+    Raises:
+        CovidCXRError: TensorBoard or MLflow requested but not installed.
+    """
+    check_tracking(recipe)
+    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
+
+    loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="lightning_logs", version="")]
+    if recipe.output.tensorboard:
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False))
+    if recipe.output.mlflow is not None:
+        try:
+            loggers.append(MLFlowLogger(experiment_name=recipe.name or run_dir.name, run_name=run_dir.name, tracking_uri=recipe.output.mlflow))
+        except Exception as exc:  # noqa: BLE001 - MLflow's own refusal (a bad URI, a file store it no longer accepts)
+            raise CovidCXRError(f"output.mlflow: MLflow cannot use tracking URI {recipe.output.mlflow!r}: {exc}") from None
+    return loggers
+
+
 def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bool, say: Callable[[str], None], extra_callbacks: Sequence[Any]) -> RunResult:
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -561,6 +614,7 @@ def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bo
     best_cb = ModelCheckpoint(
         dirpath=ckpt_dir,
         filename="best",
+        save_weights_only=True,  # the model only: the optimizer state lives in last.ckpt
         monitor=None if monitor == "none" else monitor,
         mode=mode,
         save_top_k=1,
@@ -596,7 +650,7 @@ def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bo
             **engine,
             max_epochs=recipe.train.epochs,
             callbacks=callbacks,
-            logger=False,
+            logger=_loggers(recipe, run_dir),
             plugins=[AtomicCheckpointIO()],
             use_distributed_sampler=False,
             num_sanity_val_steps=0,
@@ -851,6 +905,7 @@ def train_recipe(
     say = lambda message: speak(message) if _is_rank_zero() else None  # noqa: E731 - one voice under DDP
     target = Path(run_dir) if run_dir is not None else recipe.run_dir()
     check_not_hollow(recipe)  # before anything is written or preprocessed
+    check_tracking(recipe)
     from covidcxr.io.lock import RunLock
     from covidcxr.train.callbacks import clean_partial_checkpoints
 
@@ -859,5 +914,14 @@ def train_recipe(
         for stale in clean_partial_checkpoints(target) if _is_rank_zero() else []:
             say(f"removed {stale}, a partial checkpoint left by an interrupted run")
         if recipe.data.split.kind == "kfold" and recipe.data.split.fold is None:
-            return _train_kfold(recipe, target, force_new, progress, say, extra_callbacks)
-        return _train_one(recipe, target, force_new, progress, say, extra_callbacks)
+            result = _train_kfold(recipe, target, force_new, progress, say, extra_callbacks)
+        else:
+            result = _train_one(recipe, target, force_new, progress, say, extra_callbacks)
+        if _is_rank_zero() and result.metrics.get("status") == "complete" and recipe.output.keep != "all":
+            from covidcxr.train.callbacks import keep_checkpoints
+
+            for run in result.folds or [result]:
+                removed = keep_checkpoints(run.run_dir, recipe.output.keep)
+                if removed:
+                    say(f"output.keep={recipe.output.keep}: removed {', '.join(p.name for p in removed)} from {run.run_dir}")
+        return result
