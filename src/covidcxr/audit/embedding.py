@@ -89,7 +89,7 @@ def umap_map(embeddings: np.ndarray, seed: int = 0, max_components: int = 50, n_
     import umap
 
     x = _standardized_pca(embeddings, seed, max_components, "UMAP")
-    reducer = umap.UMAP(n_components=2, n_neighbors=int(min(n_neighbors, len(x) - 1)), random_state=seed, init="random" if len(x) < 10 else "spectral")
+    reducer = umap.UMAP(n_components=2, n_neighbors=int(min(n_neighbors, len(x) - 1)), random_state=seed, n_jobs=1, init="random" if len(x) < 10 else "spectral")
     return np.asarray(reducer.fit_transform(x), dtype=np.float32)
 
 

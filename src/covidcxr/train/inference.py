@@ -234,7 +234,8 @@ class LoadedRun:
                 i = start + offset
                 if isinstance(result, CovidCXRError):
                     text = str(result)
-                    errors[i] = text if str(names[i]) in text else f"image {names[i]}: {text}"
+                    named = isinstance(names[i], str) and names[i] in text  # a file's error names it already
+                    errors[i] = text if named else f"image {names[i]}: {text}"
                     if on_error == "raise":
                         raise CovidCXRError(errors[i])
                     continue
