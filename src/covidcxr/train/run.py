@@ -542,6 +542,16 @@ def _loggers(recipe: TrainRecipe, run_dir: Path) -> list[Any]:
     return loggers
 
 
+def _keep_checkpoints(result: RunResult, keep: str, say: Callable[[str], None]) -> None:
+    """Apply ``output.keep`` to a finished run (each fold of a k-fold run): `keep_checkpoints`."""
+    from covidcxr.train.callbacks import keep_checkpoints
+
+    for run in result.folds or [result]:
+        removed = keep_checkpoints(run.run_dir, keep)  # type: ignore[arg-type]
+        if removed:
+            say(f"output.keep={keep}: removed {', '.join(p.name for p in removed)} from {run.run_dir}")
+
+
 def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bool, say: Callable[[str], None], extra_callbacks: Sequence[Any]) -> RunResult:
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -917,11 +927,6 @@ def train_recipe(
             result = _train_kfold(recipe, target, force_new, progress, say, extra_callbacks)
         else:
             result = _train_one(recipe, target, force_new, progress, say, extra_callbacks)
-        if _is_rank_zero() and result.metrics.get("status") == "complete" and recipe.output.keep != "all":
-            from covidcxr.train.callbacks import keep_checkpoints
-
-            for run in result.folds or [result]:
-                removed = keep_checkpoints(run.run_dir, recipe.output.keep)
-                if removed:
-                    say(f"output.keep={recipe.output.keep}: removed {', '.join(p.name for p in removed)} from {run.run_dir}")
+        if _is_rank_zero() and result.metrics.get("status") == "complete":
+            _keep_checkpoints(result, recipe.output.keep, say)
         return result
