@@ -34,8 +34,8 @@ def train(
     precision: Annotated[Optional[str], typer.Option(help="auto, 32, bf16-mixed or 16-mixed (engine.precision).")] = None,
     accelerator: Annotated[Optional[str], typer.Option(help="auto, cpu or gpu (engine.accelerator).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
-    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard event files to RUN/tensorboard/ (output.tensorboard; needs covidcxr[tracking]).")] = False,
-    mlflow: Annotated[Optional[str], typer.Option("--mlflow", metavar="URI", help="Log parameters and metrics to this MLflow tracking URI, e.g. file:./mlruns or http://host:5000 (output.mlflow; needs covidcxr[tracking]).")] = None,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard event files to RUN/tensorboard/ (output.tensorboard; needs the tracking extra: pip install covidcxr\\[tracking]).")] = False,
+    mlflow: Annotated[Optional[str], typer.Option("--mlflow", metavar="URI", help="Log parameters and metrics to this MLflow tracking URI, e.g. sqlite:///mlflow.db or http://host:5000 (output.mlflow; needs the tracking extra: pip install covidcxr\\[tracking]).")] = None,
     keep: Annotated[Optional[str], typer.Option("--keep", help="Checkpoints kept once the run is finished (output.keep): all, best (no optimizer state) or last.")] = None,
 ) -> None:
     """Train a classifier from a recipe into a run directory; re-running resumes it.
