@@ -44,6 +44,12 @@ def test_train_then_evaluate_json_and_resume(phantoms, tmp_path):
         assert set(stats) >= {"dice_mean", "iou_mean", "hd95_mean", "n"}
     assert sum(s["n"] for s in summary["per_source"].values()) == summary["n"]
     assert 0 < len(summary["worst"]) <= 10 and {"image", "dice"} <= set(summary["worst"][0])
+    # lung recall per label, with patient-bootstrap intervals and the n behind them
+    assert 0.0 <= summary["recall_mean"] <= 1.0
+    per_label = summary["recall_by_label"]["per_label"]
+    assert sum(v["n_images"] for v in per_label.values()) == summary["n"]
+    for stats in per_label.values():
+        assert stats["ci"][0] <= stats["mean"] <= stats["ci"][1] and stats["n_patients"] <= stats["n_images"]
 
     result = runner.invoke(app, ["segment", "evaluate", "--data", str(phantoms), "--weights", str(weights), "--json", "--all"])
     assert json.loads(result.stdout)["n"] == 15
@@ -77,3 +83,10 @@ def test_evaluate_tta_flags_select_the_path(phantoms):
     assert summaries["none"]["dice_mean"] != summaries["multiscale"]["dice_mean"] or summaries["none"]["hd95_mean"] != summaries["multiscale"]["hd95_mean"]
     result = runner.invoke(app, [*base, "--tta-preset", "flips"])
     assert result.exit_code != 0 and "flips" in str(result.exception)
+
+
+def test_coverage_needs_images_without_masks_and_says_so(phantoms):
+    # every phantom has a reference mask: there is no unmasked image to compare
+    result = runner.invoke(app, ["segment", "coverage", "--data", str(phantoms), "--json"])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, CovidCXRError) and "without a lung mask" in str(result.exception)
