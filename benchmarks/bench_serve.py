@@ -122,3 +122,193 @@ def bench_predict_latency(context) -> dict:
 
 
 BENCHMARKS = [bench_predict_latency]
+
+
+# ---------------------------------------------------------------- hostile clients, load and soak (serve13)
+
+_SERVER_SCRIPT = '''
+import sys
+
+import uvicorn
+
+from covidcxr.serve.app import ServeSettings, create_app
+from covidcxr.serve.predictor import Predictor
+from covidcxr.serve.server import ServerLimits, build_server, tame_malloc
+
+stack, run_dir, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if stack == "after":
+    tame_malloc()
+app = create_app(Predictor.load(run_dir, threads=1), ServeSettings())
+if stack == "after":
+    build_server(app, "127.0.0.1", port, ServerLimits(header_timeout=5.0), log_level="warning").run()
+else:  # the stack as main ran it: no head deadline, limit_concurrency=64, glibc's default arenas
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", server_header=False, timeout_keep_alive=5, limit_concurrency=64)
+'''
+STALLED = 100
+LOAD_CLIENTS, LOAD_REQUESTS = 20, 10
+SOAK_REQUESTS, SOAK_CLIENTS = 1000, 4
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_server(context, stack: str, run_dir) -> tuple:
+    import subprocess
+    import sys
+
+    import httpx
+
+    script = context.scratch / "serve_bench_server.py"
+    script.write_text(_SERVER_SCRIPT)
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    env.pop("MALLOC_ARENA_MAX", None)
+    process = subprocess.Popen([sys.executable, str(script), stack, str(run_dir), str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300  # the first start builds the out-of-distribution reference
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the {stack} server exited: {process.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("the server did not start within 300 s")
+
+
+def _stalled_sockets(url: str, port: int) -> dict:
+    """100 half-sent request heads; /health meanwhile; how long until the server closes them (capped at 15 s)."""
+    import socket
+
+    import httpx
+
+    opened = time.monotonic()
+    sockets = []
+    for _ in range(STALLED):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-da")
+        sockets.append(sock)
+    with httpx.Client(timeout=10) as http:
+        started = time.perf_counter()
+        try:
+            status = http.get(url + "/health").status_code
+        except httpx.HTTPError as exc:
+            status = type(exc).__name__
+        health_ms = round((time.perf_counter() - started) * 1000, 1)
+    closed_after = []
+    for sock in sockets:
+        sock.settimeout(None)
+        sock.setblocking(True)
+        left = opened + 15 - time.monotonic()
+        if left <= 0:
+            break
+        sock.settimeout(left)
+        try:
+            while sock.recv(4096):
+                pass
+            closed_after.append(time.monotonic() - opened)
+        except (socket.timeout, ConnectionResetError) as exc:
+            if isinstance(exc, ConnectionResetError):
+                closed_after.append(time.monotonic() - opened)
+    for sock in sockets:
+        sock.close()
+    return {
+        "health_status_with_100_stalled": status,
+        "health_ms_with_100_stalled": health_ms,
+        "stalled_closed_by_server": len(closed_after),
+        "stalled_closed_within_s_max": round(max(closed_after), 2) if closed_after else None,
+    }
+
+
+def _requests(url: str, payloads: list[bytes], total: int, clients: int, pid: int, rss_at: tuple[int, ...] = ()) -> dict:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    counter = iter(range(total))
+    lock = threading.Lock()
+    latencies, errors, rss = [], [], {}
+
+    def client(_: int) -> None:
+        with httpx.Client(base_url=url, timeout=120) as http:
+            while True:
+                with lock:
+                    index = next(counter, None)
+                if index is None:
+                    return
+                started = time.perf_counter()
+                response = http.post("/predict", files={"file": ("x.png", payloads[index % len(payloads)])}, params={"gradcam": "false"})
+                seconds = time.perf_counter() - started
+                with lock:
+                    latencies.append(seconds)
+                    if response.status_code != 200:
+                        errors.append(response.status_code)
+                    done = len(latencies)
+                    if done in rss_at:
+                        rss[str(done)] = _rss_mb(pid)
+
+    rss["0"] = _rss_mb(pid)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    wall = time.perf_counter() - started
+    array = np.array(latencies)
+    return {
+        "requests": total,
+        "clients": clients,
+        "errors": len(errors),
+        "error_statuses": sorted(set(errors)),
+        "ms_p50": round(float(np.median(array)) * 1000, 1),
+        "ms_p95": round(float(np.percentile(array, 95)) * 1000, 1),
+        "requests_per_s": round(total / wall, 2),
+        "server_rss_mb": rss,
+    }
+
+
+def bench_serve13_hostile_load_soak(context) -> dict:
+    """The service under hostile and sustained load, stack before (main's uvicorn settings) vs after (deadlines, admission, tamed malloc).
+
+    A server process per stack (same app, same run, 1 torch thread): 100 stalled
+    half-sent heads (does /health answer, are they closed), a load test of 20 clients x
+    10 requests and a 1,000-request soak (4 clients) alternating a 320-px radiograph and
+    a 1024 x 1024 image without Grad-CAM, with the server's RSS at the start, after 100
+    requests and at the end.
+    """
+    run_dir = _train_run(context.scratch)
+    images = _images(context, run_dir)
+    payloads = [open(path, "rb").read() for path in images.values()]
+    figures: dict = {"images": list(images), "cores": len(os.sched_getaffinity(0)), "load_avg_1min_before": round(os.getloadavg()[0], 2)}
+    for stack in ("before", "after"):
+        process, url = _start_server(context, stack, run_dir)
+        try:
+            port = int(url.rsplit(":", 1)[1])
+            block: dict = {"rss_mb_idle": _rss_mb(process.pid)}
+            _requests(url, payloads, 4, 1, process.pid)  # warm-up
+            block["stalled"] = _stalled_sockets(url, port)
+            block["load_20x10"] = _requests(url, payloads, LOAD_CLIENTS * LOAD_REQUESTS, LOAD_CLIENTS, process.pid, rss_at=(100, 200))
+            block["soak_1000"] = _requests(url, payloads, SOAK_REQUESTS, SOAK_CLIENTS, process.pid, rss_at=(100, 500, 1000))
+            figures[stack] = block
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    figures["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
+    return figures
+
+
+BENCHMARKS.append(bench_serve13_hostile_load_soak)

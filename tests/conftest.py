@@ -31,3 +31,9 @@ def tiny_manifest(tmp_path: Path):
         {"site_a": {"covid": 10, "normal": 8, "pneumonia": 6}, "site_b": {"normal": 10, "pneumonia": 10}},
         images_per_patient=2,
     )
+
+
+@pytest.fixture(autouse=True)
+def _fingerprint_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """Commands cache fingerprints under pytest's temporary folder, never in the checkout."""
+    monkeypatch.setenv("COVIDCXR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "covidcxr-cache"))

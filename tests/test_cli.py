@@ -113,3 +113,39 @@ def test_demo_refuses_a_missing_collection(tmp_path):
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "out"), "--data", str(tmp_path / "missing")])
     assert result.exit_code != 0
     assert "is not a folder" in str(result.exception) or "is not a folder" in result.output
+
+def test_summarize_and_manifest_reuse_cached_fingerprints(tmp_path, tiny_manifest, monkeypatch):
+    from covidcxr.data import dedup
+
+    root = _collection(tmp_path, tiny_manifest)
+    monkeypatch.setenv("COVIDCXR_CACHE_DIR", str(tmp_path / "cache"))
+    first = runner.invoke(app, ["data", "summarize", str(root), "--json", "--workers", "1"])
+    assert first.exit_code == 0, first.output
+    assert len(dedup.FingerprintCache(tmp_path / "cache" / "fingerprints.sqlite")) == 88
+
+    decoded: list[str] = []
+    real = dedup._fingerprint_file
+    monkeypatch.setattr(dedup, "_fingerprint_file", lambda path: decoded.append(path) or real(path))
+    again = runner.invoke(app, ["data", "summarize", str(root), "--json", "--workers", "1"])
+    assert json.loads(again.stdout) == json.loads(first.stdout) and decoded == []
+    out = tmp_path / "m.csv"
+    assert runner.invoke(app, ["data", "manifest", str(root), "--out", str(out), "--workers", "1"]).exit_code == 0
+    assert decoded == [] and len(read_manifest(out)) == 88
+    # --no-cache decodes every image again
+    runner.invoke(app, ["data", "summarize", str(root), "--json", "--workers", "1", "--no-cache"])
+    assert len(decoded) == 88
+
+
+def test_split_of_a_folder_reuses_cached_fingerprints(tmp_path, tiny_manifest, monkeypatch):
+    from covidcxr.data import dedup
+
+    root = _collection(tmp_path, tiny_manifest)
+    monkeypatch.setenv("COVIDCXR_CACHE_DIR", str(tmp_path / "cache"))
+    assert runner.invoke(app, ["data", "summarize", str(root), "--json", "--workers", "1"]).exit_code == 0
+    decoded: list[str] = []
+    real = dedup._fingerprint_file
+    monkeypatch.setattr(dedup, "_fingerprint_file", lambda path: decoded.append(path) or real(path))
+    out = tmp_path / "split.csv"
+    result = runner.invoke(app, ["data", "split", str(root), "--out", str(out), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert decoded == [] and len(read_manifest(out)) == 88

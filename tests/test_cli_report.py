@@ -22,6 +22,7 @@ def test_report_one_run_defaults_to_the_run_directory(tmp_path: Path) -> None:
     result = runner.invoke(app, ["report", str(run_dir), "--n-boot", "100"])
     assert result.exit_code == 0, result.output
     assert (run_dir / "report.html").is_file() and (run_dir / "results.json").is_file()
+    assert (run_dir / "report_figures" / "01-fake-roc.svg").is_file() and "report_figures" in result.output
     assert "not audited" in result.output and f"covidcxr audit {run_dir}" in result.output
     assert "Shortcut learning" in result.output  # gamma: unseen, random scores
     results = json.loads((run_dir / "results.json").read_text())
@@ -33,8 +34,9 @@ def test_report_several_runs_with_explicit_paths(tmp_path: Path) -> None:
     make_fake_run(tmp_path / "a", seed=0, name="run-a")
     make_fake_run(tmp_path / "b", seed=1, name="run-b")
     out, js = tmp_path / "site" / "index.html", tmp_path / "data" / "numbers.json"
-    result = runner.invoke(app, ["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--json", str(js), "--n-boot", "50", "--title", "A <vs> B"])
+    result = runner.invoke(app, ["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--json", str(js), "--n-boot", "50", "--title", "A <vs> B", "--no-figure-files"])
     assert result.exit_code == 0, result.output
+    assert not (out.parent / "index_figures").exists()
     html = out.read_text()
     assert "<title>A &lt;vs&gt; B</title>" in html
     assert [r["name"] for r in json.loads(js.read_text())["runs"]] == ["run-a", "run-b"]

@@ -56,7 +56,15 @@ def test_demo_journey_reaches_the_report(tmp_path):
     assert (result.run / "audit" / "audit.json").is_file()
     html = result.report.read_text()
     assert result.report.name == "report.html" and "site_c" in html
-    assert json.loads(result.results_json.read_text())["runs"]
+    results = json.loads(result.results_json.read_text())
+    assert results["runs"]
+    # the report states the planted shortcut, with an outcome read off the audit's findings
+    truth = results["ground_truth"]
+    assert truth["site"] == "site_a" and truth["description"] == "a text marker was planted on COVID images of site_a"
+    assert truth["runs"][0]["outcome"] in {"found", "flagged", "missed"} and truth["runs"][0]["sentence"] in html.replace("&#39;", "'")
+    # the unseen site is in the composition and in the t-SNE map
+    assert results["runs"][0]["composition"]["tested_only_sources"] == ["site_c"]
+    assert "site_c" in set(results["runs"][0]["audit"]["embedding_points"]["source"])
     assert any("planted shortcut" in line for line in lines)
     again = run_demo(out, repo_root=tmp_path / "repo", progress=False, n_boot=50, say=lambda _l: None)
     assert len(pd.read_parquet(again.run / "predictions.parquet")) == len(predictions)

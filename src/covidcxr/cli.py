@@ -99,6 +99,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
         console.print("unreadable: none")
 
 
+_CACHE_HELP = "Reuse fingerprints cached in $COVIDCXR_CACHE_DIR (default .cache/covidcxr/fingerprints.sqlite)."
+
+
+def _fingerprint_cache(enabled: bool) -> Path | None:
+    from covidcxr.data.dedup import default_fingerprint_cache
+
+    return default_fingerprint_cache() if enabled else None
+
+
 @data_app.command("summarize")
 def data_summarize(
     directory: Annotated[Path, typer.Argument(help="A collection (manifest.csv) or any adapter's public layout.")],
@@ -106,11 +115,14 @@ def data_summarize(
     source: Annotated[Optional[str], typer.Option(help="Adapter name (see `covidcxr data sources`); detected if omitted.")] = None,
     check_images: Annotated[bool, typer.Option("--check-images/--no-check-images", help="Decode every image: find unreadable files and near-duplicates.")] = True,
     workers: Annotated[Optional[int], typer.Option(help="Worker processes (default: all cores).")] = None,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help=_CACHE_HELP)] = True,
 ) -> None:
     """Counts by source × label, patients, views, masks, duplicate groups, unreadable files."""
     from covidcxr.data.summary import summarize
 
-    summary = summarize(directory, source=source, check_images=check_images, workers=workers, show_progress=not json_output)
+    summary = summarize(
+        directory, source=source, check_images=check_images, workers=workers, show_progress=not json_output, cache=_fingerprint_cache(cache)
+    )
     if json_output:
         _print_json(summary)
     else:
@@ -124,6 +136,7 @@ def data_manifest(
     source: Annotated[Optional[str], typer.Option(help="Adapter name; detected if omitted.")] = None,
     dedup: Annotated[bool, typer.Option("--dedup/--no-dedup", help="Fingerprint images and fill dup_group.")] = True,
     workers: Annotated[Optional[int], typer.Option(help="Worker processes (default: all cores).")] = None,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help=_CACHE_HELP)] = True,
 ) -> None:
     """Read any supported layout into covidcxr's canonical manifest, rejected items listed."""
     from covidcxr.data.dedup import find_near_duplicates
@@ -131,10 +144,15 @@ def data_manifest(
     from covidcxr.data.sources import load_source
     from covidcxr.data.splits import check_label_conflicts
 
-    table = load_source(directory, source)
+    from covidcxr.data.dedup import FingerprintCache
+    from covidcxr.data.sources._common import sha1_cache
+
+    fingerprints = None if not cache else FingerprintCache(_fingerprint_cache(cache))
+    with sha1_cache(fingerprints):
+        table = load_source(directory, source)
     manifest, rejected = table.manifest, list(table.rejected)
     if dedup:
-        manifest, _, unreadable = find_near_duplicates(manifest, workers=workers)
+        manifest, _, unreadable = find_near_duplicates(manifest, workers=workers, cache=fingerprints)
         rejected.extend(unreadable)
         bad = {r.path for r in unreadable}
         manifest = manifest[~manifest["image"].isin(bad)]
@@ -161,19 +179,25 @@ def data_split(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     dedup: Annotated[bool, typer.Option("--dedup/--no-dedup", help="Decode every image and group near-duplicates (exact copies are always grouped by sha1).")] = True,
     workers: Annotated[Optional[int], typer.Option(help="Worker processes for --dedup (default: all cores).")] = None,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help=_CACHE_HELP)] = True,
 ) -> None:
     """Split patient-disjointly, copies and near-duplicates kept together; leakage and copies with conflicting labels are errors."""
     from covidcxr.data.manifest import read_manifest, write_manifest
     from covidcxr.data.sources import load_source
     from covidcxr.data.splits import group_kfold, leave_one_source_out, link_duplicates, split_train_val_test
 
+    from covidcxr.data.dedup import FingerprintCache
+    from covidcxr.data.sources._common import sha1_cache
+
+    fingerprints = FingerprintCache(_fingerprint_cache(cache)) if cache else None
     if manifest_path.is_dir():
-        table = load_source(manifest_path)
+        with sha1_cache(fingerprints):
+            table = load_source(manifest_path)
         manifest, rejected = table.manifest, list(table.rejected)
     else:
         manifest, rejected = read_manifest(manifest_path), []
     if dedup:
-        manifest, unreadable = link_duplicates(manifest, workers=workers, show_progress=True)
+        manifest, unreadable = link_duplicates(manifest, workers=workers, show_progress=True, cache=fingerprints)
         rejected.extend(unreadable)
     for item in rejected:
         console.print(f"  [red]left out[/red] {escape(item.path)}: {escape(item.reason)}", highlight=False)
@@ -203,7 +227,7 @@ def data_synth(
     out: Annotated[Path, typer.Argument(help="Folder to write the phantom collection into.")],
     images: Annotated[int, typer.Option(help="Total number of images, spread over the sites.")] = 300,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
-    shortcut: Annotated[str, typer.Option(help="Planted shortcut: none, marker (corner text) or window (intensity).")] = "none",
+    shortcut: Annotated[str, typer.Option(help="Planted shortcut: none, marker (corner text), window (intensity) or view (AP films on the label).")] = "none",
     shortcut_site: Annotated[Optional[str], typer.Option(help="Site carrying the shortcut (default: the first site).")] = None,
     shortcut_label: Annotated[str, typer.Option(help="Label the shortcut correlates with.")] = "covid",
     seed: Annotated[int, typer.Option(help="Random seed; the same seed writes identical files.")] = 0,
@@ -215,8 +239,8 @@ def data_synth(
 
     spec = None
     if shortcut != "none":
-        if shortcut not in ("marker", "window"):
-            raise CovidCXRError(f"--shortcut must be none, marker or window, not {shortcut!r}")
+        if shortcut not in ("marker", "window", "view"):
+            raise CovidCXRError(f"--shortcut must be none, marker, window or view, not {shortcut!r}")
         spec = ShortcutSpec(kind=shortcut, site=shortcut_site or DEFAULT_SITES[0].name, label=shortcut_label)
     with make_progress() as progress:
         task = progress.add_task("synthesizing phantoms", total=images)
@@ -272,7 +296,7 @@ app.add_typer(recipe_app, name="recipe")
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path("demo"),
     data: Annotated[Optional[Path], typer.Option(help="A real collection (e.g. ../shared/data/cxr) instead of the phantoms.")] = None,
-    n_boot: Annotated[int, typer.Option("--n-boot", help="Patient-bootstrap resamples behind every CI.")] = 1000,
+    n_boot: Annotated[int, typer.Option("--n-boot", help="Patient-bootstrap resamples behind the bootstrap CIs (ROC bands, within-source and source-only AUCs, calibration); per-source metric CIs are analytic.")] = 1000,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
 ) -> None:
     """The whole journey: data -> lungs -> preprocess -> pretrain -> fine-tune -> seen/unseen test -> audit -> report.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -58,6 +58,9 @@ def _print_run(report: dict[str, Any]) -> None:
     table.add_row(*_metric_row("seen sources", su["seen"]))
     table.add_row(*_metric_row("unseen sources", su["unseen"]))
     table.add_row(*_metric_row("all test", report["overall"]), style="bold")
+    point = report.get("operating_point") or {}
+    if point.get("describe"):
+        table.caption = escape("operating point: " + point["describe"] + ("" if point.get("used", True) else f" — not used: --threshold {report['threshold']:g} was given"))
     console.print(table)
     gap = su["gap"]
     if gap.get("p_value") is None:
@@ -92,7 +95,7 @@ def _print_matrix(matrix: Any) -> None:
 def evaluate(
     runs: Annotated[list[Path], typer.Argument(help="One or more run directories written by `covidcxr train`.")],
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables (one object for one run; {runs, matrix} for several).")] = False,
-    threshold: Annotated[float, typer.Option(help="Decision threshold: probability >= threshold is positive.")] = 0.5,
+    threshold: Annotated[Optional[float], typer.Option(help="Decision threshold: probability >= threshold is positive (default: each run's operating point, RUN/operating_point.json; 0.5 for a run that stored none).")] = None,
     n_boot: Annotated[int, typer.Option("--n-boot", help="Patient-level bootstrap resamples for the 95% CIs.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
 ) -> None:

@@ -108,23 +108,25 @@ def status(
     data: DataOpt = None,
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object instead of a table.")] = False,
 ) -> None:
-    """Every run of the grid: status, worker, attempts, time, error."""
+    """Every run of the grid: status, worker, attempts, time, error; a run whose worker stopped beating shows as stale."""
     experiment, store = _load(recipe, set_, runs_dir, db, data)
     runs = store.find_runs(experiment)
     counts = runs["status"].value_counts().to_dict()
     if json_output:
-        keep = ["key", "kind", "status", "worker", "attempts", "seconds", "error", "run_dir"]
+        keep = ["key", "kind", "status", "worker", "attempts", "seconds", "error", "stale_reason", "heartbeat_age_s", "run_dir"]
         records = [{k: (None if (isinstance(v, float) and v != v) else v) for k, v in row.items()} for row in runs[keep].to_dict("records")]
         sys.stdout.write(json.dumps({"experiment": experiment.label, "store": store.safe_url, "counts": counts, "runs": records}, indent=2, default=str) + "\n")
         return
     table = Table(title=escape(f"{experiment.label}: {len(runs)} runs — " + ", ".join(f"{v} {k}" for k, v in counts.items()) + f" ({store.safe_url})"))
     for column in ("run", "status", "worker", "attempts", "seconds", "error"):
         table.add_column(column, justify="right" if column in ("attempts", "seconds") else "left", overflow="fold")
-    colours = {"done": "green", "failed": "red", "running": "yellow"}
+    colours = {"done": "green", "failed": "red", "running": "yellow", "stale": "magenta"}
     for row in runs.itertuples(index=False):
         seconds = "" if row.seconds is None or row.seconds != row.seconds else f"{row.seconds:.0f}"
         attempts = "" if row.attempts is None or row.attempts != row.attempts else str(int(row.attempts))
         error = "" if not isinstance(row.error, str) else row.error.strip().splitlines()[-1][:160]
+        if isinstance(row.stale_reason, str):  # a killed worker: say so instead of "running" (the next worker reclaims it)
+            error = row.stale_reason
         colour = colours.get(row.status, "white")
         table.add_row(escape(row.key), f"[{colour}]{row.status}[/{colour}]", escape(str(row.worker or "")) if isinstance(row.worker, str) else "", attempts, seconds, escape(error))
     console.print(table)

@@ -80,6 +80,7 @@ def preprocess(
         ("computed (misses)", result.misses),
         ("not processed (unreadable, no mask)", result.errors),
         ("rejected (all reasons)", len(result.rejected)),
+        ("damaged cache entries rebuilt", len(result.rebuilt)),
         ("usable for training", usable),
         ("seconds", f"{result.seconds:.1f}"),
         ("images/s", f"{result.images_per_second:.1f}"),

@@ -156,6 +156,28 @@ def _write_overlays(prediction: Any, out: Path, name: str) -> dict[str, str]:
         atomic_write_bytes(path, png)
         written[overlay] = str(path)
     return written
+def _read_token(token: str | None, token_file: Path | None) -> str | None:
+    """The bearer token: ``--token-file``, else ``$COVIDCXR_SERVE_TOKEN``, else ``--token`` (warned: visible in ``ps``)."""
+    from covidcxr.errors import CovidCXRError
+
+    if token_file is not None:
+        try:
+            text = token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CovidCXRError(f"--token-file {token_file}: cannot read it ({exc})") from None
+        if not text or len(text.splitlines()) != 1:
+            raise CovidCXRError(f"--token-file {token_file}: expected the token alone on one line, found {'nothing' if not text else 'several lines'}")
+        if token_file.stat().st_mode & 0o077:
+            err_console.print(escape(f"warning: {token_file} is readable by other users; chmod 600 it"), style="yellow", highlight=False)
+        return text
+    if token:
+        err_console.print(
+            "[bold yellow]warning:[/bold yellow] a token given with --token is visible to every user of this machine (ps, /proc); "
+            "use --token-file FILE or the environment variable COVIDCXR_SERVE_TOKEN",
+            highlight=False,
+        )
+        return token
+    return os.environ.get("COVIDCXR_SERVE_TOKEN") or None
 
 
 def serve(
@@ -163,24 +185,45 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on (default: loopback only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     engine: EngineOption = "torch",
-    token: Annotated[Optional[str], typer.Option(help="Require 'Authorization: Bearer TOKEN' on /predict and /model (default: $COVIDCXR_SERVE_TOKEN, else open).")] = None,
+    token_file: Annotated[
+        Optional[Path], typer.Option("--token-file", help="File holding the bearer token required on /predict, /model and /openapi.json (or set $COVIDCXR_SERVE_TOKEN).")
+    ] = None,
+    token: Annotated[Optional[str], typer.Option(help="The token on the command line: works, but every user of the machine sees it in ps; prefer --token-file.")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload, in MB.")] = 50.0,
     gradcam: Annotated[bool, typer.Option("--gradcam/--no-gradcam", help="Grad-CAM by default (a request may say gradcam=false).")] = True,
     threads: ThreadsOption = None,
+    header_timeout: Annotated[float, typer.Option(help="Seconds to receive a request's head; then 408 and the connection closed.")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(help="Seconds to receive a request's body once its head is in; then 408.")] = 60.0,
+    max_active: Annotated[int, typer.Option(help="Predictions running at once (a fixed pool of threads).")] = 2,
+    max_queue: Annotated[int, typer.Option(help="Predictions waiting beyond --max-active; more get 503 with Retry-After.")] = 32,
+    max_megapixels_in_flight: Annotated[float, typer.Option(help="Decoded megapixels of the running predictions together (from the headers).")] = 80.0,
+    max_connections: Annotated[int, typer.Option(help="Open connections before new requests get 503 (file descriptors).")] = 1000,
 ) -> None:
     """Serve a run over HTTP: POST /predict (multipart field 'file'), GET /model, GET /health, and an upload page at /."""
-    import uvicorn
-
     from covidcxr import MEDICAL_USE_BANNER
     from covidcxr.errors import CovidCXRError
     from covidcxr.serve.app import ServeSettings, create_app
     from covidcxr.serve.predictor import Predictor
+    from covidcxr.serve.server import ServerLimits, build_server, tame_malloc
 
     if max_upload_mb <= 0:
         raise CovidCXRError(f"--max-upload-mb must be positive, got {max_upload_mb}")
-    token = token or os.environ.get("COVIDCXR_SERVE_TOKEN") or None
+    for name, value in (("--header-timeout", header_timeout), ("--body-timeout", body_timeout), ("--max-active", max_active), ("--max-megapixels-in-flight", max_megapixels_in_flight), ("--max-connections", max_connections)):
+        if value <= 0:
+            raise CovidCXRError(f"{name} must be positive, got {value}")
+    token = _read_token(token, token_file)
+    tame_malloc()  # before the worker threads exist: fewer malloc arenas, big arrays given back when freed
     predictor = Predictor.load(run, engine=engine, progress=True, threads=threads)
-    settings = ServeSettings(max_upload_bytes=int(max_upload_mb * 1024 * 1024), token=token, gradcam=gradcam)
+    settings = ServeSettings(
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        token=token,
+        gradcam=gradcam,
+        body_timeout=body_timeout,
+        max_active=max_active,
+        max_queue=max_queue,
+        max_pixels_in_flight=int(max_megapixels_in_flight * 1e6),
+    )
+    limits = ServerLimits(header_timeout=header_timeout, body_timeout=body_timeout, max_connections=max_connections)
     console.print(f"[bold yellow]{MEDICAL_USE_BANNER}")
     console.print(escape(f"serving run {predictor.run.name} ({predictor.run.run_dir}) on {predictor.engine} at http://{host}:{port}/"), highlight=False)
     if predictor.reference is None:
@@ -193,16 +236,8 @@ def serve(
         service_log.addHandler(handler)
         service_log.setLevel(logging.INFO)
     if token is None and host not in ("127.0.0.1", "localhost", "::1"):
-        console.print("[bold yellow]warning:[/bold yellow] listening beyond loopback without --token: anyone who can reach it can use it")
-    uvicorn.run(
-        create_app(predictor, settings),
-        host=host,
-        port=port,
-        log_level="info",
-        server_header=False,
-        timeout_keep_alive=5,
-        limit_concurrency=64,
-    )
+        console.print("[bold yellow]warning:[/bold yellow] listening beyond loopback without a token: anyone who can reach it can use it")
+    build_server(create_app(predictor, settings), host, port, limits).run()
 
 
 def export(
@@ -221,7 +256,9 @@ def export(
     if json_output:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return
-    folder = out or run / "export"
+    from covidcxr.rundir import RunDir
+
+    folder = out or RunDir(run).export_dir
     classifier, unet = summary["classifier"], summary["lung_unet"]
     console.print(escape(f"wrote {folder}/{classifier['file']}, {unet['file']} and export.json in {summary['seconds']} s"), highlight=False)
     console.print(

@@ -28,7 +28,7 @@ import pandas as pd
 
 from covidcxr.errors import CovidCXRError
 
-__all__ = ["DemoResult", "REAL_RECIPES", "SYNTHETIC_RECIPES", "run_demo", "test_on_every_source"]
+__all__ = ["DemoResult", "REAL_RECIPES", "SYNTHETIC_RECIPES", "planted_shortcut", "run_demo", "test_on_every_source"]
 
 #: (pretraining recipe, fine-tuning recipe) of the synthetic and the real-data journeys
 SYNTHETIC_RECIPES = ("recipes/demo_pretrain.yaml", "recipes/demo.yaml")
@@ -59,6 +59,42 @@ def _recipe_path(name: str, repo_root: Path | None) -> Path:
     raise CovidCXRError(f"demo recipe {name} not found (looked in {', '.join(str(c) for c in candidates)}); run the demo from the repository root")
 
 
+_KINDS = {"marker": "a text marker", "window": "an intensity-window change"}
+
+
+def planted_shortcut(recipe: Any) -> dict[str, Any] | None:
+    """The shortcut a synthetic recipe plants, as the report's ground truth (None: none planted).
+
+    Args:
+        recipe: a validated training recipe (``data.synthetic.shortcut``).
+
+    Returns:
+        ``{"kind", "site", "label", "strength", "false_rate", "description"}``, e.g. the
+        description "a text marker was planted on COVID images of site_a"; the report checks
+        the audit's findings against ``site`` (:func:`covidcxr.report.results.ground_truth_outcome`).
+
+    Example::
+
+        >>> from covidcxr.train.recipe import load_recipe                 # doctest: +SKIP
+        >>> planted_shortcut(load_recipe("recipes/demo.yaml"))["description"]  # doctest: +SKIP
+        'a text marker was planted on COVID images of site_a'
+    """
+    synthetic = getattr(recipe.data, "synthetic", None)
+    shortcut = getattr(synthetic, "shortcut", None) if synthetic is not None else None
+    if shortcut is None:
+        return None
+    label = "COVID" if shortcut.label == "covid" else shortcut.label
+    where = f"of {shortcut.site}" if shortcut.site else "of every site"
+    return {
+        "kind": shortcut.kind,
+        "site": shortcut.site,
+        "label": shortcut.label,
+        "strength": float(shortcut.strength),
+        "false_rate": float(shortcut.false_rate),
+        "description": f"{_KINDS.get(shortcut.kind, 'a ' + shortcut.kind)} was planted on {label} images {where}",
+    }
+
+
 def test_on_every_source(run_dir: Path, pretrain_dir: Path | None = None, progress: bool = False) -> pd.DataFrame:
     """Add the run's predictions on sources it never trained on to ``predictions.parquet``.
 
@@ -78,14 +114,14 @@ def test_on_every_source(run_dir: Path, pretrain_dir: Path | None = None, progre
         The unseen-source rows added (may be empty).
     """
     from covidcxr.experiments.testsets import predict_images, test_images
-    from covidcxr.io.atomic import atomic_path
+    from covidcxr.rundir import RunDir
     from covidcxr.train.inference import load_run
 
     run = load_run(run_dir)
     rows = test_images(run.recipe, run_dir, pretrain_dir=pretrain_dir, sources="all")
     unseen = rows[~rows["seen"].astype(bool)].drop(columns=["seen", "linked_out"], errors="ignore")
-    predictions_file = Path(run_dir) / "predictions.parquet"
-    predictions = pd.read_parquet(predictions_file)
+    rd = RunDir(run_dir)
+    predictions = rd.read_predictions()
     if "test_set" in predictions.columns:
         predictions = predictions[predictions["test_set"] != "unseen_source"]
     else:
@@ -97,8 +133,7 @@ def test_on_every_source(run_dir: Path, pretrain_dir: Path | None = None, progre
     scored["predicted"] = (scored["probability"] >= run.threshold).astype("int64")
     keep = [c for c in predictions.columns if c in scored.columns]
     combined = pd.concat([predictions, scored[keep]], ignore_index=True)
-    with atomic_path(predictions_file) as tmp:
-        combined.to_parquet(tmp, index=False)
+    rd.write_predictions(combined)
     return scored[keep]
 
 
@@ -210,7 +245,8 @@ def run_demo(
     timings["audit"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    paths = write_report([run_dir], out / "report.html", n_boot=n_boot, title=f"covidcxr demo: {finetune.name}")
+    truth = planted_shortcut(finetune) if data is None else None
+    paths = write_report([run_dir], out / "report.html", n_boot=n_boot, title=f"covidcxr demo: {finetune.name}", ground_truth=truth)
     timings["report"] = time.perf_counter() - started
     return DemoResult(
         out=out,

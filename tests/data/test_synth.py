@@ -306,3 +306,26 @@ def test_synthesize_resumes_and_refuses_other_parameters(tmp_path):
     assert len(redrawn) == 9 and len(list((out / "images").glob("*.png"))) == 9
     with pytest.raises(ValueError, match="not both"):
         synthesize(tmp_path / "q", n_images=3, per_site=1)
+
+
+def test_view_shortcut_confounds_the_projection_with_the_label_and_adds_no_pixel():
+    spec = ShortcutSpec("view", site="site_a", strength=0.9, false_rate=0.05)
+    plan = plan_synthesis(1500, shortcut=spec, seed=2)
+    at_a = plan[plan["site"] == "site_a"]
+    is_ap = at_a["view"] == "AP"
+    assert 0.85 <= is_ap[at_a["label"] == "covid"].mean() <= 0.95
+    assert is_ap[at_a["label"] != "covid"].mean() <= 0.10
+    assert (is_ap == at_a["shortcut"]).all()
+    # the other sites keep their own view mix, and nothing else in the plan moves
+    none = plan_synthesis(1500, shortcut=None, seed=2)
+    others = plan["site"] != "site_a"
+    assert plan.loc[others, "view"].equals(none.loc[others, "view"])
+    cols = [c for c in plan.columns if c not in ("shortcut", "view")]
+    assert plan[cols].equals(none[cols])
+    # an AP film differs from the PA film of the same draw (magnified heart, clavicles), with no marker
+    pa = render_phantom_detailed(np.random.default_rng(5), SIZE, "normal", SITE_A, view="PA")
+    ap = render_phantom_detailed(np.random.default_rng(5), SIZE, "normal", SITE_A, True, "view")
+    assert ap.view == "AP" and not ap.marker_mask.any()
+    assert np.abs(ap.image - pa.image).mean() > 0.01
+    with pytest.raises(ValueError, match="shortcut kind"):
+        ShortcutSpec("stripes")

@@ -155,3 +155,16 @@ def test_within_source_auc_ignores_between_source_separation():
     assert baseline["estimate"] == pytest.approx(0.8)
     single = rows[rows["source"] == "pos"].assign(target=1)
     assert within_source_auc(single, n_boot=10) is None
+
+
+def test_within_source_auc_is_split_into_seen_and_unseen_sources(fake_run) -> None:
+    from covidcxr.evaluate.cross_source import evaluate_run, within_source_by_seen
+
+    run_dir, _ = fake_run
+    report = evaluate_run(run_dir, n_boot=100, write=False)
+    seen, unseen = report["within_source"], report["within_source_unseen"]
+    assert set(seen["sources"]) <= set(report["training_sources"])
+    assert unseen["sources"] == ["gamma"] and unseen["estimate"] < seen["estimate"]
+    test = pd.read_parquet(run_dir / "predictions.parquet").query("split == 'test'")
+    parts = within_source_by_seen(test, ["alpha", "beta", "delta", "gamma"], n_boot=10)
+    assert parts["unseen"] is None and parts["seen"]["n_images"] == len(test)

@@ -150,3 +150,34 @@ def test_bad_urls_are_clear_errors(tmp_path: Path) -> None:
         RunStore("nosuchdb://x/y")
     with pytest.raises(StoreError, match="cannot open the database"):
         RunStore("postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")
+
+
+def test_status_marks_runs_whose_heartbeat_stopped_as_stale(tmp_path: Path) -> None:
+    """A killed worker's run is not shown as "running" until someone reclaims it."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from covidcxr.cli import app
+
+    store = RunStore(tmp_path / "db.sqlite")
+    experiment = _experiment(tmp_path, pretrain=False)
+    _, ids = store.register(experiment)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    here = Worker.here("me")
+    killed = store.claim(ids[:1], Worker("killed", here.host, int(gone.stdout)))  # this machine, process gone
+    silent = store.claim(ids[1:2], Worker("silent", "other-host", 4242))  # another machine, heartbeat stopped
+    beating = store.claim(ids[2:3], Worker("beating", "other-host", 4343))  # another machine, fresh heartbeat
+    with store.engine.begin() as conn:
+        conn.execute(update(runs_table).where(runs_table.c.id == silent.id).values(heartbeat_at=_now() - timedelta(seconds=900)))
+    runs = store.find_runs(experiment).set_index("key")
+    assert runs.loc[killed.key, "status"] == "stale" and "is gone" in runs.loc[killed.key, "stale_reason"]
+    assert runs.loc[silent.key, "status"] == "stale" and "for 15 min" in runs.loc[silent.key, "stale_reason"]
+    assert runs.loc[beating.key, "status"] == "running" and pd.isna(runs.loc[beating.key, "stale_reason"])
+    assert runs.loc[silent.key, "heartbeat_age_s"] == pytest.approx(900, abs=30)
+
+    result = CliRunner().invoke(app, ["experiment", "status", str(tmp_path / "exp.yaml"), "--db", str(tmp_path / "db.sqlite"), "--json"])
+    assert result.exit_code == 0, result.output
+    shown = {run["key"]: run for run in json.loads(result.stdout)["runs"]}
+    assert shown[silent.key]["status"] == "stale" and "presumed dead" in shown[silent.key]["stale_reason"]
+    assert json.loads(result.stdout)["counts"]["stale"] == 2

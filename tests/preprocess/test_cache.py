@@ -238,3 +238,58 @@ def test_non_radiographs_are_refused_for_training_with_the_reason(phantoms, tmp_
     index = result.index.set_index("image")
     assert set(index.loc[[str(photo), str(pattern), str(blank)], "cache_status"]) == {"error"}
     assert (index["cache_status"] == "miss").sum() == len(phantoms)  # every phantom passes the screening
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda path: path.write_bytes(b""), id="empty"),  # what a power loss before fsync leaves
+        pytest.param(lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]), id="truncated"),
+    ],
+)
+def test_an_empty_or_truncated_entry_is_named_and_rebuilt(phantoms, tmp_path, damage, caplog):
+    first = preprocess_collection(phantoms.iloc[:3], CONFIG, tmp_path / "cache", workers=1, progress=False)
+    entry = first.config_dir / first.index.loc[2, "cache_file"]
+    damage(entry)
+    with pytest.raises(CacheMiss, match=str(entry)):  # training reading it names the file (not "Aborted.")
+        load_cached(tmp_path / "cache", CONFIG, first.index.loc[2, "cache_key"])
+    with caplog.at_level("WARNING", logger="covidcxr.preprocess"):
+        again = preprocess_collection(phantoms.iloc[:3], CONFIG, tmp_path / "cache", workers=1, progress=False)
+    assert list(again.index["cache_status"]) == ["hit", "hit", "miss"]
+    assert len(again.rebuilt) == 1 and str(entry) in again.rebuilt[0]
+    assert str(entry) in caplog.text
+    assert load_cached(tmp_path / "cache", CONFIG, first.index.loc[2, "cache_key"]).image.shape == (64, 80)
+    third = preprocess_collection(phantoms.iloc[:3], CONFIG, tmp_path / "cache", workers=1, progress=False)
+    assert (third.hits, third.rebuilt) == (3, [])
+
+
+def test_stale_temporary_entries_are_removed_and_fresh_ones_kept(phantoms, tmp_path):
+    import os
+    import time
+
+    first = preprocess_collection(phantoms.iloc[:2], CONFIG, tmp_path / "cache", workers=1, progress=False)
+    folder = (first.config_dir / first.index.loc[0, "cache_file"]).parent
+    stale, fresh = folder / ".abc.k2j4_x9a.tmp.npz", folder / ".abd.q8w7e6r5.tmp.npz"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"being written")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    again = preprocess_collection(phantoms.iloc[:2], CONFIG, tmp_path / "cache", workers=1, progress=False)
+    assert again.stale_temps_removed == 1
+    assert not stale.exists() and fresh.exists()
+
+
+def test_cli_preprocess_with_an_empty_entry_says_so_instead_of_aborting(phantom_source, tmp_path):
+    """The bug report: a 0-byte entry made every rerun print only 'Aborted.'."""
+    from typer.testing import CliRunner
+
+    from covidcxr.cli import app
+
+    runner = CliRunner()
+    command = ["preprocess", "--data", str(phantom_source), "--out", str(tmp_path / "cache"), "--lungs", "crop", "--mask-source", "manifest", "--size", "48", "--workers", "1"]
+    first = runner.invoke(app, command)
+    assert first.exit_code == 0, first.output
+    entry = next((tmp_path / "cache").rglob("*.npz"))
+    entry.write_bytes(b"")
+    again = runner.invoke(app, command)
+    assert again.exit_code == 0, again.output
+    assert "Aborted" not in again.output
+    assert "damaged cache entries rebuilt" in again.output and entry.stat().st_size > 0

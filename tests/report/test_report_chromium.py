@@ -77,7 +77,7 @@ def test_report_of_a_tiny_run_on_the_shared_collection(shared_collection: Path, 
         preprocess={"cache_dir": str(tmp_path / "cache"), "size": 64, "mask_source": "model", "lungs": "none", "workers": 1},
     )
     result = train_recipe(recipe_from_mapping(recipe), progress=False, say=lambda _m: None)
-    paths = write_report([result.run_dir], tmp_path / "shared.html", n_boot=300)
+    paths = write_report([result.run_dir], tmp_path / "shared.html", n_boot=300, figures=False)
     results = json.loads(paths.json.read_text())
     run = results["runs"][0]
     assert set(run["evaluation"]["per_source"]) == {"cohen", "kermany"}

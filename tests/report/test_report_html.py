@@ -28,13 +28,14 @@ def _images(html: str) -> list[Image.Image]:
     return [Image.open(io.BytesIO(base64.b64decode(data))) for _, data in DATA_URI.findall(html)]
 
 
-@pytest.fixture()
-def audited_report(tmp_path: Path):
+@pytest.fixture(scope="module")
+def audited_report(tmp_path_factory: pytest.TempPathFactory):
+    tmp_path = tmp_path_factory.mktemp("audited")
     run_dir = tmp_path / "run"
     make_fake_run(run_dir)
     evaluate_run(run_dir, n_boot=N_BOOT)
     write_fake_audit(run_dir)
-    paths = write_report([run_dir], tmp_path / "out" / "report.html")
+    paths = write_report([run_dir], tmp_path / "out" / "report.html", figures=False)
     return run_dir, paths, paths.html.read_text(encoding="utf-8")
 
 
@@ -101,7 +102,7 @@ def test_data_from_files_is_escaped(tmp_path: Path) -> None:
     make_fake_run(run_dir)
     evil = "<script>alert('x')</script><img src=https://evil.example/x.png>"
     write_fake_audit(run_dir, findings=[{"id": "x", "severity": "shortcut", "text": evil, "value": 1, "threshold": 0.5}])
-    html = write_report([run_dir], tmp_path / "r.html", n_boot=50).html.read_text()
+    html = write_report([run_dir], tmp_path / "r.html", n_boot=50, figures=False).html.read_text()
     assert "<script>" not in html and "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in html
     assert '<img src=https://evil' not in html
 
@@ -109,7 +110,7 @@ def test_data_from_files_is_escaped(tmp_path: Path) -> None:
 def test_run_without_audit_gets_a_prominent_notice(tmp_path: Path) -> None:
     run_dir = tmp_path / "plain"
     make_fake_run(run_dir)
-    paths = write_report([run_dir], tmp_path / "plain.html", n_boot=N_BOOT)
+    paths = write_report([run_dir], tmp_path / "plain.html", n_boot=N_BOOT, figures=False)
     html = paths.html.read_text()
     notice = html.index("This run was not audited for shortcut learning.")
     assert notice < html.index('id="headline"')
@@ -124,21 +125,21 @@ def test_unreadable_audit_and_bad_figure_names_do_not_crash(tmp_path: Path) -> N
     make_fake_run(run_dir)
     (run_dir / "audit").mkdir()
     (run_dir / "audit" / "audit.json").write_text("{not json")
-    html = write_report([run_dir], tmp_path / "a.html", n_boot=50).html.read_text()
+    html = write_report([run_dir], tmp_path / "a.html", n_boot=50, figures=False).html.read_text()
     assert "The audit could not be read" in html and "unreadable JSON" in html
     write_fake_audit(run_dir, gallery_name="../../../etc/passwd")
     (tmp_path / "secret.png").write_bytes(b"not for the page")
-    html = write_report([run_dir], tmp_path / "b.html", n_boot=50).html.read_text()
+    html = write_report([run_dir], tmp_path / "b.html", n_boot=50, figures=False).html.read_text()
     assert "is named by audit.json but is not a file" in html
     (run_dir / "audit" / "embedding.png").write_bytes(b"\x89PNG broken")
-    html = write_report([run_dir], tmp_path / "c.html", n_boot=50).html.read_text()
+    html = write_report([run_dir], tmp_path / "c.html", n_boot=50, figures=False).html.read_text()
     assert "embedding.png: not a readable image" in html
 
 
 def test_two_runs_get_the_cross_source_heatmap(tmp_path: Path) -> None:
     make_fake_run(tmp_path / "a", seed=0, name="run-a")
     make_fake_run(tmp_path / "b", seed=1, name="run-b")
-    paths = write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "both.html", n_boot=N_BOOT)
+    paths = write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "both.html", n_boot=N_BOOT, figures=False)
     html = paths.html.read_text()
     assert 'alt="train by test AUC heatmap"' in html and 'id="cross-source"' in html
     table = table_with_header(html, ["run [training sources]"])
@@ -154,7 +155,7 @@ def test_two_runs_get_the_cross_source_heatmap(tmp_path: Path) -> None:
 def test_multiclass_run_shows_what_is_supported(tmp_path: Path) -> None:
     make_multiclass_run(tmp_path / "three")
     make_fake_run(tmp_path / "binary")
-    paths = write_report([tmp_path / "three", tmp_path / "binary"], tmp_path / "mixed.html", n_boot=50)
+    paths = write_report([tmp_path / "three", tmp_path / "binary"], tmp_path / "mixed.html", n_boot=50, figures=False)
     html = paths.html.read_text()
     run = paths.results["runs"][0]
     assert "are defined for binary runs" in html

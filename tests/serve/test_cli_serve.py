@@ -53,17 +53,54 @@ def test_predict_table_without_gradcam(run_dir: Path, tmp_path: Path, monkeypatc
     assert not list(tmp_path.glob("*.gradcam.png")) and len(list(tmp_path.glob("*.lungs.png"))) == 1
 
 
-def test_serve_builds_the_app_and_passes_settings(run_dir: Path, monkeypatch) -> None:
-    import uvicorn
+class _CapturedServer:
+    def __init__(self, captured: dict, **kwargs):
+        captured.update(kwargs)
 
-    captured = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: captured.update(app=app, **kwargs))
-    result = runner.invoke(app, ["serve", "--run", str(run_dir), "--port", "8765", "--token", "t0k", "--max-upload-mb", "3"])
+    def run(self) -> None:
+        pass
+
+
+def _capture_server(monkeypatch) -> dict:
+    import covidcxr.serve.server
+
+    captured: dict = {}
+    monkeypatch.setattr(covidcxr.serve.server, "build_server", lambda app, host, port, limits: _CapturedServer(captured, app=app, host=host, port=port, limits=limits))
+    return captured
+
+
+def test_serve_builds_the_app_and_passes_settings(run_dir: Path, monkeypatch) -> None:
+    captured = _capture_server(monkeypatch)
+    monkeypatch.delenv("COVIDCXR_SERVE_TOKEN", raising=False)
+    result = runner.invoke(app, ["serve", "--run", str(run_dir), "--port", "8765", "--token", "t0k", "--max-upload-mb", "3", "--header-timeout", "4", "--max-active", "3"])
     assert result.exit_code == 0, result.output
     assert captured["host"] == "127.0.0.1" and captured["port"] == 8765
     settings = captured["app"].state.settings
-    assert settings.token == "t0k" and settings.max_upload_bytes == 3 * 1024 * 1024
-    assert {route.path for route in captured["app"].routes} >= {"/", "/predict", "/model", "/health"}
+    assert settings.token == "t0k" and settings.max_upload_bytes == 3 * 1024 * 1024 and settings.max_active == 3
+    assert captured["limits"].header_timeout == 4 and captured["limits"].body_timeout == settings.body_timeout == 60
+    assert {route.path for route in captured["app"].routes} >= {"/", "/predict", "/model", "/health", "/openapi.json"}
+    assert "visible to every user" in result.output  # a token on argv shows in ps: warned
+
+
+def test_serve_reads_the_token_from_a_file_or_the_environment(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    captured = _capture_server(monkeypatch)
+    secret = tmp_path / "token"
+    secret.write_text("from-a-file\n")
+    secret.chmod(0o600)
+    monkeypatch.setenv("COVIDCXR_SERVE_TOKEN", "from-the-env")
+    result = runner.invoke(app, ["serve", "--run", str(run_dir), "--token-file", str(secret)])
+    assert result.exit_code == 0, result.output
+    assert captured["app"].state.settings.token == "from-a-file" and "visible" not in result.output and "readable by other" not in result.output
+    result = runner.invoke(app, ["serve", "--run", str(run_dir)])
+    assert result.exit_code == 0 and captured["app"].state.settings.token == "from-the-env"
+    secret.chmod(0o644)
+    result = runner.invoke(app, ["serve", "--run", str(run_dir), "--token-file", str(secret)])
+    assert "readable by other users" in result.output
+    secret.write_text("")
+    result = runner.invoke(app, ["serve", "--run", str(run_dir), "--token-file", str(secret)])
+    assert isinstance(result.exception, CovidCXRError) and str(secret) in str(result.exception)
+    result = runner.invoke(app, ["serve", "--run", str(run_dir), "--token-file", str(tmp_path / "absent")])
+    assert isinstance(result.exception, CovidCXRError) and "cannot read" in str(result.exception)
 
 
 def test_serve_says_clearly_when_there_is_no_run(tmp_path: Path, monkeypatch) -> None:

@@ -10,14 +10,16 @@ model learned.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from covidcxr.errors import CovidCXRError
 
-__all__ = ["plot_embedding", "tsne_map"]
+__all__ = ["embedding_figure", "plot_embedding", "tsne_map"]
 
 
 def tsne_map(embeddings: np.ndarray, seed: int = 0, max_components: int = 50) -> np.ndarray:
@@ -42,32 +44,70 @@ def tsne_map(embeddings: np.ndarray, seed: int = 0, max_components: int = 50) ->
     return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x).astype(np.float32)
 
 
-def plot_embedding(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
-    """Two-panel scatter (by ``source``, by ``label``) of a table with ``x``, ``y``; written atomically as PNG."""
+def embedding_figure(
+    x: np.ndarray,
+    y: np.ndarray,
+    sources: Sequence[str],
+    labels: Sequence[str],
+    source_palette: Mapping[str, str] | None = None,
+    label_palette: Mapping[str, str] | None = None,
+    training_sources: Sequence[str] | None = None,
+    title: str = "",
+) -> Any:
+    """Two-panel scatter of 2-D coordinates: by source (left) and by label (right).
+
+    Colours follow :mod:`covidcxr.report.palette` (a source in the colour the report gives it,
+    a label in its fixed colour), each source also has its own marker, and the legends sit
+    below the panels so they never hide points.
+
+    Args:
+        x, y: (N,) coordinates.
+        sources, labels: (N,) source and label of each point.
+        source_palette, label_palette: ``{name: colour}`` (default: the palette's own order).
+        training_sources: sources the model trained on; the others are tagged "unseen".
+        title: figure title.
+
+    Returns:
+        A matplotlib Figure.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from covidcxr.io.atomic import atomic_path
+    from covidcxr.report.palette import label_colors, source_colors, source_markers
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4.6), dpi=90)
-    for axis, column in zip(axes, ("source", "label")):
-        groups = sorted(table[column].astype(str).unique())
-        colours = plt.get_cmap("tab10")
-        markers = "osD^v<>pXh"
-        for k, name in enumerate(groups):
-            part = table[table[column].astype(str) == name]
-            axis.scatter(part["x"], part["y"], s=14, alpha=0.8, color=colours(k % 10), marker=markers[k % len(markers)], label=f"{name} ({len(part)})", linewidths=0)
+    source_array, label_array = np.asarray(sources, dtype=str), np.asarray(labels, dtype=str)
+    palettes = {"source": {**source_colors(source_array), **(source_palette or {})},
+                "label": {**label_colors(label_array), **(label_palette or {})}}
+    markers = source_markers(source_array)
+    seen = set(training_sources) if training_sources else None
+    figure, axes = plt.subplots(1, 2, figsize=(10, 5.2), layout="constrained")
+    for axis, column, values in ((axes[0], "source", source_array), (axes[1], "label", label_array)):
+        for name in sorted(set(values)):
+            part = values == name
+            tag = "" if column != "source" or seen is None else (" seen" if name in seen else " unseen")
+            axis.scatter(x[part], y[part], s=14, alpha=0.85, color=palettes[column][name], linewidths=0,
+                         marker=markers.get(name, "o") if column == "source" else "o", label=f"{name} ({tag.strip() + ', ' if tag else ''}{int(part.sum())})")
         axis.set_title(f"t-SNE coloured by {column}")
         axis.set_xticks([])
         axis.set_yticks([])
-        axis.legend(fontsize=7, loc="best", frameon=False)
+        axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncols=min(3, len(set(values))), frameon=False)
     if title:
         figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
+    return figure
+
+
+def plot_embedding(table: pd.DataFrame, path: str | Path, title: str = "", training_sources: Sequence[str] | None = None) -> Path:
+    """Two-panel scatter (by ``source``, by ``label``) of a table with ``x``, ``y``; written atomically as PNG."""
+    import matplotlib.pyplot as plt
+
+    from covidcxr.io.atomic import atomic_path
+
+    figure = embedding_figure(table["x"].to_numpy(), table["y"].to_numpy(), table["source"].astype(str).tolist(), table["label"].astype(str).tolist(),
+                              training_sources=training_sources, title=title)
     path = Path(path)
     with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
+        figure.savefig(tmp, format="png", dpi=150)
     plt.close(figure)
     return path

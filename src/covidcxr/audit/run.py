@@ -1,20 +1,24 @@
 """`covidcxr audit RUN`: the whole shortcut audit of one trained run, written to ``RUN/audit/``.
 
-Steps (each a module of this package; the numbers they produce are in ``audit.json``):
+Steps (each a module; the numbers they produce are in ``audit.json``):
 
-1. the run's val + test images through the run's own preprocessing cache
-   (`covidcxr.train.inference.cached_inputs`) — never its training images, which the
-   model has memorised;
-2. cross-source evaluation (`covidcxr.evaluate.cross_source.evaluate_run`): per-source
-   metrics, seen vs unseen, within-source AUC, the source-only baseline;
-3. lung ablation on the test split (`ablation.py`): AUC with the lungs blanked and with
-   only the lungs;
-4. source probe on val + test embeddings of the original, lungs-blanked and lungs-only
-   images (`probe.py`);
-5. Grad-CAM lung focus on the test split, per source and label, and an overlay gallery
-   (`saliency.py`);
-6. t-SNE of the embeddings by source and by label (`embedding.py`);
-7. plain-language findings (`findings.py`), most severe first.
+1. the run's val + test images — and every image of the unseen sources it was tested on
+   (``predictions.parquet`` rows with ``test_set = "unseen_source"``) — through the run's own
+   preprocessing cache (`covidcxr.train.inference.cached_inputs`); never its training images;
+2. cross-source evaluation (`covidcxr.evaluate.cross_source.evaluate_run`): the skill gate's
+   AUC, per-source metrics, seen vs unseen (domain shift), within-source AUC over the seen
+   sources, the source-only baseline;
+3. lung ablation on the seen sources' test split (`ablation.py`): AUC with the lungs blanked
+   and with only the lungs;
+4. intensity-window perturbation on the same images (`intensity.py`);
+5. confounders beyond the source on the same images (`covidcxr.evaluate.subgroups`):
+   metrics by view, sex and age band, a metadata-only baseline, the score's dependence on
+   the view within a label; and the training sources' label mix;
+6. source probe on the embeddings of every audited image (seen and unseen sources) of the
+   original, lungs-blanked and lungs-only inputs (`probe.py`);
+7. Grad-CAM lung focus on the test images, per source and label, and a gallery (`saliency.py`);
+8. t-SNE of every audited image's embedding by source and by label (`embedding.py`);
+9. plain-language findings and the verdict (`findings.py`), most severe first.
 
 Layout of ``RUN/audit/``: ``audit.json``, ``lung_focus.parquet``, ``embedding.parquet``,
 ``gallery.png``, ``embedding.png`` (all written atomically; a rerun replaces them).
@@ -35,11 +39,14 @@ from covidcxr.audit import AUDIT_DIR, AUDIT_FILE
 from covidcxr.audit.ablation import blank_lungs, keep_lungs_only, lung_ablation
 from covidcxr.audit.embedding import plot_embedding, tsne_map
 from covidcxr.audit.findings import derive_findings, verdict
+from covidcxr.audit.intensity import intensity_perturbation
 from covidcxr.audit.probe import source_probe
-from covidcxr.audit.saliency import gradcam, lung_focus_fraction, plot_gallery, saliency_layer, select_gallery, summarize_lung_focus
+from covidcxr.audit.saliency import gallery_captions, gradcam, lung_focus_fraction, plot_gallery, saliency_layer, select_gallery, summarize_lung_focus
 from covidcxr.errors import CovidCXRError
+from covidcxr.evaluate import subgroups
 from covidcxr.evaluate.cross_source import evaluate_run, json_ready, training_sources
 from covidcxr.io.atomic import atomic_path, atomic_write_text
+from covidcxr.rundir import RunDir
 from covidcxr.train.inference import cached_inputs, load_run
 
 __all__ = ["AUDIT_DIR", "AUDIT_FILE", "audit_run", "read_audit"]
@@ -68,6 +75,60 @@ def _subsample_by_patient(rows: pd.DataFrame, max_images: int | None, seed: int)
     return rows[rows["patient_id"].astype(str).isin(keep)]
 
 
+def _unseen_rows(run: Any, columns: list[str]) -> tuple[pd.DataFrame, str | None]:
+    """Manifest rows of the unseen-source test images in ``predictions.parquet`` (and a note when unavailable)."""
+    predictions_file = run.run_dir / "predictions.parquet"
+    if not predictions_file.is_file():
+        return pd.DataFrame(columns=columns), None
+    predictions = pd.read_parquet(predictions_file)
+    if "test_set" not in predictions.columns or not (predictions["test_set"] == "unseen_source").any():
+        return pd.DataFrame(columns=columns), None
+    wanted = set(predictions.loc[predictions["test_set"] == "unseen_source", "image"].astype(str))
+    from covidcxr.experiments.testsets import task_rows
+
+    try:
+        collection = task_rows(run.recipe)
+    except CovidCXRError as exc:
+        return pd.DataFrame(columns=columns), f"unseen-source images not audited: {exc}"
+    unseen = collection[collection["image"].astype(str).isin(wanted)].assign(split="test")
+    return unseen[[c for c in columns if c in unseen.columns]], None
+
+
+def _saliency(run: Any, images: np.ndarray, masks: np.ndarray, rows: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFrame, np.ndarray]:
+    """Grad-CAM lung focus of ``images``: the summary, the per-image table and the maps."""
+    layer = saliency_layer(run)
+    maps = gradcam(run, images, layer=layer)
+    focus = rows[["image", "source", "patient_id", "label", "target", "probability"]].copy()
+    focus["lung_focus"] = lung_focus_fraction(maps, masks)
+    focus["lung_area"] = masks.reshape(len(masks), -1).mean(axis=1)
+    valid = focus["lung_focus"].dropna()
+    summary = {
+        "method": "Grad-CAM (MONAI), positive logit",
+        "layer": layer,
+        "per_group": summarize_lung_focus(focus).to_dict(orient="records"),
+        "overall": {
+            "lung_focus_median": float(valid.median()) if len(valid) else None,
+            "lung_area_median": float(focus["lung_area"].median()),
+            "share_mostly_outside": float((valid < 0.5).mean()) if len(valid) else None,
+            "n": int(len(focus)),
+            "n_empty": int(focus["lung_focus"].isna().sum()),
+        },
+    }
+    return summary, focus, maps
+
+
+def _probe_all(run: Any, images: np.ndarray, masks: np.ndarray, rows: pd.DataFrame, embeddings: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    sources, patients = rows["source"].to_numpy(), rows["patient_id"].to_numpy()
+    fill = float(run.recipe.preprocess.pad_value)
+    probe: dict[str, Any] = {"full": source_probe(embeddings, sources, patients, n_boot=n_boot, seed=seed)}
+    if str(run.recipe.preprocess.lungs) == "mask":
+        probe["lungs_blanked"] = {"skipped": "the run's preprocessing masks the lungs: outside-lung pixels never reach the model"}
+    else:
+        probe["lungs_blanked"] = source_probe(run.embed(blank_lungs(images, masks, fill)), sources, patients, n_boot=n_boot, seed=seed)
+    probe["lungs_only"] = source_probe(run.embed(keep_lungs_only(images, masks, fill)), sources, patients, n_boot=n_boot, seed=seed)
+    return probe
+
+
 def audit_run(
     run_dir: str | Path,
     n_boot: int = 1000,
@@ -91,9 +152,11 @@ def audit_run(
         say: called with one line per step (the CLI prints them).
 
     Returns:
-        The ``audit.json`` content: ``run``, ``findings``, ``verdict``, ``evaluation``
-        (the cross-source report), ``ablation``, ``source_probe``, ``saliency``,
-        ``embedding``, counts and settings.
+        The ``audit.json`` content: ``run``, ``verdict`` (``no_skill``, ``shortcut``,
+        ``warning`` or ``ok``), ``findings``, ``evaluation`` (the cross-source report),
+        ``ablation``, ``intensity``, ``confounders`` (``subgroups``, ``metadata_only``,
+        ``view_dependence``), ``label_mix``, ``source_probe``, ``saliency``, ``embedding``,
+        ``sources`` / ``training_sources`` / ``unseen_sources``, counts and settings.
 
     Raises:
         CovidCXRError: not a run directory, a multi-class run, no val/test images.
@@ -102,81 +165,73 @@ def audit_run(
     run = load_run(run_dir)
     if not run.binary:
         raise CovidCXRError(f"{run.run_dir}: the audit scores a binary run (AUC of the positive class); this run has classes {run.classes}")
-    manifest_file = run.run_dir / "manifest.parquet"
-    if not manifest_file.is_file():
-        raise CovidCXRError(f"{run.run_dir}: no manifest.parquet (expected a run directory written by covidcxr train)")
-    manifest = pd.read_parquet(manifest_file)
+    rd = RunDir(run.run_dir)
+    manifest_file = rd.manifest
+    manifest = rd.read_manifest()
     rows = manifest[manifest["split"].isin(["val", "test"])].reset_index(drop=True)
     if rows.empty or not (rows["split"] == "test").any():
         raise CovidCXRError(f"{manifest_file}: no test images to audit")
-    rows = _subsample_by_patient(rows, max_images, seed).reset_index(drop=True)
+    unseen, unseen_note = _unseen_rows(run, list(rows.columns))
+    rows = _subsample_by_patient(pd.concat([rows, unseen], ignore_index=True), max_images, seed).reset_index(drop=True)
     lungs_mode = str(run.recipe.preprocess.lungs)
+    seen_sources = training_sources(run.run_dir)
 
-    say(f"audit {run.name}: {len(rows)} val + test images through the run's preprocessing")
+    say(f"audit {run.name}: {len(rows)} val + test images ({len(unseen)} of unseen sources) through the run's preprocessing")
     kept, images, lung_masks, excluded = cached_inputs(rows, run.recipe, progress=progress)
     if kept.empty:
         raise CovidCXRError(f"{run.run_dir}: every val/test image was rejected by the preprocessing")
     kept["probability"] = run.predict(images)
     is_test = (kept["split"] == "test").to_numpy()
+    seen_test = is_test & kept["source"].astype(str).isin(seen_sources).to_numpy()
+    test_rows, seen_rows = kept[is_test].reset_index(drop=True), kept[seen_test].reset_index(drop=True)
+    train_rows = manifest[manifest["split"] == "train"]
 
-    say("cross-source evaluation (per source, seen/unseen, within-source AUC, source-only baseline)")
+    say("cross-source evaluation (skill, per source, seen/unseen, within-source AUC over seen sources, source-only baseline)")
     evaluation = evaluate_run(run.run_dir, threshold=run.threshold, n_boot=n_boot, seed=seed, write=write)
 
-    say("lung ablation: lungs blanked / lungs only")
-    test_rows = kept[is_test].reset_index(drop=True)
-    ablation = lung_ablation(run, images[is_test], lung_masks[is_test], test_rows, n_boot=n_boot, seed=seed)
+    say(f"lung ablation and intensity-window perturbation on {int(seen_test.sum())} test images of the training sources")
+    ablation = lung_ablation(run, images[seen_test], lung_masks[seen_test], seen_rows, n_boot=n_boot, seed=seed)
+    intensity = intensity_perturbation(run, images[seen_test], seen_rows, n_boot=n_boot, seed=seed)
+
+    say("confounders beyond the source: view, sex, age band; metadata-only baseline; view dependence within a label")
+    confounders = subgroups.confounders(seen_rows, train_rows, threshold=run.threshold, n_boot=n_boot, seed=seed)
+    mix = subgroups.label_mix(train_rows)
 
     say("source probe on the embeddings (original, lungs blanked, lungs only)")
     embeddings = run.embed(images)
-    probe: dict[str, Any] = {"full": source_probe(embeddings, kept["source"].to_numpy(), kept["patient_id"].to_numpy(), n_boot=n_boot, seed=seed)}
-    if lungs_mode == "mask":
-        probe["lungs_blanked"] = {"skipped": "the run's preprocessing masks the lungs: outside-lung pixels never reach the model"}
-    else:
-        blanked = run.embed(blank_lungs(images, lung_masks, float(run.recipe.preprocess.pad_value)))
-        probe["lungs_blanked"] = source_probe(blanked, kept["source"].to_numpy(), kept["patient_id"].to_numpy(), n_boot=n_boot, seed=seed)
-    lungs_only = run.embed(keep_lungs_only(images, lung_masks, float(run.recipe.preprocess.pad_value)))
-    probe["lungs_only"] = source_probe(lungs_only, kept["source"].to_numpy(), kept["patient_id"].to_numpy(), n_boot=n_boot, seed=seed)
+    probe = _probe_all(run, images, lung_masks, kept, embeddings, n_boot, seed)
 
-    layer = saliency_layer(run)
-    say(f"Grad-CAM ({layer}) and lung focus on {int(is_test.sum())} test images")
-    maps = gradcam(run, images[is_test], layer=layer)
-    focus = test_rows[["image", "source", "patient_id", "label", "target", "probability"]].copy()
-    focus["lung_focus"] = lung_focus_fraction(maps, lung_masks[is_test])
-    focus["lung_area"] = lung_masks[is_test].reshape(int(is_test.sum()), -1).mean(axis=1)
-    per_group = summarize_lung_focus(focus)
-    valid = focus["lung_focus"].dropna()
-    saliency = {
-        "method": "Grad-CAM (MONAI), positive logit",
-        "layer": layer,
-        "per_group": per_group.to_dict(orient="records"),
-        "overall": {
-            "lung_focus_median": float(valid.median()) if len(valid) else None,
-            "lung_area_median": float(focus["lung_area"].median()),
-            "n": int(len(focus)),
-            "n_empty": int(focus["lung_focus"].isna().sum()),
-        },
-    }
+    say(f"Grad-CAM and lung focus on {int(is_test.sum())} test images")
+    saliency, focus, maps = _saliency(run, images[is_test], lung_masks[is_test], test_rows)
 
-    say("t-SNE of the embeddings")
+    say("t-SNE of the embeddings (every audited source)")
     coordinates = tsne_map(embeddings, seed=seed) if len(embeddings) >= 5 else None
 
-    findings = derive_findings(evaluation, ablation, probe, saliency, lungs_mode)
+    findings = derive_findings(evaluation, ablation, probe, saliency, lungs_mode, label_mix=mix, confounders=confounders, intensity=intensity)
     report = {
         "run": run.name,
         "run_dir": str(run.run_dir),
         "checkpoint": str(run.checkpoint),
+        "model": run.model_description,
+        "threshold": run.threshold,
+        "operating_point": run.operating_point.to_dict() if run.operating_point is not None else None,
         "split": "test",
         "n_images": int(is_test.sum()),
         "n_patients": int(test_rows["patient_id"].nunique()),
         "n_images_probe": int(len(kept)),
         "n_excluded": int(len(excluded)),
         "sources": sorted(kept["source"].astype(str).unique().tolist()),
-        "training_sources": training_sources(run.run_dir),
+        "training_sources": seen_sources,
+        "unseen_sources": sorted(set(kept["source"].astype(str)) - set(seen_sources)),
+        "unseen_note": unseen_note,
         "preprocess_lungs": lungs_mode,
         "verdict": verdict(findings),
         "findings": findings,
         "evaluation": evaluation,
         "ablation": ablation,
+        "intensity": intensity,
+        "confounders": confounders,
+        "label_mix": mix,
         "source_probe": probe,
         "saliency": saliency,
         "embedding": {"method": "tsne", "figure": "embedding.png", "table": "embedding.parquet"} if coordinates is not None else {"skipped": "fewer than 5 images"},
@@ -185,34 +240,34 @@ def audit_run(
         "seconds": None,
     }
     if write:
-        out = run.run_dir / AUDIT_DIR
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "lung_focus.parquet") as tmp:
-            focus.to_parquet(tmp, index=False)
-        gallery = select_gallery(focus.reset_index(drop=True), gallery_per_group)
-        if gallery:
-            captions = [f"{focus['source'][i]} · {focus['label'][i]} · p={focus['probability'][i]:.2f}" for i in gallery]
-            plot_gallery(images[is_test][gallery], maps[gallery], lung_masks[is_test][gallery], captions, out / "gallery.png")
-            saliency["gallery"] = "gallery.png"
-        if coordinates is not None:
-            table = kept[["source", "label", "target", "split"]].copy()
-            table["x"], table["y"] = coordinates[:, 0], coordinates[:, 1]
-            with atomic_path(out / "embedding.parquet") as tmp:
-                table.to_parquet(tmp, index=False)
-            plot_embedding(table, out / "embedding.png", title=f"{run.name}: val + test embeddings")
+        _write_outputs(run, report, focus, maps, images[is_test], lung_masks[is_test], kept, coordinates, gallery_per_group)
     report["seconds"] = round(time.perf_counter() - started, 2)
     report = json_ready(report)
     if write:
-        atomic_write_text(run.run_dir / AUDIT_DIR / AUDIT_FILE, json.dumps(report, indent=2, allow_nan=False) + "\n")
+        atomic_write_text(rd.audit_file, json.dumps(report, indent=2, allow_nan=False) + "\n")
     return report
+
+
+def _write_outputs(run: Any, report: dict[str, Any], focus: pd.DataFrame, maps: np.ndarray, images: np.ndarray, masks: np.ndarray, kept: pd.DataFrame, coordinates: np.ndarray | None, gallery_per_group: int) -> None:
+    """``RUN/audit/``: lung_focus.parquet, gallery.png, embedding.parquet + .png (audit.json is written last)."""
+    out = run.run_dir / AUDIT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "lung_focus.parquet") as tmp:
+        focus.to_parquet(tmp, index=False)
+    gallery = select_gallery(focus.reset_index(drop=True), gallery_per_group)
+    if gallery:
+        captions, correct = gallery_captions(focus.iloc[gallery], run.threshold, run.classes[-1], run.classes[0])
+        plot_gallery(images[gallery], maps[gallery], masks[gallery], captions, out / "gallery.png", correct=correct)
+        report["saliency"]["gallery"] = "gallery.png"
+    if coordinates is not None:
+        table = kept[["source", "label", "target", "split"]].copy()
+        table["seen"] = table["source"].astype(str).isin(report["training_sources"])
+        table["x"], table["y"] = coordinates[:, 0], coordinates[:, 1]
+        with atomic_path(out / "embedding.parquet") as tmp:
+            table.to_parquet(tmp, index=False)
+        plot_embedding(table, out / "embedding.png", title=f"{run.name}: val + test embeddings (seen and unseen sources)", training_sources=report["training_sources"])
 
 
 def read_audit(run_dir: str | Path) -> dict[str, Any] | None:
     """``RUN/audit/audit.json`` if the run was audited, else None."""
-    path = Path(run_dir) / AUDIT_DIR / AUDIT_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CovidCXRError(f"{path}: not valid JSON ({exc})") from None
+    return RunDir(run_dir).read_audit()

@@ -31,7 +31,7 @@ from covidcxr.errors import CovidCXRError
 if TYPE_CHECKING:
     from covidcxr.train.inference import LoadedRun
 
-__all__ = ["MIN_SALIENCY_GRID", "gradcam", "saliency_layer", "lung_focus_fraction", "plot_gallery", "select_gallery", "summarize_lung_focus"]
+__all__ = ["MIN_SALIENCY_GRID", "gallery_captions", "gradcam", "saliency_layer", "lung_focus_fraction", "plot_gallery", "select_gallery", "summarize_lung_focus"]
 
 
 #: the audit explains the deepest stage whose feature map is at least this many cells a side
@@ -174,15 +174,42 @@ def select_gallery(table: pd.DataFrame, per_group: int = 2, by: tuple[str, ...] 
     return [int(i) for i in chosen]
 
 
-def plot_gallery(images: np.ndarray, maps: np.ndarray, lung_masks: np.ndarray, captions: list[str], path: str | Path, columns: int = 6) -> Path:
+def gallery_captions(table: pd.DataFrame, threshold: float, positive: str, negative: str) -> tuple[list[str], list[bool]]:
+    """Two-line gallery captions: where the image is from and its truth, then the decision and whether it is right.
+
+    Args:
+        table: the gallery's rows (``source``, ``label``, ``target``, ``probability``).
+        threshold: the run's decision threshold (``probability >= threshold`` is ``positive``).
+        positive, negative: the run's class names.
+
+    Returns:
+        ``(captions, correct)``, e.g. ``"site_a · true covid"`` / ``"p=0.93 → covid ✓ right"``.
+    """
+    captions, correct = [], []
+    for row in table.itertuples(index=False):
+        decided = float(row.probability) >= float(threshold)
+        right = decided == bool(int(row.target))
+        captions.append(f"{row.source} · true {row.label}\np={float(row.probability):.2f} → {positive if decided else negative} {'✓ right' if right else '✗ wrong'}")
+        correct.append(right)
+    return captions, correct
+
+
+def plot_gallery(
+    images: np.ndarray, maps: np.ndarray, lung_masks: np.ndarray, captions: list[str], path: str | Path, columns: int = 6,
+    correct: list[bool] | None = None,
+) -> Path:
     """Grid of Grad-CAM overlays (jet, 45 % opacity) with the lung mask's contour in white; atomic PNG.
 
     Args:
         images: ``(N, H, W)`` model inputs in [0, 1].
         maps: ``(N, H, W)`` saliency in [0, 1].
         lung_masks: ``(N, H, W)`` bool.
-        captions: one short caption per image.
+        captions: one caption per image (:func:`gallery_captions`; two lines fit).
         path: the PNG to write.
+        columns: images per row.
+        correct: per image, whether the decision was right: the caption is drawn in the
+            palette's bluish green (right) or vermillion (wrong); the text says it too, so
+            colour is never the only cue.
     """
     import matplotlib
 
@@ -190,13 +217,14 @@ def plot_gallery(images: np.ndarray, maps: np.ndarray, lung_masks: np.ndarray, c
     import matplotlib.pyplot as plt
 
     from covidcxr.io.atomic import atomic_path
+    from covidcxr.report.palette import OKABE_ITO
 
     n = len(images)
     if n == 0:
         raise CovidCXRError("plot_gallery: no images to draw")
     columns = max(1, min(columns, n))
     rows = int(np.ceil(n / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.35 * rows), dpi=80, squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.5 * columns, 2.95 * rows), squeeze=False, layout="constrained")
     for k, axis in enumerate(axes.ravel()):
         axis.axis("off")
         if k >= n:
@@ -205,10 +233,10 @@ def plot_gallery(images: np.ndarray, maps: np.ndarray, lung_masks: np.ndarray, c
         axis.imshow(maps[k], cmap="jet", alpha=0.45, vmin=0, vmax=1)
         if lung_masks[k].any():
             axis.contour(lung_masks[k].astype(float), levels=[0.5], colors="white", linewidths=0.8)
-        axis.set_title(captions[k], fontsize=7)
-    figure.tight_layout(pad=0.3)
+        colour = "black" if correct is None else (OKABE_ITO["bluish_green"] if correct[k] else OKABE_ITO["vermillion"])
+        axis.set_title(captions[k], fontsize=9, color=colour, linespacing=1.25)
     path = Path(path)
     with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
+        figure.savefig(tmp, format="png", dpi=110)
     plt.close(figure)
     return path

@@ -20,12 +20,20 @@ Ben Ahmed et al. hold whole sources out (seen vs unseen sources).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from covidcxr.data.dedup import Fingerprints, edges_of_shared_values, find_near_duplicates, link_groups, near_duplicate_pairs
+from covidcxr.data.dedup import (
+    FingerprintCache,
+    Fingerprints,
+    edges_of_shared_values,
+    find_near_duplicates,
+    link_groups,
+    near_duplicate_pairs,
+)
 from covidcxr.data.manifest import file_sha1, is_missing, validate_manifest
 from covidcxr.data.sources.base import Rejection
 from covidcxr.errors import CovidCXRError, LabelConflictError, LeakageError
@@ -101,7 +109,10 @@ def check_label_conflicts(manifest: pd.DataFrame) -> None:
 
 
 def link_duplicates(
-    manifest: pd.DataFrame, workers: int | None = None, show_progress: bool = False
+    manifest: pd.DataFrame,
+    workers: int | None = None,
+    show_progress: bool = False,
+    cache: FingerprintCache | str | Path | None = None,
 ) -> tuple[pd.DataFrame, list[Rejection]]:
     """Fill ``dup_group`` from the pixels and refuse copies with conflicting labels.
 
@@ -109,6 +120,9 @@ def link_duplicates(
     (a hospital's folders, a public layout): exact copies (``sha1``, and ``file_sha1``, the
     hash of the bytes actually on disk, added here) and near-duplicates detected by
     `covidcxr.data.dedup.find_near_duplicates` join one ``dup_group``.
+
+    ``cache`` (a `covidcxr.data.dedup.FingerprintCache` or its file) supplies the fingerprints
+    and file hashes of unchanged files (same path, size, mtime) instead of reading them again.
 
     Returns:
         ``(manifest, unreadable)``: the readable rows with ``dup_group`` and ``file_sha1`` filled, and one
@@ -120,12 +134,16 @@ def link_duplicates(
     if manifest.empty:
         check_label_conflicts(manifest)
         return manifest.reset_index(drop=True), []
-    linked, _, unreadable = find_near_duplicates(manifest, workers=workers, show_progress=show_progress)
+    if isinstance(cache, (str, Path)):
+        cache = FingerprintCache(cache)
+    linked, _, unreadable = find_near_duplicates(manifest, workers=workers, show_progress=show_progress, cache=cache)
     bad = {item.path for item in unreadable}
     linked = linked[~linked["image"].astype(str).isin(bad)].reset_index(drop=True)
     # The bytes actually there, not the manifest's word for them (a collection's sha1 may
     # describe the original download): copies are linked and checked by this too.
-    linked["file_sha1"] = [file_sha1(path) for path in linked["image"]]
+    linked["file_sha1"] = [file_sha1(path) if cache is None else cache.sha1(path) for path in linked["image"]]
+    if cache is not None:
+        cache.flush()
     check_label_conflicts(linked)
     return linked, unreadable
 

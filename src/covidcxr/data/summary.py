@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from covidcxr.data.dedup import find_near_duplicates
+from covidcxr.data.dedup import FingerprintCache, find_near_duplicates
 from covidcxr.data.manifest import LABELS, is_missing
 from covidcxr.data.sources import SourceTable, detect_source, load_source
+from covidcxr.data.sources._common import sha1_cache
 from covidcxr.data.splits import check_label_conflicts
 from covidcxr.errors import LabelConflictError
 
@@ -25,18 +26,25 @@ def _counts(series: pd.Series) -> dict[str, int]:
     return {str(k): int(v) for k, v in series.value_counts(dropna=False).sort_index().items()}
 
 
-def summarize_manifest(table: SourceTable, check_images: bool = True, workers: int | None = None, show_progress: bool = True) -> dict[str, Any]:
+def summarize_manifest(
+    table: SourceTable,
+    check_images: bool = True,
+    workers: int | None = None,
+    show_progress: bool = True,
+    cache: FingerprintCache | str | Path | None = None,
+) -> dict[str, Any]:
     """Summarise a loaded `SourceTable` (see `summarize` for the keys).
 
     With ``check_images``, every image is decoded (unreadable ones are listed) and
-    fingerprinted, and detected near-duplicates are merged with the listed ``dup_group``.
+    fingerprinted — or its fingerprint read from ``cache`` — and detected near-duplicates
+    are merged with the listed ``dup_group``.
     """
     manifest = table.manifest
     unreadable = [asdict(r) for r in table.rejected]
     listed_groups = manifest["dup_group"][~manifest["dup_group"].map(is_missing)].nunique()
     detected_pairs = None
     if check_images and len(manifest):
-        manifest, pairs, rejected = find_near_duplicates(manifest, workers=workers, show_progress=show_progress)
+        manifest, pairs, rejected = find_near_duplicates(manifest, workers=workers, show_progress=show_progress, cache=cache)
         unreadable.extend(asdict(r) for r in rejected)
         detected_pairs = len(pairs)
     grouped = manifest[~manifest["dup_group"].map(is_missing)]
@@ -92,6 +100,7 @@ def summarize(
     check_images: bool = True,
     workers: int | None = None,
     show_progress: bool = True,
+    cache: FingerprintCache | str | Path | None = None,
 ) -> dict[str, Any]:
     """Summarise a collection folder (a ``manifest.csv`` collection or any adapter's layout).
 
@@ -101,6 +110,8 @@ def summarize(
         check_images: decode every image (lists unreadable ones, detects near-duplicates).
         workers: processes for decoding; None uses every available core.
         show_progress: draw a progress bar.
+        cache: the fingerprint cache (`covidcxr.data.dedup.FingerprintCache` or its file);
+            None fingerprints every image afresh.
 
     Returns:
         A JSON-ready dict with at least ``images``, ``patients``, ``by_source`` (source →
@@ -114,8 +125,11 @@ def summarize(
     """
     root = Path(root)
     adapter = source or detect_source(root)
-    table = load_source(root, adapter)
-    summary = summarize_manifest(table, check_images=check_images, workers=workers, show_progress=show_progress)
+    if isinstance(cache, (str, Path)):
+        cache = FingerprintCache(cache)
+    with sha1_cache(cache):
+        table = load_source(root, adapter)
+    summary = summarize_manifest(table, check_images=check_images, workers=workers, show_progress=show_progress, cache=cache)
     return {"root": str(root), "adapter": adapter, **summary}
 
 

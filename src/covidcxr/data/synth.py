@@ -41,8 +41,9 @@ hospital and a classifier can score well by recognising the hospital.
 
 Shortcut (`ShortcutSpec`, off by default): with probability ``strength`` an image of the
 chosen label (at the chosen site, or at all sites) carries either a bright burned-in text
-``marker`` in a corner, away from the lungs and the body, or a shifted global intensity
-``window``; other labels carry it with probability ``false_rate``. Tartaglione et al.
+``marker`` in a corner, away from the lungs and the body, a shifted global intensity
+``window``, or the AP ``view`` (the projection confounded with the label, no pixel added);
+other labels carry it with probability ``false_rate``. Tartaglione et al.
 (2020, "Unveiling COVID-19 from chest X-ray with deep learning: a hurdles race with small
 data", IJERPH 17:6933, §3.2) show that such text markers and windowing differences
 between sources are enough for a network to separate the classes without looking at the
@@ -86,6 +87,7 @@ from covidcxr.io.writers import write_png
 
 __all__ = [
     "DEFAULT_SITES",
+    "SHORTCUT_KINDS",
     "SYNTH_VERSION",
     "Anatomy",
     "Finding",
@@ -229,13 +231,20 @@ DEFAULT_SITES: tuple[SiteProfile, ...] = (
 )
 
 
+#: the planted shortcut types (`ShortcutSpec.kind`)
+SHORTCUT_KINDS = ("marker", "window", "view")
+
+
 @dataclass(frozen=True)
 class ShortcutSpec:
     """A shortcut planted outside the lungs, correlated with one label.
 
     Attributes:
         kind: ``"marker"`` (a bright burned-in text block in a corner, outside lungs and
-            body) or ``"window"`` (a brighter, lower-contrast global intensity window).
+            body), ``"window"`` (a brighter, lower-contrast global intensity window) or
+            ``"view"`` (the projection follows the label: a carrying image is an AP film —
+            magnified heart, higher clavicles, shallower inspiration, more rotation — and
+            the site's other images are PA; no marker, no intensity change).
         site: the site where it is planted, or None for every site.
         label: the label it correlates with.
         strength: probability that an image of ``label`` (at ``site``) carries it.
@@ -257,8 +266,8 @@ class ShortcutSpec:
     corner: str = "top_right"
 
     def __post_init__(self) -> None:
-        if self.kind not in ("marker", "window"):
-            raise ValueError(f"shortcut kind {self.kind!r}; expected 'marker' or 'window'")
+        if self.kind not in SHORTCUT_KINDS:
+            raise ValueError(f"shortcut kind {self.kind!r}; expected one of {SHORTCUT_KINDS}")
         if self.label not in LABELS:
             raise ValueError(f"shortcut label {self.label!r}; expected one of {LABELS}")
         if not (0.0 <= self.strength <= 1.0 and 0.0 <= self.false_rate <= 1.0):
@@ -856,6 +865,8 @@ def render_phantom_detailed(
     a = acq_rng.random(8)
     if view is None:
         view = "AP" if a[0] < site.ap_rate else "PA"
+        if spec is not None and spec.kind == "view" and shortcut_applied:
+            view = "AP"
     if view not in ("PA", "AP"):
         raise ValueError(f"view must be 'PA' or 'AP', got {view!r}")
     # Source-detector distance and detector size vary film to film: ±3% magnification.
@@ -1042,6 +1053,8 @@ def plan_synthesis(
                 view = "AP" if rng.random() < site.ap_rate else "PA"
                 coin = rng.random()  # always drawn: the plan must not depend on the shortcut
                 carries = shortcut is not None and coin < shortcut.probability(label, site.name)
+                if shortcut is not None and shortcut.kind == "view" and shortcut.probability(label, site.name) > 0:
+                    view = "AP" if carries else "PA"  # the projection follows the label (DeGrave et al. 2021)
                 rows.append(
                     {
                         "index": index,
@@ -1260,3 +1273,83 @@ def _readme(manifest: pd.DataFrame, config: dict[str, object], sites: Sequence[S
         "",
     ]
     return "\n".join(lines)
+
+
+def synthetic_fingerprints(
+    count: int, duplicate_share: float = 0.01, seed: int = 0, batch: int = 2048
+) -> tuple["Fingerprints", np.ndarray]:
+    """Fingerprints of ``count`` synthetic radiograph-like images with planted near-duplicates.
+
+    For scale tests of the near-duplicate search (`covidcxr.data.dedup`) without 100k
+    files: each image is a 64×64 random field with a 1/f amplitude spectrum (the spectrum
+    of natural images and radiographs; Field 1987, J Opt Soc Am A 4:2379) over a shared
+    chest-like template, so, as in a real collection, images resemble each other and the
+    low-frequency hash bits are far from uniform. Its 256-bit DCT hash is computed exactly
+    as `imagehash.phash` does on a 64×64 image, its thumbnail as `covidcxr.data.dedup.fingerprint`.
+    A ``duplicate_share`` of the images are copies of an earlier image re-windowed
+    (gain 0.7–1.3, offset ±0.1, gamma 0.7–1.4) with pixel noise (σ 0–0.06).
+
+    Args:
+        count: number of fingerprints.
+        duplicate_share: fraction of images that are near-duplicates of another.
+        seed: random seed (the result is deterministic).
+        batch: images rendered at once (bounds memory).
+
+    Returns:
+        ``(prints, planted)``: `Fingerprints` with ``count`` rows and ``(k, 2)`` int64 rows
+        ``(original, copy)``.
+
+    Example:
+        >>> prints, planted = synthetic_fingerprints(200, duplicate_share=0.05)
+        >>> len(prints), planted.shape
+        (200, (10, 2))
+    """
+    from scipy.fft import dct, irfft2
+
+    from covidcxr.data.dedup import THUMBNAIL_SIZE, Fingerprints
+
+    rng = np.random.default_rng(seed)
+    side = 64
+    fy, fx = np.meshgrid(np.fft.fftfreq(side), np.fft.rfftfreq(side), indexing="ij")
+    amplitude = (1.0 / np.maximum(np.hypot(fx, fy), 1.0 / side)).astype(np.float32)
+    amplitude[0, 0] = 0.0
+    yy, xx = np.mgrid[-1:1:side * 1j, -1:1:side * 1j]
+    template = 0.6 - 0.35 * (np.exp(-(((np.abs(xx) - 0.45) / 0.25) ** 2 + (yy / 0.6) ** 2)))  # two dark lungs
+    n_copies = int(round(count * duplicate_share))
+    copies = np.sort(rng.choice(np.arange(1, count), n_copies, replace=False)) if n_copies else np.zeros(0, np.int64)
+    originals = np.array([rng.integers(0, c) for c in copies], dtype=np.int64)
+    # A copy's original must not itself be a copy, so each planted pair is an original and its copy.
+    is_copy = set(copies.tolist())
+    originals = np.array([o if o not in is_copy else 0 for o in originals.tolist()], dtype=np.int64)
+    planted = np.column_stack([originals, copies]).astype(np.int64)
+    source_of = dict(zip(copies.tolist(), originals.tolist()))
+
+    hashes = np.zeros((count, 4), np.uint64)
+    thumbnails = np.zeros((count, THUMBNAIL_SIZE * THUMBNAIL_SIZE), np.float32)
+    rendered: dict[int, np.ndarray] = {}
+    needed = set(originals.tolist())
+    for start in range(0, count, batch):
+        stop = min(start + batch, count)
+        shape = (stop - start, side, side // 2 + 1)  # half spectrum of a real field
+        noise = rng.standard_normal(shape, dtype=np.float32) + 1j * rng.standard_normal(shape, dtype=np.float32)
+        field = irfft2(noise * amplitude, s=(side, side))
+        field /= field.std(axis=(1, 2), keepdims=True) + 1e-12
+        images = np.clip(template * rng.uniform(0.7, 1.3, (stop - start, 1, 1)) + 0.12 * field, 0, 1)
+        for index in range(start, stop):
+            if index in source_of:
+                original = rendered[source_of[index]]
+                gain, offset, gamma = rng.uniform(0.7, 1.3), rng.uniform(-0.1, 0.1), rng.uniform(0.7, 1.4)
+                copy = np.clip(original * gain + offset, 0, 1) ** gamma + rng.normal(0, rng.uniform(0, 0.06), original.shape)
+                images[index - start] = np.clip(copy, 0, 1)
+            if index in needed:
+                rendered[index] = images[index - start].copy()
+        pixels = np.round(images * 255).astype(np.uint8)
+        coefficients = dct(dct(pixels.astype(np.float32), axis=1), axis=2)[:, :16, :16].reshape(len(pixels), -1)
+        bits = coefficients > np.median(coefficients, axis=1, keepdims=True)
+        hashes[start:stop] = np.packbits(bits, axis=1).view(">u8").astype(np.uint64)
+        thumbs = pixels.reshape(len(pixels), THUMBNAIL_SIZE, 2, THUMBNAIL_SIZE, 2).mean(axis=(2, 4)).round()
+        thumbs = thumbs.reshape(len(pixels), -1).astype(np.float32)
+        thumbs -= thumbs.mean(axis=1, keepdims=True)
+        norms = np.linalg.norm(thumbs, axis=1, keepdims=True)
+        thumbnails[start:stop] = np.where(norms > 1e-6, thumbs / np.maximum(norms, 1e-6), 0.0)
+    return Fingerprints(hashes, thumbnails, np.ones(count, bool)), planted

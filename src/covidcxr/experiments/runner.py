@@ -38,6 +38,7 @@ from covidcxr.errors import CovidCXRError
 from covidcxr.experiments.recipe import AdaptRun, ExperimentRecipe, GridPoint, PretrainRun
 from covidcxr.experiments.store import POOLED, ClaimedRun, Heartbeat, RunStore, Worker, metric_row
 from covidcxr.io.atomic import atomic_write_text
+from covidcxr.rundir import RunDir
 
 __all__ = ["GridReport", "default_db_url", "ensure_subsets", "evaluate_point", "run_experiment"]
 
@@ -119,16 +120,17 @@ def _train(recipe: Any, experiment: ExperimentRecipe, progress: bool, say: Calla
         completed = subprocess.run(command, check=False)
         if completed.returncode != 0:
             raise CovidCXRError(f"`covidcxr train` for {run_dir} exited with code {completed.returncode}")
-        metrics_path = run_dir / "metrics.json"
-        return json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+        return RunDir(run_dir).read_metrics() or {}
     result = train_recipe(recipe, progress=progress, say=say)
     if result.status == "interrupted":
         raise KeyboardInterrupt
     return result.metrics
 
 
-def evaluate_point(point: GridPoint, test_sources: str | list[str], threshold: float = 0.5, n_boot: int = 1000, progress: bool = False) -> tuple[list[dict[str, Any]], Any, dict[str, Any]]:
+def evaluate_point(point: GridPoint, test_sources: str | list[str], threshold: float | None = None, n_boot: int = 1000, progress: bool = False) -> tuple[list[dict[str, Any]], Any, dict[str, Any]]:
     """Test a trained point on every source (`covidcxr.experiments.testsets`).
+
+    ``threshold`` None: the run's own operating point (`covidcxr.rundir.RunDir.threshold`).
 
     Returns:
         ``(metric rows without run_id, scored predictions, summary)``: one metric row per
@@ -138,6 +140,7 @@ def evaluate_point(point: GridPoint, test_sources: str | list[str], threshold: f
     from covidcxr.experiments.testsets import pooled_metrics, predict_images, source_metrics, test_images
 
     run_dir = point.run_dir
+    threshold = RunDir(run_dir).threshold if threshold is None else threshold
     pretrain_dir = point.pretrain.run_dir if point.pretrain is not None else None
     rows = test_images(point.recipe, run_dir, pretrain_dir, test_sources)
     scored, rejected = predict_images(run_dir, rows, progress=progress)
@@ -167,7 +170,7 @@ def evaluate_point(point: GridPoint, test_sources: str | list[str], threshold: f
     return metric_rows, scored, summary
 
 
-def evaluate_adaptation(adapt: AdaptRun, threshold: float = 0.5, n_boot: int = 1000, progress: bool = False) -> tuple[list[dict[str, Any]], Any, dict[str, Any]]:
+def evaluate_adaptation(adapt: AdaptRun, threshold: float | None = None, n_boot: int = 1000, progress: bool = False) -> tuple[list[dict[str, Any]], Any, dict[str, Any]]:
     """Score the adaptation test images with the point (before) and the adapted model (after).
 
     Returns:
@@ -184,6 +187,9 @@ def evaluate_adaptation(adapt: AdaptRun, threshold: float = 0.5, n_boot: int = 1
     rows, _ = select_task(manifest, adapt.recipe)
     test = rows[rows["split"] == "test"].reset_index(drop=True)
     test["seen"] = True  # after adaptation, these sources are in the (adaptation) training
+    # None: each model at its own operating point (the point's before, the adapted run's after)
+    before_threshold = RunDir(adapt.point.run_dir).threshold if threshold is None else threshold
+    threshold = RunDir(adapt.run_dir).threshold if threshold is None else threshold
     before, _ = predict_images(adapt.point.run_dir, test, progress=progress)
     after, rejected = predict_images(adapt.run_dir, test, progress=progress)
     classes = list(adapt.recipe.classes)
@@ -192,10 +198,10 @@ def evaluate_adaptation(adapt: AdaptRun, threshold: float = 0.5, n_boot: int = 1
     pooled = pooled_metrics(after, threshold=threshold, n_boot=n_boot, seed=seed, classes=classes)
     metric_rows = [metric_row(0, source, "source", metrics, True) for source, metrics in per_source.items()]
     metric_rows += [metric_row(0, name, scope, pooled.get(scope), None) for scope, name in POOLED.items()]
-    before_metrics = source_metrics(before.assign(seen=False), threshold=threshold, n_boot=n_boot, seed=seed, classes=classes)
+    before_metrics = source_metrics(before.assign(seen=False), threshold=before_threshold, n_boot=n_boot, seed=seed, classes=classes)
     fit = rows[rows["split"].isin(["train", "val"])]
     summary = {
-        "adaptation": before_after(before, after, threshold),
+        "adaptation": before_after(before, after, (before_threshold, threshold)),
         "before": {source: {"auc": (m or {}).get("auc"), "accuracy": (m or {}).get("accuracy"), "n_images": (m or {}).get("n_images")} for source, m in before_metrics.items()},
         "after": {source: {"auc": (m or {}).get("auc"), "accuracy": (m or {}).get("accuracy"), "n_images": (m or {}).get("n_images")} for source, m in per_source.items()},
         "adaptation_images": {f"{s}/{c}": int(n) for (s, c), n in fit.groupby(["source", "class_name"]).size().items()},

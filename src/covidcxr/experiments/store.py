@@ -71,6 +71,9 @@ from covidcxr.experiments.recipe import run_identity
 __all__ = ["ClaimedRun", "Heartbeat", "RunStore", "StoreError", "Worker", "normalize_url"]
 
 STATUSES = ("pending", "running", "done", "failed")
+#: Seconds without a heartbeat after which a ``running`` run's worker is presumed dead
+#: (workers beat every 30 s): ``claim`` takes such a run over, ``find_runs`` shows it as ``stale``.
+STALE_AFTER_S = 300.0
 
 metadata = MetaData()
 
@@ -431,7 +434,7 @@ class RunStore:
                 )
         return [row.key for row in rows]
 
-    def claim(self, run_ids: Sequence[int], worker: Worker, stale_after: float = 300.0) -> ClaimedRun | None:
+    def claim(self, run_ids: Sequence[int], worker: Worker, stale_after: float = STALE_AFTER_S) -> ClaimedRun | None:
         """Take the next runnable run of ``run_ids`` (stage-1 runs first), or None.
 
         Runnable: ``pending`` with no stage-1 run or a ``done`` one, or ``running`` with a
@@ -559,14 +562,20 @@ class RunStore:
         order = {run_id: i for i, run_id in enumerate(ids)}
         return frame.sort_values("id", key=lambda s: s.map(order)).reset_index(drop=True)
 
-    def find_runs(self, experiment: Any) -> pd.DataFrame:
+    def find_runs(self, experiment: Any, stale_after: float = STALE_AFTER_S) -> pd.DataFrame:
         """The stored runs of an experiment's current expansion (stage-1 runs first), without registering anything.
+
+        Args:
+            experiment: the expanded experiment recipe.
+            stale_after: a ``running`` run whose heartbeat is older than this many seconds
+                is shown as ``stale`` (see `mark_stale`).
 
         Returns:
             One row per expected run: ``key``, ``kind``, ``labels``, ``config_hash`` and,
             when stored, ``id``, ``status``, ``worker``, ``attempts``, ``seconds``,
-            ``error``, ``summary``... (``status`` is ``not registered`` for runs no
-            worker has recorded yet).
+            ``error``, ``summary``, ``heartbeat_age_s``, ``stale_reason``... (``status`` is
+            ``not registered`` for runs no worker has recorded yet, ``stale`` for a
+            ``running`` run whose worker stopped beating).
         """
         expected = [(r.key, "pretrain", {}, r.config_hash, str(r.run_dir)) for r in experiment.pretrain_runs()]
         expected += [(p.key, "train", p.labels, p.config_hash, str(p.run_dir)) for p in experiment.points()]
@@ -581,7 +590,7 @@ class RunStore:
             stored = pd.DataFrame([dict(r) for r in rows], columns=[c.name for c in columns])
         merged = frame.merge(stored.drop(columns=["experiment_id"]), on=["key", "config_hash"], how="left")
         merged["status"] = merged["status"].fillna("not registered")
-        return merged
+        return mark_stale(merged, stale_after)
 
     def counts(self, run_ids: Iterable[int]) -> dict[str, int]:
         ids = list(run_ids)
@@ -629,6 +638,50 @@ def _prediction_records(run_id: int, frame: pd.DataFrame) -> list[dict[str, Any]
             "seen": bool(data["seen"]),
         })
     return records
+
+
+def mark_stale(runs: pd.DataFrame, stale_after: float = STALE_AFTER_S, now: datetime | None = None) -> pd.DataFrame:
+    """Show ``running`` runs whose worker stopped beating as ``stale``, with the reason.
+
+    A run is stale when its heartbeat is older than ``stale_after`` seconds, or at once
+    when its worker ran on this machine and that process is gone (killed, crashed). The
+    database is not changed: a worker's next ``claim`` takes such a run over.
+
+    Args:
+        runs: rows with ``status``, ``heartbeat_at``, ``host``, ``pid``, ``worker``.
+        stale_after: seconds. now: the time to compare with (UTC, naive; default now).
+
+    Returns:
+        A copy with ``heartbeat_age_s`` (seconds, NaN without a heartbeat) and
+        ``stale_reason`` columns, ``status`` set to ``stale`` where it applies.
+
+    Example:
+        >>> frame = pd.DataFrame({"status": ["running"], "heartbeat_at": [datetime(2026, 1, 1)], "host": ["gpu1"], "pid": [7], "worker": ["gpu1:7"]})
+        >>> row = mark_stale(frame, 300, now=datetime(2026, 1, 1, 0, 10)).iloc[0]
+        >>> row["status"], float(row["heartbeat_age_s"])
+        ('stale', 600.0)
+    """
+    runs = runs.copy()
+    now = now or _now()
+    beats = pd.to_datetime(runs["heartbeat_at"]) if "heartbeat_at" in runs else pd.Series(pd.NaT, index=runs.index)
+    runs["heartbeat_age_s"] = (now - beats).dt.total_seconds()
+    here = socket.gethostname()
+    reasons: list[str | None] = []
+    for row in runs.itertuples(index=False):
+        reason = None
+        if row.status == "running":
+            age = row.heartbeat_age_s
+            pid = getattr(row, "pid", None)
+            if getattr(row, "host", None) == here and isinstance(pid, (int, float)) and pid == pid and not _pid_alive(int(pid)):
+                reason = f"its worker {row.worker} (pid {int(pid)} on this machine) is gone"
+            elif age != age:
+                reason = f"no heartbeat recorded by {row.worker}"
+            elif age > stale_after:
+                reason = f"no heartbeat from {row.worker} for {age / 60:.0f} min (limit {stale_after / 60:.0f} min): its worker is presumed dead"
+        reasons.append(reason)
+    runs["stale_reason"] = reasons
+    runs.loc[runs["stale_reason"].notna(), "status"] = "stale"
+    return runs
 
 
 def _pid_alive(pid: int) -> bool:

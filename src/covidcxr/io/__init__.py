@@ -1,6 +1,6 @@
 """Reading and writing pixels: PNG/JPEG/TIFF/BMP/DICOM → float32 [0, 1] plus metadata."""
 
-from covidcxr.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from covidcxr.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text, clean_stale_temps
 from covidcxr.io.dicom import read_dicom, read_dicom_metadata
 from covidcxr.io.image import DEFAULT_MAX_PIXELS, CXRImage, ImageMetadata, read_image, read_mask
 from covidcxr.io.sniff import sniff_file, sniff_format
@@ -13,6 +13,7 @@ __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
+    "clean_stale_temps",
     "dicom_dataset",
     "read_dicom",
     "read_dicom_metadata",

@@ -33,21 +33,27 @@ resumed run does not redo them; unreadable files, and files that are not chest
 radiographs (`covidcxr.preprocess.screening`: colour photographs, test patterns, blank
 frames...), are not: they are reported with the reason each run and never trained on.
 
-**Writes** go through `covidcxr.io.atomic_path`: an entry exists complete or not at all,
-so a killed run loses only its in-flight images and the next run counts the rest as hits.
+**Writes** go through `covidcxr.io.atomic_path` (fsynced before the rename): an entry
+exists complete or not at all, so a killed run loses only its in-flight images and the
+next run counts the rest as hits. **Damage** from outside (a disk error, a copy cut short,
+a file system that lost unsynced data) is detected at look-up — an entry that is empty,
+not a complete zip, or lacks one of the arrays — named in `PreprocessResult.rebuilt`
+and recomputed; temporary files a killed writer left behind are removed once they are
+`STALE_TEMP_SECONDS` old.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
 import zipfile
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +63,7 @@ import pandas as pd
 from covidcxr.data.manifest import file_sha1, is_missing
 from covidcxr.data.sources import Rejection
 from covidcxr.errors import CovidCXRError, ImageReadError
-from covidcxr.io import atomic_path, atomic_write_text
+from covidcxr.io import atomic_path, atomic_write_text, clean_stale_temps
 from covidcxr.parallel import default_workers, make_progress
 from covidcxr.preprocess.pipeline import (
     PIPELINE_VERSION,
@@ -67,6 +73,8 @@ from covidcxr.preprocess.pipeline import (
     mask_origin,
     preprocess_batch,
 )
+
+log = logging.getLogger("covidcxr.preprocess")
 
 # Columns this module adds to the manifest in ``index.parquet`` (and the QC table).
 INDEX_COLUMNS: tuple[str, ...] = (
@@ -83,6 +91,14 @@ INDEX_COLUMNS: tuple[str, ...] = (
     "crop_right",
     "rejected_reason",
 )
+
+
+#: The arrays every entry holds (`save_entry`).
+ENTRY_ARRAYS: tuple[str, ...] = ("image", "lung_mask", "qc_original", "qc_mask", "meta")
+#: A temporary entry file untouched this long belongs to a killed writer (one entry takes milliseconds to write).
+STALE_TEMP_SECONDS = 15 * 60
+# What np.load / zipfile raise for a damaged .npz: 0 bytes is EOFError, a truncated zip BadZipFile, ...
+_DAMAGED = (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile)
 
 
 class CacheMiss(CovidCXRError):
@@ -123,6 +139,9 @@ class PreprocessResult:
             and missing for unreadable images).
         rejected: every image that must not be used, with its reason: unreadable files
             and masks, missing manifest masks, empty masks, crops too small.
+        rebuilt: damaged entries found (empty, truncated, missing arrays), each as
+            ``"<entry file>: <what was wrong>"``; they were recomputed in this run.
+        stale_temps_removed: temporary files of killed writers removed from the cache.
         hits: entries found in the cache.
         misses: entries computed in this run.
         errors: images that could not be processed at all (unreadable).
@@ -137,6 +156,8 @@ class PreprocessResult:
     errors: int
     seconds: float
     config_dir: Path
+    rebuilt: list[str] = field(default_factory=list)
+    stale_temps_removed: int = 0
 
     @property
     def processed(self) -> int:
@@ -216,9 +237,25 @@ def save_entry(path: Path, result: PreprocessedImage, meta: dict[str, Any]) -> N
             )
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
-    with np.load(path, allow_pickle=False) as data:
-        return json.loads(str(data["meta"]))
+def check_entry(path: Path) -> dict[str, Any]:
+    """An entry's metadata, after checking the file is a complete entry (cheap: the zip directory and ``meta``).
+
+    Raises:
+        CacheMiss: naming the file and what is wrong (empty, not a complete zip, an array missing).
+    """
+    try:
+        if path.stat().st_size == 0:
+            raise CacheMiss(f"cache entry {path} is empty (0 bytes)")
+        with np.load(path, allow_pickle=False) as data:
+            missing = [name for name in ENTRY_ARRAYS if name not in data.files]
+            if missing:
+                raise CacheMiss(f"cache entry {path} lacks the array(s) {missing}")
+            meta = json.loads(str(data["meta"]))
+    except _DAMAGED as exc:
+        raise CacheMiss(f"cache entry {path} is damaged ({type(exc).__name__}: {exc})") from None
+    if not isinstance(meta, dict):
+        raise CacheMiss(f"cache entry {path} has metadata that is not a JSON object")
+    return meta
 
 
 def read_entry(path: str | Path) -> CachedImage:
@@ -237,8 +274,10 @@ def read_entry(path: str | Path) -> CachedImage:
                 qc_mask=data["qc_mask"].astype(bool),
                 meta=json.loads(str(data["meta"])),
             )
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-        raise CacheMiss(f"no readable cache entry {path}: {exc}") from None
+    except _DAMAGED as exc:
+        raise CacheMiss(
+            f"no readable cache entry {path} ({type(exc).__name__}: {exc}); run `covidcxr preprocess` again to rebuild it"
+        ) from None
 
 
 def load_cached(cache_dir: str | Path, config: PreprocessConfig, key: str) -> CachedImage:
@@ -331,8 +370,11 @@ def _hash_or_error(path: str) -> str:
 _Todo = tuple[int, str, str | None, str, str | None, str]
 
 
-def _look_up(job: tuple[int, str, str | None], config: PreprocessConfig, directory: Path) -> dict[str, Any] | _Todo:
-    """Hash one image (and its manifest mask) and find its entry: an outcome (hit/error) or a miss to compute."""
+def _look_up(job: tuple[int, str, str | None], config: PreprocessConfig, directory: Path, damaged: list[str]) -> dict[str, Any] | _Todo:
+    """Hash one image (and its manifest mask) and find its entry: an outcome (hit/error) or a miss to compute.
+
+    A damaged entry is appended to ``damaged`` (list.append is thread-safe) and computed again.
+    """
     position, image, mask = job
     try:
         origin = mask_origin(config, mask)
@@ -344,9 +386,9 @@ def _look_up(job: tuple[int, str, str | None], config: PreprocessConfig, directo
     path = entry_path(directory, key)
     if path.is_file():
         try:
-            return _from_meta(position, "hit", key, path, _read_meta(path), directory)
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-            pass  # an unreadable entry (disk trouble): recompute and overwrite it
+            return _from_meta(position, "hit", key, path, check_entry(path), directory)
+        except CacheMiss as exc:
+            damaged.append(str(exc))  # named in the result, then recomputed and overwritten
     return (position, image, mask if origin == "manifest" else None, image_sha1, mask_sha1, key)
 
 
@@ -415,6 +457,8 @@ def preprocess_collection(
     start = time.perf_counter()
     directory = config_dir(cache_dir, config)
     directory.mkdir(parents=True, exist_ok=True)
+    stale = clean_stale_temps(directory, min_age_s=STALE_TEMP_SECONDS, recursive=True)
+    damaged: list[str] = []
     write_config_files(directory, config)
     manifest = manifest.reset_index(drop=True)
     masks = manifest["mask"] if "mask" in manifest.columns else pd.Series([None] * len(manifest))
@@ -429,7 +473,7 @@ def preprocess_collection(
         #    so threads suffice, and a warm run never pays for starting worker processes.
         todo: list[_Todo] = []
         with ThreadPoolExecutor(max_workers=4) as threads:
-            for found in threads.map(lambda job: _look_up(job, config, directory), jobs):
+            for found in threads.map(lambda job: _look_up(job, config, directory, damaged), jobs):
                 if isinstance(found, dict):
                     outcomes.append(found)
                     bar.advance(task)
@@ -474,6 +518,12 @@ def preprocess_collection(
             finally:
                 # On Ctrl-C or a bug, do not start queued chunks; what was written stays.
                 pool.shutdown(wait=True, cancel_futures=True)
+    for line in damaged[:10]:  # said where it happens, so `train` names them too (once `preprocess` has, it is quiet)
+        log.warning("rebuilt a damaged %s", line.removeprefix("cache entry "))
+    if len(damaged) > 10:
+        log.warning("... and %d more damaged cache entries rebuilt", len(damaged) - 10)
+    if stale:
+        log.warning("removed %d temporary file(s) left in %s by killed writers", len(stale), directory)
     outcomes.sort(key=lambda o: o["position"])
     index = _build_index(manifest, outcomes)
     with atomic_path(directory / "index.parquet") as tmp:
@@ -492,6 +542,8 @@ def preprocess_collection(
         errors=int(status.get("error", 0)),
         seconds=time.perf_counter() - start,
         config_dir=directory,
+        rebuilt=sorted(damaged),
+        stale_temps_removed=len(stale),
     )
 
 

@@ -55,7 +55,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from covidcxr.data.manifest import file_sha1, is_missing
 from covidcxr.errors import CovidCXRError
-from covidcxr.io.atomic import atomic_path, atomic_write_text
+from covidcxr.io.atomic import atomic_path, atomic_write_text, clean_stale_temps
+from covidcxr.io.checkpoint import read_checkpoint
 from covidcxr.preprocess.lungs import (
     LungSegmenter,
     SegmenterConfig,
@@ -510,6 +511,8 @@ def train_segmenter(
     out = Path(out)
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / "lung_unet"
     run_dir.mkdir(parents=True, exist_ok=True)
+    # partial checkpoints of a killed run (an hour old: not those of a run writing right now)
+    clean_stale_temps(run_dir / "checkpoints", min_age_s=3600)
     config = settings.segmenter_config()
 
     # resuming: the run folder must hold a run with the same settings
@@ -581,13 +584,15 @@ def train_segmenter(
         deterministic=True,
     )
     fit_started = time.perf_counter()
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if last else None, weights_only=False)
+    if last is not None:
+        read_checkpoint(last)  # refuses a tampered (pickled-code) or damaged checkpoint, naming it, before Lightning reads it
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if last else None, weights_only=True)
     fit_minutes = (time.perf_counter() - fit_started) / 60
 
     best_path = Path(checkpoint.best_model_path or run_dir / "checkpoints" / "best.ckpt")
     if not best_path.is_file():
         raise CovidCXRError(f"training produced no checkpoint in {run_dir} (no validation epoch finished?)")
-    best = torch.load(best_path, map_location="cpu", weights_only=False)  # our own checkpoint
+    best = read_checkpoint(best_path)
     state = {k.removeprefix("net."): v for k, v in best["state_dict"].items() if k.startswith("net.")}
     best_epoch = int(best.get("epoch", -1)) + 1
     model = build_unet(config)

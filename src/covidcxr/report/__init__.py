@@ -2,12 +2,14 @@
 
 The last stage of the data's journey (see DESIGN.md): it reads what training, evaluation
 and the audit wrote into run directories and shows it to a person — the audit's findings
-first, then metrics with patient-bootstrap CIs per test source (seen vs unseen), ROC
-curves with bands, the train × test AUC matrix, the data composition and the run's
-configuration. ``results.json`` holds every number the page shows.
+first, then metrics with patient-bootstrap CIs per test source (seen vs unseen), the
+operating point, ROC and precision–recall curves, calibration, the train × test AUC
+matrix, the data composition and the run's configuration. ``results.json`` holds every
+number the page shows; every figure is also written as SVG and 300-dpi PNG beside it.
 
 * :mod:`covidcxr.report.results` — collect every number (JSON-ready dict);
-* :mod:`covidcxr.report.figures` — matplotlib figures as embedded PNG;
+* :mod:`covidcxr.report.figures` — matplotlib figures, embedded PNG and exported files;
+* :mod:`covidcxr.report.palette` — the one colour-blind-safe palette of every figure;
 * :mod:`covidcxr.report.html` — the Jinja2 page, :func:`write_report`.
 
 Example::

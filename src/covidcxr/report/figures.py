@@ -1,16 +1,23 @@
-"""The report's figures: matplotlib (Agg, no display) rendered to embedded PNG data URIs.
+"""The report's figures: matplotlib (Agg, no display), embedded in the page and exported for a journal.
 
 Every function draws from the numbers :func:`covidcxr.report.results.collect_results`
 collected (never from the raw files), so a figure shows exactly what ``results.json``
-holds. Figures are PNG at a modest DPI (a page of a few hundred kB, not megabytes), with
-no metadata (matplotlib's PNG text chunks would otherwise carry its URL).
+holds, and returns a matplotlib ``Figure``; :func:`render` turns it into the page's PNG
+data URI (100 dpi, a page of a few hundred kB) and, given a folder, writes the same figure
+as SVG and as 300-dpi PNG beside the page (``report_figures/``) for a manuscript. No file
+carries metadata (matplotlib's would carry its URL and a date).
+
+Colours come from :mod:`covidcxr.report.palette` through ``results["palette"]``: a source,
+a label, or the pooled / seen / unseen group has the same colour on every figure.
+:func:`text_overlaps` lists overlapping labels of a figure (the tests require none).
 
 Example::
 
-    >>> from covidcxr.report.figures import roc_figure
-    >>> uri = roc_figure(results["runs"][0]["roc"], "covid")            # doctest: +SKIP
-    >>> uri.startswith("data:image/png;base64,")                        # doctest: +SKIP
-    True
+    >>> from covidcxr.report.figures import render, roc_figure
+    >>> run = results["runs"][0]                                         # doctest: +SKIP
+    >>> out = render(roc_figure(run["roc"], results["palette"]), "roc", Path("report_figures"))  # doctest: +SKIP
+    >>> out["uri"].startswith("data:image/png;base64,"), out["svg"]      # doctest: +SKIP
+    (True, 'roc.svg')
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,24 +35,32 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from covidcxr.io.atomic import atomic_path  # noqa: E402
+from covidcxr.report.palette import NO_DATA, ROLE_COLORS, VARIANT_COLORS, label_colors, source_colors  # noqa: E402
 
 __all__ = [
     "DPI",
+    "EXPORT_DPI",
     "audit_figure",
+    "calibration_figure",
     "composition_figure",
+    "embedding_figure",
     "figure_data_uri",
     "heatmap_figure",
     "image_file_data_uri",
+    "pr_figure",
+    "render",
     "roc_figure",
+    "text_overlaps",
 ]
 
 #: resolution of the embedded figures: sharp on a laptop screen, ~50-150 kB per figure
 DPI = 100
-SEEN_COLOR = "#1f5fa8"
-UNSEEN_COLOR = "#c2410c"
-POOLED_COLOR = "#222222"
-LABEL_COLORS = {"covid": "#c0392b", "pneumonia": "#e08e0b", "normal": "#2e8b57", "other": "#8a8a8a"}
+#: resolution of the exported PNG (journals ask for at least 300 dpi for line art with text)
+EXPORT_DPI = 300
 _STYLE = {
     "font.size": 9,
     "axes.titlesize": 10,
@@ -54,17 +70,89 @@ _STYLE = {
     "axes.grid": True,
     "grid.alpha": 0.25,
     "font.family": "DejaVu Sans",
+    "svg.hashsalt": "covidcxr",  # reproducible SVG ids
 }
+
+
+def _png_bytes(fig: Any, dpi: int, tight: bool = True) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight" if tight else None, metadata={"Software": None})
+    return buffer.getvalue()
 
 
 def figure_data_uri(fig: Any, dpi: int = DPI) -> str:
     """Render a matplotlib figure to a ``data:image/png;base64,...`` URI and close it."""
-    buffer = io.BytesIO()
     try:
-        fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+        return "data:image/png;base64," + base64.b64encode(_png_bytes(fig, dpi)).decode("ascii")
     finally:
         plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def render(fig: Any, name: str, directory: str | Path | None = None) -> dict[str, Any]:
+    """The page's data URI of a figure and, with ``directory``, its SVG and 300-dpi PNG files.
+
+    The layout (constrained) is computed once and then frozen, so the three outputs show the
+    same picture and the layout's text measuring is not paid three times.
+
+    Args:
+        fig: a matplotlib Figure (closed here), or None.
+        name: the files' stem (``name.svg``, ``name.png``), a plain file name.
+        directory: where the files go (created); None writes no file.
+
+    Returns:
+        ``{"uri", "svg", "png"}`` (file names relative to ``directory``; None when not
+        written), or ``{"uri": None, ...}`` for ``fig=None``.
+    """
+    out: dict[str, Any] = {"uri": None, "svg": None, "png": None}
+    if fig is None:
+        return out
+    try:
+        with plt.rc_context(_STYLE):
+            fig.canvas.draw()  # runs the layout engine once
+            fig.set_layout_engine("none")
+            if directory is not None:
+                folder = Path(directory)
+                folder.mkdir(parents=True, exist_ok=True)
+                with atomic_path(folder / f"{name}.svg") as tmp:
+                    fig.savefig(tmp, format="svg", metadata={"Date": None, "Creator": None})
+                with atomic_path(folder / f"{name}.png") as tmp:
+                    Path(tmp).write_bytes(_png_bytes(fig, EXPORT_DPI, tight=False))
+                out.update(svg=f"{name}.svg", png=f"{name}.png")
+            out["uri"] = "data:image/png;base64," + base64.b64encode(_png_bytes(fig, DPI, tight=False)).decode("ascii")
+    finally:
+        plt.close(fig)
+    return out
+
+
+def text_overlaps(fig: Any, tolerance: float = 1.0) -> list[tuple[str, str]]:
+    """Pairs of visible, non-empty texts of a figure whose boxes overlap (by more than ``tolerance`` px).
+
+    Tick labels, titles, axis labels, annotations and legend entries are all checked; a
+    figure a journal accepts returns ``[]``.
+    """
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    hidden = set()  # labels of ticks outside the view limits: matplotlib keeps them but does not draw them
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            low, high = sorted(axis.get_view_interval())
+            span = (high - low) * 1e-6
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                if not low - span <= tick.get_loc() <= high + span:
+                    hidden.update({id(tick.label1), id(tick.label2)})
+    boxes = []
+    for text in fig.findobj(Text):
+        if id(text) in hidden or not text.get_visible() or not text.get_text().strip() or (text.axes is not None and not text.axes.get_visible()):
+            continue
+        box = text.get_window_extent(renderer)
+        if box.width > 0 and box.height > 0:
+            boxes.append((text.get_text(), box.expanded(1.0, 1.0).padded(-tolerance)))
+    out = []
+    for i, (a, box_a) in enumerate(boxes):
+        for b, box_b in boxes[i + 1:]:
+            if box_a.overlaps(box_b):
+                out.append((a, b))
+    return out
 
 
 def image_file_data_uri(path: str | Path, max_width: int = 1400, max_bytes: int = 600_000) -> str:
@@ -91,79 +179,212 @@ def image_file_data_uri(path: str | Path, max_width: int = 1400, max_bytes: int 
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _color(curve: Mapping[str, Any]) -> str:
-    if curve.get("seen") is None:
-        return POOLED_COLOR
-    return SEEN_COLOR if curve["seen"] else UNSEEN_COLOR
+def _palette(palette: Mapping[str, Any] | None, sources: Sequence[str] = (), labels: Sequence[str] = ()) -> dict[str, dict[str, str]]:
+    """The report's palette, completed for names it lacks (a figure drawn on its own)."""
+    palette = palette or {}
+    out = {"sources": dict(palette.get("sources") or {}), "labels": dict(palette.get("labels") or {}), "roles": dict(palette.get("roles") or ROLE_COLORS)}
+    missing = [s for s in sources if s not in out["sources"]]
+    if missing:
+        out["sources"].update(source_colors(missing) if not out["sources"] else {m: NO_DATA for m in missing})
+    missing_labels = [lbl for lbl in labels if lbl not in out["labels"]]
+    out["labels"].update(label_colors(missing_labels))
+    return out
 
 
-def _ci_text(estimate: float | None, low: float | None, high: float | None) -> str:
+def _group_color(entry: Mapping[str, Any], palette: Mapping[str, Mapping[str, str]]) -> str:
+    """Pooled groups in their role colour (all: black, seen: blue, unseen: purple), a source in its own."""
+    if entry.get("pooled"):
+        role = "pooled" if entry.get("seen") is None else ("seen" if entry["seen"] else "unseen")
+        return palette["roles"][role]
+    return palette["sources"].get(str(entry["name"]), NO_DATA)
+
+
+def _tag(entry: Mapping[str, Any]) -> str:
+    if entry.get("pooled") or entry.get("seen") is None:
+        return ""
+    return " (seen)" if entry["seen"] else " (unseen)"
+
+
+def _short(text: str, width: int = 26) -> str:
+    return textwrap.shorten(str(text), width=width, placeholder="…")
+
+
+def _ci_text(estimate: float | None, low: float | None, high: float | None, digits: int = 3) -> str:
     if estimate is None:
         return "n/a"
-    if low is None or high is None:
-        return f"{estimate:.3f}"
-    return f"{estimate:.3f} [{low:.3f}, {high:.3f}]"
+    if low is None or high is None or (isinstance(low, float) and math.isnan(low)):
+        return f"{estimate:.{digits}f}"
+    return f"{estimate:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
-def roc_figure(curves: Sequence[Mapping[str, Any]], positive_class: str = "positive", columns: int = 4) -> str | None:
-    """Small multiples of ROC curves with their patient-bootstrap 95% bands.
+def _m(metric: Any, digits: int = 2) -> str:
+    if not isinstance(metric, Mapping):
+        return "n/a"
+    return _ci_text(metric.get("estimate"), metric.get("low"), metric.get("high"), digits)
+
+
+def _grid(n: int, columns: int, width: float = 3.0, height: float = 3.1) -> tuple[Any, np.ndarray]:
+    cols = min(columns, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, layout="constrained")
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def _box(ax: Any, text: str) -> None:
+    """The panel's numbers, under its x-axis label: never on top of a curve or a marker."""
+    ax.annotate(text, xy=(0.0, 0.0), xycoords=("axes fraction", ax.xaxis.label), xytext=(0, -5), textcoords="offset points",
+                ha="left", va="top", fontsize=7.5, linespacing=1.3, annotation_clip=False)
+
+
+def _counts(entry: Mapping[str, Any]) -> str:
+    return f"{entry['n_images']} images · {entry['n_patients']} patients"
+
+
+def _one_class(ax: Any, entry: Mapping[str, Any], what: str) -> None:
+    ax.text(0.5, 0.62, f"no {what}:\none class only", ha="center", va="center", fontsize=9, color="#555555", transform=ax.transAxes)
+    ax.text(0.5, 0.38, f"{entry['n_positive']} positive · {entry['n_negative']} negative\n{_counts(entry)}", ha="center", va="center", fontsize=7.5, color="#555555", transform=ax.transAxes)
+
+
+def _unit_axes(ax: Any, xlabel: str, ylabel: str) -> None:
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
+def roc_figure(curves: Sequence[Mapping[str, Any]], palette: Mapping[str, Any] | None = None, positive_class: str = "positive", columns: int = 4) -> Any:
+    """Small multiples of ROC curves with their patient-bootstrap 95% bands and the operating point.
+
+    The operating point (the run's threshold) is a white-filled circle on each curve, its
+    sensitivity and specificity with their 95% CIs in the panel's box.
 
     Args:
         curves: ``results["runs"][i]["roc"]`` entries (name, seen, fpr, tpr, band, auc,
-            auc_low, auc_high, n_images, n_patients; or a ``note`` for one-class groups).
+            auc_low, auc_high, operating_point, n_images, n_patients; or a ``note``).
+        palette: ``results["palette"]``.
         positive_class: the positive class's name (axis labels).
         columns: panels per row.
 
     Returns:
-        A PNG data URI, or None when there are no curves.
+        A matplotlib Figure, or None when there are no curves.
     """
     if not curves:
         return None
-    n = len(curves)
-    cols = min(columns, n)
-    rows = math.ceil(n / cols)
+    colors = _palette(palette, [c["name"] for c in curves if not c.get("pooled")])
     with plt.rc_context(_STYLE):
-        fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.05 * rows), squeeze=False)
-        for ax in axes.ravel()[n:]:
-            ax.set_visible(False)
+        fig, axes = _grid(len(curves), columns, height=4.0)
         for ax, curve in zip(axes.ravel(), curves):
-            color = _color(curve)
-            tag = "" if curve.get("seen") is None else (" · seen" if curve["seen"] else " · unseen")
-            ax.set_title(f"{curve['name']}{tag}", color=color, fontsize=10)
+            color = _group_color(curve, colors)
+            ax.set_title(_short(f"{curve['name']}{_tag(curve)}", 30))
             ax.plot([0, 1], [0, 1], color="#999999", lw=0.8, ls="--")
-            ax.set_xlim(-0.01, 1.01)
-            ax.set_ylim(-0.01, 1.01)
-            ax.set_aspect("equal")
-            ax.set_xlabel("1 − specificity (FPR)")
-            ax.set_ylabel(f"sensitivity ({positive_class})")
-            counts = f"{curve['n_images']} images · {curve['n_patients']} patients"
+            _unit_axes(ax, "1 − specificity", f"sensitivity ({_short(positive_class, 12)})")
             if curve.get("fpr") is None:
-                ax.text(0.5, 0.55, "no ROC curve:\none class only", ha="center", va="center", fontsize=10, color="#555555")
-                ax.text(0.5, 0.35, f"{curve['n_positive']} positive · {curve['n_negative']} negative\n{counts}", ha="center", va="center", fontsize=8, color="#555555")
+                _one_class(ax, curve, "ROC curve")
                 continue
             band = curve["band"]
             low = np.array([np.nan if v is None else v for v in band["tpr_low"]], dtype=float)
             high = np.array([np.nan if v is None else v for v in band["tpr_high"]], dtype=float)
-            ax.fill_between(band["fpr"], low, high, step="post", color=color, alpha=0.18, lw=0, label="95% band (patients resampled)")
+            ax.fill_between(band["fpr"], low, high, step="post", color=color, alpha=0.2, lw=0)
             ax.plot(curve["fpr"], curve["tpr"], color=color, lw=1.8)
-            ax.text(0.97, 0.05, f"AUC {_ci_text(curve['auc'], curve['auc_low'], curve['auc_high'])}\n{counts}",
-                    ha="right", va="bottom", fontsize=8, transform=ax.transAxes,
-                    bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "#cccccc", "alpha": 0.9})
-        fig.tight_layout()
-        return figure_data_uri(fig)
+            lines = [f"AUC {_ci_text(curve['auc'], curve['auc_low'], curve['auc_high'])}"]
+            op = curve.get("operating_point")
+            if op:
+                ax.plot([op["fpr"]], [op["tpr"]], marker="o", ms=6.5, mfc="white", mec="black", mew=1.4, ls="none", zorder=5)
+                lines += [f"○ threshold {op['threshold']:.2f}:", f"  sens {_m(op['sensitivity'])}", f"  spec {_m(op['specificity'])}"]
+            _box(ax, "\n".join([*lines, _counts(curve)]))
+        return fig
 
 
-def heatmap_figure(cross_source: Mapping[str, Any] | None) -> str | None:
+def pr_figure(curves: Sequence[Mapping[str, Any]], palette: Mapping[str, Any] | None = None, positive_class: str = "positive", columns: int = 4) -> Any:
+    """Small multiples of precision–recall curves, with the prevalence (a random score's precision) dashed.
+
+    Args:
+        curves: ``results["runs"][i]["pr"]`` entries (name, seen, precision, recall,
+            average_precision, prevalence, counts; or a ``note``).
+        palette: ``results["palette"]``.
+
+    Returns:
+        A matplotlib Figure, or None when there are no curves.
+    """
+    if not curves:
+        return None
+    colors = _palette(palette, [c["name"] for c in curves if not c.get("pooled")])
+    with plt.rc_context(_STYLE):
+        fig, axes = _grid(len(curves), columns, height=3.6)
+        for ax, curve in zip(axes.ravel(), curves):
+            color = _group_color(curve, colors)
+            ax.set_title(_short(f"{curve['name']}{_tag(curve)}", 30))
+            _unit_axes(ax, f"recall (sensitivity, {_short(positive_class, 12)})", "precision (PPV)")
+            if curve.get("precision") is None:
+                _one_class(ax, curve, "PR curve")
+                continue
+            ax.axhline(curve["prevalence"], color="#777777", lw=0.9, ls="--")
+            ax.step(curve["recall"], curve["precision"], where="post", color=color, lw=1.8)
+            _box(ax, f"AP {_m(curve['average_precision'], 3)}\nprevalence {curve['prevalence']:.2f} (dashed)\n{_counts(curve)}")
+        return fig
+
+
+def calibration_figure(calibration: Mapping[str, Any] | None, palette: Mapping[str, Any] | None = None) -> Any:
+    """Reliability diagrams (Guo et al. 2017, Fig. 1) of the pooled, seen and unseen test images.
+
+    Per panel: the fraction positive against the mean predicted probability per bin (marker
+    area ∝ images in the bin), the diagonal of perfect calibration, the images per bin as
+    bars along the bottom, and the Brier score and ECE with their patient-bootstrap 95% CIs.
+    A temperature fitted on validation data adds its curve (dotted) to the first panel.
+
+    Args:
+        calibration: ``results["runs"][i]["calibration"]``.
+        palette: ``results["palette"]``.
+
+    Returns:
+        A matplotlib Figure, or None without calibration groups.
+    """
+    if not calibration or not calibration.get("groups"):
+        return None
+    groups = calibration["groups"]
+    colors = _palette(palette)
+    temperature = calibration.get("temperature") or {}
+    with plt.rc_context(_STYLE):
+        fig, axes = _grid(len(groups), 3, width=3.2, height=4.1)
+        for k, (ax, group) in enumerate(zip(axes.ravel(), groups)):
+            color = _group_color(group, colors)
+            curve = group["curve"]
+            ax.set_title(_short(group["name"], 30))
+            ax.plot([0, 1], [0, 1], color="#999999", lw=0.8, ls="--")
+            _unit_axes(ax, "mean predicted probability", "fraction positive")
+            counts = np.asarray(curve["count"], dtype=float)
+            edges = np.asarray(curve["edges"], dtype=float)
+            bins = np.asarray(curve["bin"], dtype=int)
+            if counts.size:
+                # images per bin, drawn in the bottom fifth of the panel (scaled to the fullest bin)
+                ax.bar(edges[bins], 0.18 * counts / counts.max(), width=np.diff(edges)[bins], align="edge", color=color, alpha=0.2, lw=0)
+            ax.plot(curve["prob_pred"], curve["prob_true"], color=color, lw=1.4)
+            ax.scatter(curve["prob_pred"], curve["prob_true"], s=12 + 60 * counts / max(counts.max(), 1), color=color, zorder=4, edgecolors="white", linewidths=0.5)
+            lines = [f"Brier {_m(group['brier'], 3)}", f"ECE {_m(group['ece'], 3)}"]
+            if k == 0 and temperature.get("temperature") and temperature.get("curve"):
+                scaled = temperature["curve"]
+                ax.plot(scaled["prob_pred"], scaled["prob_true"], color=color, lw=1.2, ls=":", marker="s", ms=3)
+                lines.append(f"T={temperature['temperature']:.2f} (val.), dotted:")
+                lines.append(f"  ECE {_m(temperature['ece'], 3)}")
+            _box(ax, "\n".join([*lines, _counts(group)]))
+        return fig
+
+
+def heatmap_figure(cross_source: Mapping[str, Any] | None) -> Any:
     """Train × test AUC heatmap (rows: runs with their training sources; columns: test sources).
 
     Cells a run trained on are outlined and marked "seen"; empty cells (no test images of
-    that source, or one class only) are grey.
+    that source, or one class only) are grey. The colour map is ``cividis`` (perceptually
+    uniform and readable with colour-vision deficiency; Nuñez et al. 2018, PLoS ONE 13:e0199239).
 
     Args:
         cross_source: ``results["cross_source"]`` (rows, columns, auc, table).
 
     Returns:
-        A PNG data URI, or None without data.
+        A matplotlib Figure, or None without data.
     """
     if not cross_source or not cross_source.get("rows") or not cross_source.get("columns"):
         return None
@@ -172,50 +393,53 @@ def heatmap_figure(cross_source: Mapping[str, Any] | None) -> str | None:
     seen = {(t["training"], t["test_source"]) for t in cross_source.get("table", []) if t.get("seen")}
     present = {(t["training"], t["test_source"]): t for t in cross_source.get("table", [])}
     with plt.rc_context({**_STYLE, "axes.grid": False}):
-        fig, ax = plt.subplots(figsize=(max(4.5, 1.15 * len(columns) + 3.2), max(2.4, 0.62 * len(rows) + 1.4)))
-        cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#eeeeee")
+        fig, ax = plt.subplots(figsize=(max(4.8, 1.15 * len(columns) + 3.4), max(2.6, 0.62 * len(rows) + 1.6)), layout="constrained")
+        cmap = matplotlib.colormaps["cividis"].with_extremes(bad="#eeeeee")
         image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.4, vmax=1.0, aspect="auto")
-        ax.set_xticks(range(len(columns)), labels=columns, rotation=30, ha="right")
-        ax.set_yticks(range(len(rows)), labels=rows)
+        ax.set_xticks(range(len(columns)), labels=[_short(c, 18) for c in columns], rotation=30, ha="right")
+        ax.set_yticks(range(len(rows)), labels=[_short(r, 40) for r in rows])
         ax.set_xlabel("test source")
         for i, row in enumerate(rows):
             for j, column in enumerate(columns):
                 value = values[i, j]
                 cell = present.get((row, column))
                 if math.isnan(value):
-                    text = "—" if cell is None else "one class"
-                    ax.text(j, i, text, ha="center", va="center", fontsize=8, color="#777777")
+                    ax.text(j, i, "—" if cell is None else "one class", ha="center", va="center", fontsize=8, color="#777777")
                     continue
-                mark = "\nseen" if (row, column) in seen else "\nunseen"
-                ax.text(j, i, f"{value:.2f}{mark}", ha="center", va="center", fontsize=8.5, color="black")
+                mark = "seen" if (row, column) in seen else "unseen"
+                ink = "black" if value > 0.75 else "white"  # cividis is dark below ~0.75 on this scale
+                ax.text(j, i, f"{value:.2f}\n{mark}", ha="center", va="center", fontsize=8.5, color=ink)
                 if (row, column) in seen:
-                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="#1f2937", lw=1.6))
+                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="#d55e00", lw=2.0))
         colorbar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
         colorbar.set_label("AUC")
         ax.set_title("AUC by training run (rows) and test source (columns)")
-        fig.tight_layout()
-        return figure_data_uri(fig)
+        return fig
 
 
-def composition_figure(composition: Mapping[str, Any]) -> str | None:
-    """Images per source, stacked by label, one panel per split.
+def composition_figure(composition: Mapping[str, Any], palette: Mapping[str, Any] | None = None, training_sources: Sequence[str] | None = None) -> Any:
+    """Images per source, stacked by label, one panel per split; unseen sources marked.
 
     Args:
         composition: ``results["runs"][i]["composition"]``.
+        palette: ``results["palette"]`` (label colours).
+        training_sources: sources the model trained on (others are tagged "unseen").
 
     Returns:
-        A PNG data URI, or None when the composition is unavailable.
+        A matplotlib Figure, or None when the composition is unavailable.
     """
     if not composition.get("available") or not composition.get("rows"):
         return None
     splits = composition["splits"]
     sources = sorted({r["source"] for r in composition["rows"]})
-    labels = sorted({r["label"] for r in composition["rows"]}, key=lambda x: (x not in LABEL_COLORS, list(LABEL_COLORS).index(x) if x in LABEL_COLORS else 0, x))
-    extra = iter(matplotlib.colormaps["tab10"].colors)
-    colors = {label: LABEL_COLORS.get(label) or next(extra) for label in labels}
+    order = ["covid", "pneumonia", "normal", "other"]
+    labels = sorted({r["label"] for r in composition["rows"]}, key=lambda x: (order.index(x) if x in order else len(order), x))
+    colors = _palette(palette, sources, labels)["labels"]
     counts = {(r["source"], r["label"], s): r[s]["images"] for r in composition["rows"] for s in splits}
+    seen = set(training_sources) if training_sources else None
+    ticks = [s if seen is None or s in seen else f"{s} (unseen)" for s in sources]
     with plt.rc_context(_STYLE):
-        fig, axes = plt.subplots(1, len(splits), figsize=(3.2 * len(splits) + 0.8, 0.38 * len(sources) + 1.3), sharey=True, squeeze=False)
+        fig, axes = plt.subplots(1, len(splits), figsize=(2.9 * len(splits) + 1.9, 0.4 * len(sources) + 1.5), sharey=True, squeeze=False, layout="constrained")
         for ax, split in zip(axes[0], splits):
             left = np.zeros(len(sources))
             for label in labels:
@@ -227,14 +451,13 @@ def composition_figure(composition: Mapping[str, Any]) -> str | None:
                     ax.text(total, k, f" {int(total)}", va="center", fontsize=8)
             ax.set_title(split)
             ax.set_xlabel("images")
-            ax.set_xlim(0, max(left.max() * 1.18, 1))
+            ax.set_xlim(0, max(left.max() * 1.3, 1))
             ax.grid(axis="y", visible=False)
-        axes[0][0].set_yticks(range(len(sources)), labels=sources)
+        axes[0][0].set_yticks(range(len(sources)), labels=[_short(t, 28) for t in ticks])
         axes[0][0].invert_yaxis()
         handles, names = axes[0][0].get_legend_handles_labels()
-        fig.tight_layout()
-        fig.legend(handles, names, loc="center left", frameon=False, bbox_to_anchor=(1.0, 0.5), title="label")
-        return figure_data_uri(fig)
+        fig.legend(handles, names, loc="outside right center", frameon=False, title="label")
+        return fig
 
 
 def _estimate(block: Any, key: str) -> tuple[float, float, float] | None:
@@ -250,10 +473,9 @@ def _estimate(block: Any, key: str) -> tuple[float, float, float] | None:
 
 
 _VARIANTS = (("full", "whole image"), ("original", "whole image"), ("lungs_blanked", "lungs blanked"), ("lungs_only", "lungs only"))
-_VARIANT_COLORS = {"whole image": "#4b5563", "lungs blanked": "#b91c1c", "lungs only": "#15803d"}
 
 
-def audit_figure(audit: Mapping[str, Any]) -> str | None:
+def audit_figure(audit: Mapping[str, Any]) -> Any:
     """The audit's numbers at a glance: source probe and lung ablation, with 95% CIs.
 
     Left: balanced accuracy of a linear probe predicting the *source* from the model's
@@ -265,7 +487,7 @@ def audit_figure(audit: Mapping[str, Any]) -> str | None:
         audit: ``results["runs"][i]["audit"]`` (status "audited").
 
     Returns:
-        A PNG data URI, or None when neither part is in the audit.
+        A matplotlib Figure, or None when neither part is in the audit.
     """
     probe = audit.get("source_probe") or {}
     ablation = audit.get("ablation") or {}
@@ -282,26 +504,46 @@ def audit_figure(audit: Mapping[str, Any]) -> str | None:
     if not panels:
         return None
     with plt.rc_context(_STYLE):
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 2.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 2.9), squeeze=False, layout="constrained")
         for ax, (title, xlabel, rows, reference, reference_label) in zip(axes[0], panels):
             labels = [r[0] for r in rows]
             est = np.array([r[1][0] for r in rows])
             low = np.array([r[1][1] for r in rows])
             high = np.array([r[1][2] for r in rows])
             y = np.arange(len(rows))
-            ax.barh(y, est, color=[_VARIANT_COLORS[label] for label in labels], height=0.55, alpha=0.85)
+            ax.barh(y, est, color=[VARIANT_COLORS[label] for label in labels], height=0.55, alpha=0.9)
             ax.errorbar(est, y, xerr=[est - low, high - est], fmt="none", ecolor="black", capsize=3, lw=1)
             for k, value in enumerate(est):
                 ax.text(min(high[k] + 0.02, 1.0), k, f"{value:.2f}", va="center", fontsize=8)
             if reference is not None:
                 ax.axvline(float(reference), color="#555555", ls="--", lw=1)
-                # above the top bar (the y axis is inverted), clear of the tick labels
-                ax.text(float(reference), -0.5, f"{reference_label}\n", fontsize=7.5, color="#555555", ha="center", va="bottom")
+                # below the axis (the y axis is inverted: above the bottom bar's lower edge), clear of the bars
+                ax.text(float(reference), len(rows) - 0.5, f" {reference_label}", fontsize=7.5, color="#555555", ha="left", va="bottom")
             ax.set_yticks(y, labels=labels)
-            ax.set_xlim(0, 1.1)
+            ax.set_xlim(0, 1.12)
             ax.set_xlabel(xlabel)
-            ax.set_ylim(len(rows) - 0.5, -0.5)
-            ax.set_title(title, pad=16)
+            ax.set_ylim(len(rows) - 0.5 + 0.45, -0.5)
+            ax.set_title(title)
             ax.grid(axis="y", visible=False)
-        fig.tight_layout()
-        return figure_data_uri(fig)
+        return fig
+
+
+def embedding_figure(points: Mapping[str, Any] | None, palette: Mapping[str, Any] | None = None, training_sources: Sequence[str] | None = None, title: str = "") -> Any:
+    """The audit's t-SNE map coloured by source and by label, in the report's palette.
+
+    Args:
+        points: ``results["runs"][i]["audit"]["embedding_points"]`` (x, y, source, label).
+        palette: ``results["palette"]``.
+        training_sources: sources the model trained on (others are tagged "unseen").
+
+    Returns:
+        A matplotlib Figure (:func:`covidcxr.audit.embedding.embedding_figure`), or None.
+    """
+    if not points or not points.get("x"):
+        return None
+    from covidcxr.audit.embedding import embedding_figure as draw
+
+    colors = _palette(palette, sorted(set(points["source"])), sorted(set(points["label"])))
+    with plt.rc_context(_STYLE):
+        return draw(np.asarray(points["x"], dtype=float), np.asarray(points["y"], dtype=float), points["source"], points["label"],
+                    source_palette=colors["sources"], label_palette=colors["labels"], training_sources=training_sources, title=title)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ from covidcxr.evaluate.cross_source import (
     evaluate_run,
     json_ready,
 )
+from covidcxr.evaluate.calibration import apply_temperature, calibration_with_ci, fit_temperature, probabilities_to_logits
+from covidcxr.evaluate.curves import precision_recall, sensitivity_at_specificity
 from covidcxr.evaluate.metrics import (
     bootstrap_ci,
     roc_with_band,
@@ -57,6 +60,8 @@ from covidcxr.evaluate.metrics import (
 )
 from covidcxr.evaluate.stats import delong_test, mcnemar_test
 from covidcxr.io.atomic import atomic_write_text
+from covidcxr.report.palette import ROLE_COLORS, label_colors, source_colors
+from covidcxr.rundir import RunDir
 
 __all__ = [
     "REPORT_SCHEMA",
@@ -64,9 +69,11 @@ __all__ = [
     "collect_results",
     "collect_run",
     "data_composition",
+    "ground_truth_outcome",
     "load_run_inputs",
     "multiclass_summary",
     "paired_comparisons",
+    "run_operating_point",
     "write_results_json",
 ]
 
@@ -94,6 +101,10 @@ class RunInputs:
         evaluation: ``evaluation.json`` or computed; evaluation_origin says which and why.
         audit: ``audit/audit.json``, or None; audit_problem says why it is unusable.
         notes: anything the report had to work around, in words.
+        operating_point: the run's operating point (`covidcxr.rundir.OperatingPoint.to_dict`
+            plus ``describe``, one sentence).
+        run_warnings: warnings about the run itself (`covidcxr.rundir.RunDir.warnings`, e.g.
+            ``random_frozen_backbone``: a hollow run), for the first screen.
     """
 
     run_dir: Path
@@ -110,6 +121,8 @@ class RunInputs:
     audit: dict[str, Any] | None = None
     audit_problem: str | None = None
     notes: list[str] = field(default_factory=list)
+    operating_point: dict[str, Any] | None = None
+    run_warnings: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def audit_dir(self) -> Path:
@@ -165,7 +178,8 @@ def load_run_inputs(
 
     Args:
         run_dir: a run directory written by ``covidcxr train``.
-        threshold: decision threshold (None: the stored evaluation's, else 0.5).
+        threshold: decision threshold (None: the run's operating point,
+            `covidcxr.rundir.RunDir.threshold`; 0.5 for a run that stored none).
         n_boot: bootstrap resamples when the evaluation is computed here; seed: their seed.
         reevaluate: compute the evaluation even when ``evaluation.json`` is usable.
 
@@ -173,10 +187,11 @@ def load_run_inputs(
         CovidCXRError: not a run directory, no or unreadable ``predictions.parquet``,
             unreadable ``config.yaml``/``manifest.parquet``/``excluded.csv``.
     """
-    path = Path(run_dir)
+    rd = RunDir(run_dir)
+    path = rd.path
     if not path.is_dir():
         raise CovidCXRError(f"{path}: not a run directory (expected a folder written by `covidcxr train`)")
-    pred_path = path / "predictions.parquet"
+    pred_path = rd.predictions
     if not pred_path.is_file():
         raise CovidCXRError(f"{path}: no predictions.parquet (expected a finished run of `covidcxr train`)")
     predictions = _read_parquet(pred_path)
@@ -185,7 +200,10 @@ def load_run_inputs(
             raise CovidCXRError(f"{pred_path}: missing column '{column}' (expected the predictions of `covidcxr train`)")
 
     inputs = RunInputs(run_dir=path, name=path.resolve().name, predictions=predictions)
-    config_path = path / "config.yaml"
+    inputs.operating_point = run_operating_point(path, threshold)
+    inputs.run_warnings = rd.warnings()
+    threshold = inputs.operating_point["threshold"] if threshold is None else threshold
+    config_path = rd.config
     if config_path.is_file():
         import yaml
 
@@ -199,16 +217,16 @@ def load_run_inputs(
             inputs.name = str(inputs.config["name"])
     else:
         inputs.notes.append("config.yaml is missing: the run's configuration cannot be shown")
-    metrics, problem = _read_json(path / "metrics.json")
+    metrics, problem = _read_json(rd.metrics)
     inputs.metrics = metrics or {}
     if problem:
         inputs.notes.append(problem)
 
-    if (path / "manifest.parquet").is_file():
-        inputs.manifest = _read_parquet(path / "manifest.parquet")
+    if rd.manifest.is_file():
+        inputs.manifest = _read_parquet(rd.manifest)
         inputs.manifest_origin = "manifest.parquet"
     else:
-        folds = sorted(path.glob("fold-*/manifest.parquet"))
+        folds = [f.manifest for f in rd.folds() if f.manifest.is_file()]
         if folds:
             # each image is tested in exactly one fold: the folds' test rows are every image once,
             # and the "split" column becomes the fold that tested it
@@ -222,29 +240,25 @@ def load_run_inputs(
                 inputs.manifest_origin = f"test rows of {len(parts)} fold manifests (k-fold run; columns are folds)"
         else:
             inputs.notes.append("manifest.parquet is missing: the data composition cannot be shown")
-    if (path / "excluded.csv").is_file():
-        try:
-            inputs.excluded = pd.read_csv(path / "excluded.csv")
-        except Exception as exc:  # noqa: BLE001
-            raise CovidCXRError(f"{path / 'excluded.csv'}: unreadable CSV ({exc})") from None
+    inputs.excluded = rd.read_excluded()
 
     if inputs.binary:
-        stored, problem = _read_json(path / EVALUATION_FILE)
+        stored, problem = _read_json(rd.evaluation)
         why = None
         if stored is None:
             why = problem or f"{EVALUATION_FILE} is missing"
         elif reevaluate:
             why = "--reevaluate was given"
-        elif (path / EVALUATION_FILE).stat().st_mtime < pred_path.stat().st_mtime:
+        elif rd.evaluation.stat().st_mtime < pred_path.stat().st_mtime:
             why = f"{EVALUATION_FILE} is older than predictions.parquet"
         else:
-            why = _evaluation_is_usable(stored, threshold)
+            why = _evaluation_is_usable(stored, inputs.operating_point["threshold"])
         if why is None:
             inputs.evaluation, inputs.evaluation_origin = stored, f"{EVALUATION_FILE} (written by `covidcxr evaluate`)"
         else:
             if (predictions["split"] == "test").any():
                 try:
-                    inputs.evaluation = evaluate_run(path, threshold=0.5 if threshold is None else threshold, n_boot=n_boot, seed=seed, write=False)
+                    inputs.evaluation = evaluate_run(path, threshold=threshold, n_boot=n_boot, seed=seed, write=False)
                     inputs.evaluation_origin = f"computed by the report ({why}; n_boot={n_boot}, seed={seed})"
                 except CovidCXRError as exc:  # e.g. no manifest or config naming the training sources
                     inputs.notes.append(f"the evaluation cannot be computed: {exc}")
@@ -253,68 +267,201 @@ def load_run_inputs(
         if inputs.evaluation is not None:
             inputs.evaluation["run"] = inputs.name
 
-    audit_path = inputs.audit_dir / "audit.json"
+    audit_path = rd.audit_file
     inputs.audit, inputs.audit_problem = _read_json(audit_path)
     return inputs
 
 
-# ----------------------------------------------------------------------------- ROC with a band
+# ----------------------------------------------------------------------------- helpers
 
 
 def _rounded(values: Sequence[float], digits: int = 4) -> list[float | None]:
     return [None if v is None or not math.isfinite(v) else round(float(v), digits) for v in values]
 
 
-def _roc_curves(inputs: RunInputs, evaluation: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """ROC + band for the pooled test set, seen, unseen and every two-class test source."""
+# ----------------------------------------------------------------------------- operating point
+
+
+def run_operating_point(run_dir: Path, threshold: float | None = None) -> dict[str, Any]:
+    """The run's decision threshold and how it was chosen: the ONE place the report reads it.
+
+    It is `covidcxr.rundir.RunDir.operating_point` (``RUN/operating_point.json``; rule
+    ``legacy-0.5`` for a run that stored none), unless ``threshold`` overrides it (the
+    report's ``--threshold``), which the page then says.
+
+    Returns:
+        `covidcxr.rundir.OperatingPoint.to_dict` plus ``describe`` (one sentence) — for a
+        multi-class run ``threshold`` is None.
+    """
+    point = RunDir(run_dir).operating_point()
+    out = {**point.to_dict(), "describe": point.describe()}
+    if threshold is not None:
+        out.update(threshold=float(threshold), rule="report-option", rule_means="given to the report (--threshold), not the run's own",
+                   describe=f"threshold {float(threshold):.4g}, given to the report (--threshold) instead of the run's own ({point.describe()})")
+    return out
+
+
+# ----------------------------------------------------------------------------- curves
+
+
+#: the range searched for a temperature (Guo et al. 2017 report 1-3 for modern networks)
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+#: specificities at which the report reads the sensitivity off the test ROC curve
+FIXED_SPECIFICITIES = (0.90, 0.95)
+
+
+def _test_groups(inputs: RunInputs, evaluation: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Groups of test images: all, seen, unseen (when both exist) and every source, with their evaluation block."""
     test = inputs.predictions[inputs.predictions["split"] == "test"]
     seen = set(evaluation["training_sources"])
-    # (name, pooled over several sources?, seen by training? None for the mix)
-    groups: list[tuple[str, bool, bool | None, pd.DataFrame]] = [("all test images", True, None, test)]
     su = evaluation.get("seen_unseen") or {}
+    groups = [{"name": "all test images", "pooled": True, "seen": None, "rows": test, "block": evaluation.get("overall")}]
     if su.get("seen_sources") and su.get("unseen_sources"):
         is_seen = test["source"].astype(str).isin(seen)
-        groups += [("seen sources", True, True, test[is_seen]), ("unseen sources", True, False, test[~is_seen])]
+        groups += [{"name": "seen sources", "pooled": True, "seen": True, "rows": test[is_seen], "block": su.get("seen")},
+                   {"name": "unseen sources", "pooled": True, "seen": False, "rows": test[~is_seen], "block": su.get("unseen")}]
+    per_source = evaluation.get("per_source") or {}
     for source in sorted(test["source"].astype(str).unique()):
-        groups.append((source, False, source in seen, test[test["source"].astype(str) == source]))
+        groups.append({"name": source, "pooled": False, "seen": source in seen,
+                       "rows": test[test["source"].astype(str) == source], "block": per_source.get(source)})
+    return groups
+
+
+def _group_counts(group: Mapping[str, Any]) -> dict[str, Any]:
+    rows = group["rows"]
+    y = rows["target"].to_numpy().astype(np.int64)
+    return {"name": group["name"], "pooled": group["pooled"], "seen": group["seen"],
+            "n_images": int(len(rows)), "n_patients": int(rows["patient_id"].nunique()),
+            "n_positive": int(y.sum()), "n_negative": int(y.size - y.sum())}
+
+
+def _arrays(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return rows["target"].to_numpy().astype(np.int64), rows["probability"].to_numpy().astype(np.float64), rows["patient_id"].astype(str).to_numpy()
+
+
+def _point_of(block: Any, threshold: float) -> dict[str, Any] | None:
+    """The operating point of one evaluation block: sensitivity, specificity (with CIs), FPR/TPR."""
+    if not isinstance(block, Mapping):
+        return None
+    sens, spec = block.get("sensitivity"), block.get("specificity")
+    if not isinstance(sens, Mapping) or not isinstance(spec, Mapping) or sens.get("estimate") is None or spec.get("estimate") is None:
+        return None
+    return {"threshold": threshold, "tpr": float(sens["estimate"]), "fpr": 1.0 - float(spec["estimate"]),
+            "sensitivity": dict(sens), "specificity": dict(spec)}
+
+
+def _roc_curves(inputs: RunInputs, evaluation: Mapping[str, Any], threshold: float) -> list[dict[str, Any]]:
+    """ROC + band (+ the operating point) for the pooled test set, seen, unseen and every test source."""
     n_boot, seed = int(evaluation.get("n_boot", 1000)), int(evaluation.get("seed", 0))
     curves = []
-    for name, pooled, is_seen_group, rows in groups:
-        y = rows["target"].to_numpy().astype(np.int64)
-        entry: dict[str, Any] = {"name": name, "pooled": pooled, "seen": is_seen_group,
-                                 "n_images": int(len(rows)), "n_patients": int(rows["patient_id"].nunique()),
-                                 "n_positive": int(y.sum()), "n_negative": int(y.size - y.sum())}
-        if y.size == 0 or y.min() == y.max():
+    for group in _test_groups(inputs, evaluation):
+        entry = _group_counts(group)
+        if entry["n_positive"] == 0 or entry["n_negative"] == 0:
             entry["note"] = "one class only: no ROC curve"
+            entry["operating_point"] = _point_of(group["block"], threshold)
             curves.append(entry)
             continue
-        roc = roc_with_band(y, rows["probability"].to_numpy(), rows["patient_id"].astype(str).to_numpy(), n_boot=n_boot, seed=seed)
+        y, s, patients = _arrays(group["rows"])
+        roc = roc_with_band(y, s, patients, n_boot=n_boot, seed=seed)
         entry.update({
-            "auc": float(roc_auc_score(y, rows["probability"].to_numpy())),
+            "auc": float(roc_auc_score(y, s)),
             "auc_low": roc["auc_ci"]["low"], "auc_high": roc["auc_ci"]["high"],
             "fpr": _rounded(roc["fpr"]), "tpr": _rounded(roc["tpr"]),
             "band": {k: _rounded(v) for k, v in roc["band"].items()},
             "n_boot_valid": roc["n_boot_valid"], "note": None,
+            "operating_point": _point_of(group["block"], threshold),
         })
         curves.append(entry)
     return curves
 
 
+def _pr_curves(inputs: RunInputs, evaluation: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Precision–recall curve, average precision [CI] and prevalence per group of :func:`_test_groups`."""
+    n_boot, seed = int(evaluation.get("n_boot", 1000)), int(evaluation.get("seed", 0))
+    out = []
+    for group in _test_groups(inputs, evaluation):
+        entry = _group_counts(group)
+        if entry["n_positive"] == 0 or entry["n_negative"] == 0:
+            entry.update({"note": "one class only: no precision-recall curve", "prevalence": entry["n_positive"] / max(entry["n_images"], 1)})
+            out.append(entry)
+            continue
+        pr = precision_recall(*_arrays(group["rows"]), n_boot=n_boot, seed=seed)
+        entry.update({"precision": _rounded(pr["precision"]), "recall": _rounded(pr["recall"]),
+                      "average_precision": pr["average_precision"], "prevalence": pr["prevalence"], "note": None})
+        out.append(entry)
+    return out
+
+
+def _sensitivity_at_specificity(inputs: RunInputs, evaluation: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Sensitivity at each of :data:`FIXED_SPECIFICITIES`, read off the pooled, seen and unseen test ROC curves."""
+    n_boot, seed = int(evaluation.get("n_boot", 1000)), int(evaluation.get("seed", 0))
+    out = []
+    for group in (g for g in _test_groups(inputs, evaluation) if g["pooled"]):
+        counts = _group_counts(group)
+        if counts["n_positive"] == 0 or counts["n_negative"] == 0:
+            continue
+        for target in FIXED_SPECIFICITIES:
+            point = sensitivity_at_specificity(*_arrays(group["rows"]), specificity=target, n_boot=n_boot, seed=seed)
+            out.append({**counts, **point})
+    return out
+
+
+def _calibration(inputs: RunInputs, evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    """Brier score, ECE [patient-bootstrap CI] and the reliability curve of the pooled, seen and
+    unseen test images; and, when the validation split holds both classes, the temperature
+    fitted there (Guo et al. 2017) with the test ECE and Brier score after scaling."""
+    n_boot, seed = int(evaluation.get("n_boot", 1000)), int(evaluation.get("seed", 0))
+    groups = []
+    for group in (g for g in _test_groups(inputs, evaluation) if g["pooled"]):
+        counts = _group_counts(group)
+        if counts["n_images"] == 0:
+            continue
+        y, p, patients = _arrays(group["rows"])
+        groups.append({**counts, **calibration_with_ci(y, p, patients, n_boot=n_boot, seed=seed)})
+    out: dict[str, Any] = {"groups": groups, "binning": "10 equal-width bins of the predicted probability", "temperature": None}
+    val = inputs.predictions[inputs.predictions["split"] == "val"]
+    if len(val) >= 10 and val["target"].nunique() == 2 and groups:
+        y_val, p_val, _ = _arrays(val)
+        t = fit_temperature(probabilities_to_logits(p_val), y_val, bounds=TEMPERATURE_BOUNDS)
+        base = {"fitted_on": "validation split", "n_val_images": int(len(val)), "n_val_patients": int(val["patient_id"].nunique()),
+                "applied_to": "all test images"}
+        if min(abs(t - b) / b for b in TEMPERATURE_BOUNDS) < 1e-3:
+            # the NLL keeps falling towards a bound: the validation scores separate the classes
+            # (or carry no signal), so no finite temperature is identified
+            out["temperature"] = {**base, "temperature": None, "note": f"not identifiable: the fit ran to its bound {t:.3g} (validation scores separate the classes perfectly, or not at all)"}
+        else:
+            y, p, patients = _arrays(inputs.predictions[inputs.predictions["split"] == "test"])
+            after = calibration_with_ci(y, apply_temperature(probabilities_to_logits(p), t), patients, n_boot=n_boot, seed=seed)
+            out["temperature"] = {**base, "temperature": t, "note": None, "brier": after["brier"], "ece": after["ece"], "curve": after["curve"]}
+    return out
+
+
 # ----------------------------------------------------------------------------- composition
 
 
-def data_composition(manifest: pd.DataFrame | None, excluded: pd.DataFrame | None = None) -> dict[str, Any]:
+def data_composition(
+    manifest: pd.DataFrame | None, excluded: pd.DataFrame | None = None, tested_elsewhere: pd.DataFrame | None = None,
+) -> dict[str, Any]:
     """Source × label × split counts of images and patients, plus the excluded images.
+
+    A run's manifest holds what it trained, validated and tested on; images of sources it
+    never saw are scored afterwards (``covidcxr.demo.test_on_every_source``, the experiment
+    grid) and appear only in ``predictions.parquet``. Pass those rows as ``tested_elsewhere``
+    so the composition shows every source the report tests, unseen ones included.
 
     Args:
         manifest: a run's ``manifest.parquet`` (columns source, label, split, patient_id).
         excluded: a run's ``excluded.csv`` (image, split, source, reason), or None.
+        tested_elsewhere: test rows that are not in the manifest (source, label,
+            patient_id), counted in the ``test`` split.
 
     Returns:
         ``splits`` (ordered split names), ``rows`` = one per (source, label) with
         ``{split: {images, patients}}`` and ``total``; ``totals`` per split;
         ``classes`` = class_name × split image counts (when the manifest has class_name);
-        ``excluded`` = ``{count, rows: [{source, split, reason, images}]}``; ``available``.
+        ``excluded`` = ``{count, rows: [{source, split, reason, images}]}``; ``available``;
+        ``tested_elsewhere`` = ``{images, sources}`` (rows added from the predictions) and
+        ``tested_only_sources`` (sources present only there: never in training or validation).
 
     Example::
 
@@ -322,7 +469,13 @@ def data_composition(manifest: pd.DataFrame | None, excluded: pd.DataFrame | Non
         >>> data_composition(m)["totals"]["train"]
         {'images': 1, 'patients': 1}
     """
-    out: dict[str, Any] = {"available": manifest is not None, "splits": [], "rows": [], "totals": {}, "classes": [], "note": None}
+    out: dict[str, Any] = {"available": manifest is not None, "splits": [], "rows": [], "totals": {}, "classes": [], "note": None,
+                           "tested_elsewhere": {"images": 0, "sources": []}, "tested_only_sources": []}
+    if manifest is not None and tested_elsewhere is not None and len(tested_elsewhere) and "source" in manifest.columns:
+        extra = tested_elsewhere.assign(split="test")
+        out["tested_elsewhere"] = {"images": int(len(extra)), "sources": sorted(extra["source"].astype(str).unique().tolist())}
+        out["tested_only_sources"] = sorted(set(out["tested_elsewhere"]["sources"]) - set(manifest["source"].astype(str)))
+        manifest = pd.concat([manifest, extra[[c for c in extra.columns if c in manifest.columns]]], ignore_index=True)
     if manifest is not None:
         missing = [c for c in ("source", "split", "patient_id") if c not in manifest.columns]
         if missing:
@@ -383,7 +536,7 @@ def _audit_section(inputs: RunInputs) -> dict[str, Any]:
         severity = str(item.get("severity", "info"))
         findings.append({
             "id": str(item.get("id", f"finding-{i}")),
-            "severity": severity if severity in SEVERITIES else "info",
+            "severity": severity if severity in SEVERITIES or severity == "no_skill" else "info",
             "text": str(item.get("text", "")),
             "value": item.get("value"),
             "threshold": item.get("threshold"),
@@ -394,7 +547,8 @@ def _audit_section(inputs: RunInputs) -> dict[str, Any]:
     saliency = audit.get("saliency") if isinstance(audit.get("saliency"), Mapping) else {}
     embedding = audit.get("embedding") if isinstance(audit.get("embedding"), Mapping) else {}
     if saliency.get("gallery"):
-        referenced.append((str(saliency["gallery"]), "Grad-CAM saliency on test images, lung contours drawn (saliency outside the lungs = the model looks elsewhere)"))
+        referenced.append((str(saliency["gallery"]), "Grad-CAM saliency on test images, lung contours in white (saliency outside the lungs = the model looks elsewhere). "
+                                                     "Each caption: source and true label, then the probability, the decision at the run's threshold and whether it is right (✓) or wrong (✗); saliency is weak evidence, in one direction only"))
     if embedding.get("figure"):
         method = {"tsne": "t-SNE", "umap": "UMAP", "pca": "PCA"}.get(str(embedding.get("method", "")).lower(), str(embedding.get("method") or "2-D"))
         referenced.append((str(embedding["figure"]), f"{method} map of the model's image embeddings, coloured by source and by label (clusters by source rather than by label = the model encodes where an image comes from)"))
@@ -409,6 +563,7 @@ def _audit_section(inputs: RunInputs) -> dict[str, Any]:
     return {
         "status": "audited",
         "file": str(audit_json),
+        "verdict": audit.get("verdict"),
         "findings": findings,
         "n_images": audit.get("n_images"),
         "n_patients": audit.get("n_patients"),
@@ -530,9 +685,27 @@ def _headline(evaluation: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+#: the banner's levels, most severe first (the audit's verdicts plus "not audited")
+VERDICT_LEVELS = ("no_skill", "shortcut", "not_audited", "warning", "ok")
+
+
+def _severity_rank(severity: str) -> int:
+    order = ("no_skill", *[s for s in SEVERITIES if s != "no_skill"])
+    return order.index(severity) if severity in order else len(order)
+
+
 def _verdict(findings: Sequence[Mapping[str, Any]], audit: Mapping[str, Any], headline: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The page's one-line answer: shortcut > not audited > warning > ok."""
-    level = verdict(list(findings))  # the audit's rule: the most severe finding
+    """The page's one-line answer: no skill > shortcut > not audited > warning > ok.
+
+    The audit's own verdict (``audit.json``'s ``verdict``) is used when the page knows it, so
+    the banner and ``covidcxr audit`` never disagree; otherwise the audit's rule (the most
+    severe finding). A ``no_skill`` finding (the skill gate: the AUC's interval includes 0.5)
+    wins over everything, audited or not: nothing else means anything for such a model.
+    """
+    stored = audit.get("verdict") if audit.get("status") == "audited" else None
+    level = stored if stored in VERDICT_LEVELS else verdict(list(findings))
+    if any(f["severity"] == "no_skill" for f in findings):
+        level = "no_skill"
     auc = (headline or {}).get("auc") or {}
     if auc.get("estimate") is not None:
         auc_text = f"pooled test AUC of {auc['estimate']:.3f}"
@@ -540,7 +713,12 @@ def _verdict(findings: Sequence[Mapping[str, Any]], audit: Mapping[str, Any], he
             auc_text += f" (95% CI {auc['low']:.3f}–{auc['high']:.3f})"
     else:
         auc_text = "test performance"
-    if level == "shortcut":
+    audit_level = level
+    if level == "no_skill":
+        gate = next((f["text"] for f in findings if f["severity"] == "no_skill"), None)
+        title = f"No skill: {gate}" if gate else f"No skill: this model's {auc_text} is not distinguishable from chance."
+        title += " Nothing else on this page is evidence that it works."
+    elif level == "shortcut":
         title = f"Shortcut learning: this model's {auc_text} is not evidence it reads the lungs."
     elif audit["status"] != "audited":
         level = "not_audited"
@@ -552,9 +730,75 @@ def _verdict(findings: Sequence[Mapping[str, Any]], audit: Mapping[str, Any], he
         title = f"The audit found no shortcut behind the {auc_text} (which does not make it a diagnostic test)."
     return {
         "level": level,
+        "audit_verdict": audit_level,
         "title": title,
+        "n_no_skill": sum(f["severity"] == "no_skill" for f in findings),
         "n_shortcut": sum(f["severity"] == "shortcut" for f in findings),
         "n_warning": sum(f["severity"] == "warning" for f in findings),
+    }
+
+
+def _tested_elsewhere(inputs: RunInputs) -> pd.DataFrame | None:
+    """Test predictions of images that are not in the run's manifest (unseen sources scored
+    after training, e.g. by ``covidcxr.demo.test_on_every_source``), as source/label/patient rows."""
+    test = inputs.predictions[inputs.predictions["split"] == "test"]
+    if inputs.manifest is None or test.empty or "source" not in inputs.manifest.columns:
+        return None
+    if "test_set" in test.columns:
+        extra = test[test["test_set"].astype(str) == "unseen_source"]
+    elif "image" in test.columns and "image" in inputs.manifest.columns:
+        extra = test[~test["image"].astype(str).isin(set(inputs.manifest["image"].astype(str)))]
+    else:
+        extra = test[~test["source"].astype(str).isin(set(inputs.manifest["source"].astype(str)))]
+    if extra.empty:
+        return None
+    if "label" in extra.columns:
+        labels = extra["label"].astype(str)
+    else:  # the run's classes when the predictions carry no label column
+        classes = inputs.metrics.get("classes") if isinstance(inputs.metrics.get("classes"), list) else ["negative", "positive"]
+        labels = extra["target"].astype(int).map(lambda t: str(classes[int(t)]) if int(t) < len(classes) else str(t))
+    return pd.DataFrame({"source": extra["source"].astype(str).to_numpy(), "label": labels.to_numpy(),
+                         "patient_id": extra["patient_id"].astype(str).to_numpy()})
+
+
+def _embedding_points(inputs: RunInputs, audit: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The audit's t-SNE coordinates (``RUN/audit/embedding.parquet``), so the report draws the
+    map with its own palette (one colour per source on every figure)."""
+    embedding = audit.get("embedding") or {}
+    name = str(embedding.get("table") or "")
+    path = inputs.audit_dir / name
+    if not name or Path(name).name != name or not path.is_file():
+        return None
+    try:
+        table = pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - an unreadable table is noted, the audit's PNG is shown instead
+        inputs.notes.append(f"{path}: unreadable ({exc}); the audit's own embedding figure is shown")
+        return None
+    if not {"x", "y", "source", "label"} <= set(table.columns):
+        return None
+    return {
+        "method": str(embedding.get("method") or "tsne"),
+        "x": _rounded(table["x"].astype(float).tolist(), 3),
+        "y": _rounded(table["y"].astype(float).tolist(), 3),
+        "source": table["source"].astype(str).tolist(),
+        "label": table["label"].astype(str).tolist(),
+        "split": table["split"].astype(str).tolist() if "split" in table.columns else None,
+    }
+
+
+def _diagnostics(inputs: RunInputs, evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    """Operating point (with its test sensitivity/specificity), ROC, PR, sensitivity at fixed
+    specificities and calibration of one binary run."""
+    op = dict(inputs.operating_point or run_operating_point(inputs.run_dir))
+    op["test"] = _point_of(evaluation.get("overall"), op["threshold"])
+    overall = evaluation.get("overall") or {}
+    op["n_images"], op["n_patients"] = overall.get("n_images"), overall.get("n_patients")
+    return {
+        "operating_point": op,
+        "roc": _roc_curves(inputs, evaluation, op["threshold"]),
+        "pr": _pr_curves(inputs, evaluation),
+        "sensitivity_at_specificity": _sensitivity_at_specificity(inputs, evaluation),
+        "calibration": _calibration(inputs, evaluation),
     }
 
 
@@ -568,12 +812,21 @@ def collect_run(inputs: RunInputs) -> dict[str, Any]:
         "provenance": _provenance(inputs),
         "config_text": inputs.config_text,
         "config": inputs.config,
-        "composition": data_composition(inputs.manifest, inputs.excluded),
+        "composition": data_composition(inputs.manifest, inputs.excluded, _tested_elsewhere(inputs)),
         "audit": _audit_section(inputs),
         "notes": list(inputs.notes),
+        "operating_point": inputs.operating_point,
+        "run_warnings": list(inputs.run_warnings),
+        # flags shown on the first screen, inside the verdict box: {"id", "text"} each — the
+        # run's own warnings (e.g. random_frozen_backbone: a hollow run trained by opt-in)
+        "first_screen_flags": [{"id": str(w["id"]), "text": str(w.get("text", w["id"]))} for w in inputs.run_warnings],
         "evaluation": None,
         "headline": None,
+        "operating_point": None,
         "roc": [],
+        "pr": [],
+        "sensitivity_at_specificity": [],
+        "calibration": None,
         "multiclass": None,
     }
     if inputs.binary and inputs.evaluation is not None:
@@ -581,18 +834,20 @@ def collect_run(inputs: RunInputs) -> dict[str, Any]:
         keys = ("training_sources", "overall", "per_source", "seen_unseen", "within_source", "source_only", "threshold", "n_boot", "seed")
         run["evaluation"] = {k: evaluation.get(k) for k in keys}
         run["headline"] = _headline(evaluation)
-        run["roc"] = _roc_curves(inputs, evaluation)
+        run.update(_diagnostics(inputs, evaluation))
     elif not inputs.binary:
         run["multiclass"] = multiclass_summary(inputs.predictions, classes)
     if run["audit"]["status"] == "audited":
         findings = run["audit"]["findings"]
+        run["audit"]["embedding_points"] = _embedding_points(inputs, run["audit"])
+        run["notes"] = list(inputs.notes)
     elif run["evaluation"] is not None:
         # not audited: the audit's own rules on the evaluation's numbers alone (source-only
         # baseline, within-source AUC, seen vs unseen), so a confounded run is still flagged
         findings = [{**f, "origin": "evaluation"} for f in derive_findings(run["evaluation"], None, None, None)]
     else:
         findings = []
-    findings = sorted(findings, key=lambda f: SEVERITIES.index(f["severity"]))
+    findings = sorted(findings, key=lambda f: _severity_rank(f["severity"]))
     run["findings"] = findings
     run["verdict"] = _verdict(findings, run["audit"], run.get("headline"))
     return run
@@ -653,6 +908,7 @@ def collect_results(
     seed: int = 0,
     reevaluate: bool = False,
     title: str | None = None,
+    ground_truth: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every number of a report over one or more runs, JSON-ready.
 
@@ -660,12 +916,16 @@ def collect_results(
         run_dirs: run directories (``covidcxr train``).
         threshold, n_boot, seed, reevaluate: see :func:`load_run_inputs`.
         title: the page title (default: the run names).
+        ground_truth: what is known to be in the data, e.g. the shortcut the demo planted
+            (:func:`ground_truth_outcome`); the page states it and whether the audit found it.
 
     Returns:
         ``{schema, title, generated, covidcxr_version, medical_use, runs: [...],
         cross_source: {matrix, table} | None, comparisons: [...]}``; each run holds
-        ``name, binary, verdict, findings, headline, evaluation, roc, pairs, audit,
-        composition, multiclass, provenance, config, config_text, notes``.
+        ``name, binary, verdict, findings, headline, evaluation, operating_point, roc, pr,
+        sensitivity_at_specificity, calibration, audit, composition, multiclass, provenance,
+        config, config_text, notes, first_screen_flags``; ``palette`` (the colour of every
+        source and label on every figure) and ``ground_truth`` (None unless given).
 
     Raises:
         CovidCXRError: no runs, or a run directory that cannot be read (named).
@@ -694,8 +954,88 @@ def collect_results(
         "runs": runs,
         "cross_source": cross,
         "comparisons": paired_comparisons(inputs),
+        "palette": _palette(inputs, runs),
+        "ground_truth": ground_truth_outcome(ground_truth, runs) if ground_truth else None,
+        "figures": [],  # filled by covidcxr.report.html when the figure files are written
     }
     return _json_ready(results)
+
+
+def _palette(inputs: Sequence[RunInputs], runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Colours of every source and label the report shows, assigned once (see :mod:`covidcxr.report.palette`)."""
+    sources: set[str] = set()
+    labels: set[str] = set()
+    for item, run in zip(inputs, runs):
+        sources |= set(item.predictions["source"].astype(str))
+        if item.manifest is not None and "source" in item.manifest.columns:
+            sources |= set(item.manifest["source"].astype(str))
+        sources |= {r["source"] for r in run["composition"]["rows"]}
+        labels |= {r["label"] for r in run["composition"]["rows"]}
+        points = (run.get("audit") or {}).get("embedding_points") or {}
+        sources |= set(points.get("source") or [])
+        labels |= set(points.get("label") or [])
+    return {"sources": source_colors(sources), "labels": label_colors(labels), "roles": dict(ROLE_COLORS),
+            "scheme": "labels and roles: Okabe-Ito; sources: Paul Tol's muted (both colour-blind safe)"}
+
+
+def _mentions(finding: Mapping[str, Any], name: str) -> bool:
+    named = finding.get("sources") or ([finding["source"]] if finding.get("source") else [])
+    return name in [str(n) for n in named] or re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", str(finding.get("text", ""))) is not None
+
+
+def _names(finding: Mapping[str, Any], site: str, sources: Sequence[str]) -> bool:
+    """Does a finding single out ``site`` (its ``source``/``sources`` field or its text)?
+
+    A finding that lists every tested source (e.g. "within a source (site_a, site_b, site_c)")
+    names none of them in particular.
+    """
+    others = [s for s in sources if s != site]
+    return _mentions(finding, site) and not (others and all(_mentions(finding, s) for s in others))
+
+
+def ground_truth_outcome(truth: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """State a planted shortcut and whether each run's audit found it, from the audit's findings.
+
+    *Found*: a ``shortcut`` finding names the site; *flagged*: only a ``warning`` names it, or
+    the verdict is ``shortcut`` without naming it; *missed*: no finding names it; *not
+    audited*: the run has no audit. Nothing is assumed: the outcome is read off the findings.
+
+    Args:
+        truth: ``{"description": "a marker was planted on COVID images of site_a", "site":
+            "site_a", ...}`` (``covidcxr.demo.planted_shortcut``).
+        runs: the report's runs.
+
+    Returns:
+        ``truth`` plus ``runs``: one ``{run, outcome, evidence: [finding ids], sentence}`` each.
+    """
+    site = str(truth.get("site") or "")
+    description = str(truth.get("description") or "a shortcut was planted")
+    out = {**dict(truth), "runs": []}
+    for run in runs:
+        audited = (run.get("audit") or {}).get("status") == "audited"
+        findings = [f for f in run.get("findings") or [] if f.get("origin") == "audit"]
+        sources = sorted({str(c["name"]) for c in run.get("roc") or [] if not c.get("pooled")})
+        shortcut = [f["id"] for f in findings if f["severity"] == "shortcut" and site and _names(f, site, sources)]
+        warning = [f["id"] for f in findings if f["severity"] == "warning" and site and _names(f, site, sources)]
+        head = description[:1].upper() + description[1:]
+        if not audited:
+            outcome, sentence = "not_audited", f"{head}; this run was not audited, so nothing here says whether the audit finds it."
+        elif shortcut:
+            outcome, sentence = "found", f"{head}; the audit found it: {', '.join(shortcut)} names {site} as a shortcut."
+        elif not site and run["verdict"]["level"] == "shortcut":
+            shortcut = [f["id"] for f in findings if f["severity"] == "shortcut"]
+            outcome, sentence = "found", f"{head}; the audit found a shortcut ({', '.join(shortcut)})."
+        elif warning:
+            outcome, sentence = "flagged", f"{head}; the audit did not call it a shortcut, but a warning names {site} ({', '.join(warning)})."
+        elif run["verdict"]["level"] == "shortcut":
+            shortcut = [f["id"] for f in findings if f["severity"] == "shortcut"]
+            outcome, sentence = "flagged", f"{head}; the audit reports a shortcut ({', '.join(shortcut)}), but no finding singles out {site}."
+        else:
+            outcome, sentence = "missed", f"{head}; the audit did not find it: no finding singles out {site}."
+        out["runs"].append({"run": run["name"], "outcome": outcome, "evidence": shortcut or warning, "sentence": sentence})
+    if not site:
+        out["note"] = "planted at every site: a shortcut verdict counts as found"
+    return out
 
 
 def _json_ready(value: Any) -> Any:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from covidcxr import MEDICAL_USE_BANNER, __version__
-from covidcxr.audit import AUDIT_DIR, AUDIT_FILE
+from covidcxr.rundir import RunDir
 
 if TYPE_CHECKING:
     from covidcxr.train.inference import LoadedRun
@@ -53,7 +53,7 @@ def _read_json(path: Path, notes: list[str], what: str) -> dict[str, Any] | None
 
 
 def _split_counts(run_dir: Path, notes: list[str]) -> tuple[dict[str, Any], list[str]]:
-    path = run_dir / "manifest.parquet"
+    path = RunDir(run_dir).manifest
     if not path.is_file():
         notes.append("no manifest.parquet: images per split and source unknown")
         return {}, []
@@ -147,17 +147,25 @@ def build_model_card(run: LoadedRun, extra: dict[str, Any] | None = None) -> dic
     recipe = run.recipe
     data = recipe.data
     splits, seen = _split_counts(run.run_dir, notes)
-    metrics = _read_json(run.run_dir / "metrics.json", notes, "training-time metrics")
-    evaluation = _read_json(run.run_dir / "evaluation.json", notes, "per-source and seen/unseen metrics (run `covidcxr evaluate RUN`)")
-    audit = _read_json(run.run_dir / AUDIT_DIR / AUDIT_FILE, notes, "shortcut audit findings (run `covidcxr audit RUN`)")
+    rd = RunDir(run.run_dir)
+    metrics = _read_json(rd.metrics, notes, "training-time metrics")
+    evaluation = _read_json(rd.evaluation, notes, "per-source and seen/unseen metrics (run `covidcxr evaluate RUN`)")
+    audit = _read_json(rd.audit_file, notes, "shortcut audit findings (run `covidcxr audit RUN`)")
+    point = run.operating_point or rd.operating_point()
     card: dict[str, Any] = {
         "name": run.name,
         "banner": MEDICAL_USE_BANNER,
         "task": data.task,
         "classes": list(run.classes),
         "threshold": run.threshold if run.binary else None,
+        "operating_point": {
+            **{k: v for k, v in point.to_dict().items() if k in ("threshold", "rule", "value", "chosen_on", "temperature", "validation")},
+            "describe": point.describe(),
+        },
+        "run_warnings": rd.warnings(),
         "model": {
             "name": recipe.model.name,
+            "weights": run.model_description,
             "input_size": list(run.input_size),
             "in_channels": recipe.model.in_channels,
             "pretrained": recipe.model.pretrained,
@@ -177,7 +185,7 @@ def build_model_card(run: LoadedRun, extra: dict[str, Any] | None = None) -> dic
         "evaluation": _evaluation(evaluation),
         "audit": _audit(audit, notes),
         "provenance": {
-            "checkpoint": run.checkpoint.name,
+            "checkpoint": run.model_description,
             "config_hash": run.info.get("config_hash"),
             "manifest_hash": run.info.get("manifest_hash"),
             "code_version": run.info.get("code_version"),

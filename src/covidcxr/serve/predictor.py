@@ -83,13 +83,11 @@ def audit_warnings(run_dir: Path) -> list[InputWarning]:
     prediction should be read without that. A missing or unreadable audit gives nothing
     here (the model card says it is missing).
     """
-    import json
-
-    from covidcxr.audit import AUDIT_DIR, AUDIT_FILE
+    from covidcxr.rundir import RunDir
 
     try:
-        audit = json.loads((Path(run_dir) / AUDIT_DIR / AUDIT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        audit = RunDir(run_dir).read_audit() or {}
+    except CovidCXRError:
         return []
     findings = audit.get("findings") if isinstance(audit, dict) else None
     if not isinstance(findings, list):
@@ -105,6 +103,21 @@ def audit_warnings(run_dir: Path) -> list[InputWarning]:
             f"the image's source rather than its lungs" + (f" — e.g. {first}" if first else ""),
         )
     ]
+
+
+def hollow_run_warnings(run_dir: Path) -> list[InputWarning]:
+    """A warning for every prediction of a hollow run (`covidcxr.rundir.RunDir.warnings`, severity ``warning``).
+
+    E.g. ``random_frozen_backbone``: the run was trained with frozen random backbone layers
+    (``model.allow_random_frozen: true``), so its features were never learned.
+    """
+    from covidcxr.rundir import RunDir
+
+    try:
+        found = RunDir(run_dir).warnings()
+    except CovidCXRError:
+        return []
+    return [InputWarning(f"model_{w['id']}", f"this model is a hollow run: {w.get('text', '')}") for w in found if w.get("severity") == "warning"]
 
 
 def _data_uri(png: bytes) -> str:
@@ -255,7 +268,7 @@ class Predictor:
         if engine == "onnx":
             from covidcxr.serve.onnx_export import CLASSIFIER_FILE, SEGMENTER_FILE, read_export
 
-            folder, self.export_summary = read_export(run.run_dir, run.checkpoint)
+            folder, self.export_summary = read_export(run.run_dir, run.weights_fingerprint)
             self.classifier: Any = OnnxClassifier(folder / CLASSIFIER_FILE, threads=threads)
             self.segmenter: Any = OnnxLungSegmenter(folder / SEGMENTER_FILE, self.config.segmenter_weights, threads=threads)
         else:
@@ -274,7 +287,7 @@ class Predictor:
                 self.reference_problem = None
             except CovidCXRError as exc:
                 self.reference_problem = str(exc)
-        self.model_warnings = audit_warnings(run.run_dir)
+        self.model_warnings = audit_warnings(run.run_dir) + hollow_run_warnings(run.run_dir)
         self._lock = threading.Lock()
         self._screening = threading.BoundedSemaphore(SCREENING_SLOTS)
 

@@ -1,8 +1,10 @@
 """Lightning plumbing of a run: atomic checkpoint files, the epoch log, snapshot ensembles.
 
 * `AtomicCheckpointIO`: every checkpoint is written to a temporary file beside its
-  target and moved onto it (``os.replace``), so a run killed while saving leaves the
-  previous ``last.ckpt`` intact, never a truncated one.
+  target, fsynced and moved onto it (`covidcxr.io.atomic_path`), so a run killed (or a
+  machine losing power) while saving leaves the previous ``last.ckpt`` intact, never a
+  truncated or empty one; `clean_partial_checkpoints` removes the temporary files such a
+  kill leaves behind.
 * `TrainLogCallback`: ``train_log.csv``, one row per epoch (losses, validation metrics,
   learning rate, images/s); its rows travel inside the checkpoints, so a resumed run's log
   is exactly that of the checkpoint it resumed from, continued.
@@ -23,10 +25,10 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from covidcxr.io.atomic import atomic_path, atomic_write_text
+from covidcxr.io.atomic import atomic_path, atomic_write_text, clean_stale_temps
 from covidcxr.train.recipe import SnapshotSection
 
-__all__ = ["AtomicCheckpointIO", "SnapshotCallback", "TrainLogCallback"]
+__all__ = ["AtomicCheckpointIO", "SnapshotCallback", "TrainLogCallback", "clean_partial_checkpoints"]
 
 LOG_COLUMNS = (
     "epoch",
@@ -49,6 +51,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         with atomic_path(Path(path)) as tmp:
             torch.save(checkpoint, tmp)
+
+
+def clean_partial_checkpoints(run_dir: str | Path, folder: str = "checkpoints") -> list[Path]:
+    """Remove the checkpoint temporaries a killed run left in ``run_dir/checkpoints`` (and ``fold-*/checkpoints``).
+
+    Call it only while holding the run's lock (`covidcxr.io.lock.RunLock`): then no other
+    process can be writing one of them.
+    """
+    run_dir = Path(run_dir)
+    removed: list[Path] = []
+    for checkpoints in (run_dir / folder, *sorted(run_dir.glob(f"fold-*/{folder}"))):
+        removed += clean_stale_temps(checkpoints)
+    return removed
 
 
 class TrainLogCallback(L.Callback):

@@ -5,6 +5,12 @@ the experiment grid's cross-source tests) needs the same four things: the networ
 run's checkpoint, the run's preprocessing settings (so inference sees exactly what training
 saw), the input normalisation, and a batched forward pass. `load_run` gives them together.
 
+The network is the run's model as `covidcxr.rundir.RunDir.weights` names it — the
+snapshot ensemble (`covidcxr.models.ensemble.SnapshotEnsemble`) when the run's metrics
+come from the ensemble's average, else ``best.ckpt`` — so what is deployed is what was
+evaluated; the threshold and temperature are the run's operating point
+(`covidcxr.rundir.RunDir.operating_point`).
+
 Example:
     >>> run = load_run("runs/demo")                                  # doctest: +SKIP
     >>> images = np.random.rand(4, 128, 128).astype(np.float32)      # model inputs in [0, 1]
@@ -14,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +32,7 @@ import torch
 from covidcxr.errors import CovidCXRError
 from covidcxr.models.base import CXRClassifier
 from covidcxr.preprocess.pipeline import PreprocessConfig
+from covidcxr.rundir import ModelWeights, OperatingPoint, RunDir
 from covidcxr.train.recipe import TrainRecipe, recipe_from_mapping
 
 __all__ = ["LoadedRun", "find_runs", "latest_run", "load_run", "cached_inputs"]
@@ -40,13 +46,15 @@ class LoadedRun:
 
     Attributes:
         run_dir: the run directory.
-        checkpoint: the checkpoint the weights came from.
-        model: the network, in eval mode.
+        checkpoint: the (first) checkpoint the weights came from.
+        model: the network, in eval mode (a `SnapshotEnsemble` for an ensemble run).
         recipe: the resolved recipe the run was trained with.
         classes: class names in output order (binary: ``[negative, positive]``).
-        threshold: the decision threshold on the positive class's probability (0.5, as
-            training and ``metrics.json`` use).
+        threshold: the decision threshold on the positive class's probability: the run's
+            operating point (``operating_point.json``; 0.5 for a run without one).
         info: the checkpoint's provenance (config hash, manifest hash, split ids...).
+        weights: which checkpoint(s) the model is (`ModelWeights`).
+        operating_point: the stored operating point (rule, validation numbers, temperature).
     """
 
     run_dir: Path
@@ -56,6 +64,24 @@ class LoadedRun:
     classes: list[str]
     threshold: float
     info: dict[str, Any]
+    weights: ModelWeights | None = None
+    operating_point: OperatingPoint | None = None
+
+    @property
+    def temperature(self) -> float | None:
+        """The temperature dividing the logits (None: uncalibrated)."""
+        return None if self.operating_point is None else self.operating_point.temperature
+
+    @property
+    def weights_fingerprint(self) -> str:
+        """SHA-1 of the model's checkpoint file(s) and temperature: exports and caches made from other weights are stale."""
+        base = self.weights.fingerprint() if self.weights is not None else ModelWeights("checkpoint", (self.checkpoint,)).fingerprint()
+        return base if self.temperature is None else f"{base}@T={self.temperature:.12g}"
+
+    @property
+    def model_description(self) -> str:
+        """``best.ckpt`` or ``snapshot ensemble of 3 (snapshot-0.ckpt, ...)``."""
+        return self.weights.describe() if self.weights is not None else self.checkpoint.name
 
     @property
     def binary(self) -> bool:
@@ -94,7 +120,10 @@ class LoadedRun:
             yield self.normalize(images[start : start + batch_size])
 
     def probabilities_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Sigmoid (binary: ``(N,)``) or softmax (``(N, K)``) of the logits divided by the run's temperature."""
         logits = logits.float()
+        if self.temperature is not None:
+            logits = logits / self.temperature
         return torch.sigmoid(logits[:, 0]) if self.binary else torch.softmax(logits, dim=1)
 
     @torch.no_grad()
@@ -129,9 +158,9 @@ def find_runs(runs_dir: str | Path) -> list[Path]:
         return []
     found: dict[Path, float] = {}
     for name in CHECKPOINT_NAMES:
-        for checkpoint in root.glob(f"**/checkpoints/{name}.ckpt"):
+        for checkpoint in root.glob(f"**/{RunDir.CHECKPOINTS}/{name}.ckpt"):
             run = checkpoint.parent.parent
-            if not (run / "config.yaml").is_file():
+            if not RunDir(run).config.is_file():
                 continue
             found[run] = max(found.get(run, 0.0), checkpoint.stat().st_mtime)
     return sorted(found, key=lambda p: found[p], reverse=True)
@@ -151,53 +180,65 @@ def latest_run(*roots: str | Path) -> Path:
     raise CovidCXRError(f"no trained run found under {looked}; train one (`make demo` trains demo/runs/finetune, or `covidcxr train RECIPE`) or name it with --run")
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
-    """Load a run directory's network and settings.
+def load_run(run_dir: str | Path, checkpoint: str = "model", device: str | torch.device = "cpu") -> LoadedRun:
+    """Load a run directory's model, settings and operating point.
 
     Args:
         run_dir: a run directory written by `covidcxr.train.run.train_recipe` (for k-fold
             runs, one ``fold-k`` directory).
-        checkpoint: ``best`` (falls back to ``last``), ``last``, or a checkpoint file.
+        checkpoint: ``model`` (the run's model: its snapshot ensemble when its metrics come
+            from one, else ``best.ckpt``, else ``last.ckpt``; `RunDir.weights`), ``best``
+            (falls back to ``last``), ``last``, or a checkpoint file. The threshold and
+            temperature are always the run's, chosen for its model.
         device: where the network goes.
 
     Raises:
-        CovidCXRError: not a run directory, or no usable checkpoint.
+        CovidCXRError: not a run directory, no usable checkpoint, a bad operating_point.json.
+
+    Example:
+        >>> run = load_run("runs/hall-small/fold-0")         # doctest: +SKIP
+        >>> run.model_description, run.threshold             # doctest: +SKIP
+        ('snapshot ensemble of 3 (snapshot-0.ckpt, snapshot-1.ckpt, snapshot-2.ckpt)', 0.41)
     """
+    from covidcxr.models.ensemble import SnapshotEnsemble
     from covidcxr.train.module import load_checkpoint_model
 
-    root = Path(run_dir)
+    rd = RunDir(run_dir)
+    root = rd.path
     if not root.is_dir():
         raise CovidCXRError(f"run {root} is not a directory")
     if Path(checkpoint).suffix == ".ckpt":
-        path = Path(checkpoint)
+        weights = ModelWeights("checkpoint", (Path(checkpoint),))
+    elif checkpoint == "model":
+        weights = rd.weights()
     else:
         if checkpoint not in CHECKPOINT_NAMES:
-            raise CovidCXRError(f"checkpoint must be one of {list(CHECKPOINT_NAMES)} or a .ckpt file; got {checkpoint!r}")
+            raise CovidCXRError(f"checkpoint must be 'model', one of {list(CHECKPOINT_NAMES)} or a .ckpt file; got {checkpoint!r}")
         names = CHECKPOINT_NAMES[CHECKPOINT_NAMES.index(checkpoint) :]
-        candidates = [root / "checkpoints" / f"{n}.ckpt" for n in names]
+        candidates = [rd.checkpoints / f"{n}.ckpt" for n in names]
         path = next((c for c in candidates if c.is_file()), candidates[0])
         if not path.is_file():
-            folds = sorted(p.name for p in root.glob("fold-*") if p.is_dir())
+            folds = [f.path.name for f in rd.folds()]
             hint = f"; a k-fold run keeps one model per fold: name one of {folds}" if folds else ""
             raise CovidCXRError(f"run {root} has no checkpoints/best.ckpt or last.ckpt{hint}")
-    model, info = load_checkpoint_model(path)
+        weights = ModelWeights("checkpoint", (path,))
+    loaded = [load_checkpoint_model(path) for path in weights.checkpoints]
+    model, info = loaded[0]
+    if weights.is_ensemble:
+        model = SnapshotEnsemble([m for m, _ in loaded]).eval()
     recipe = recipe_from_mapping(info["recipe"])
     model.to(device)
-    threshold = 0.5
-    metrics_file = root / "metrics.json"
-    if metrics_file.is_file():
-        try:
-            threshold = float(json.loads(metrics_file.read_text()).get("threshold", 0.5))
-        except (ValueError, TypeError, AttributeError):
-            threshold = 0.5
+    point = rd.operating_point()
     return LoadedRun(
         run_dir=root,
-        checkpoint=path,
+        checkpoint=weights.checkpoints[0],
         model=model,
         recipe=recipe,
         classes=list(recipe.classes),
-        threshold=threshold,
+        threshold=0.5 if point.threshold is None else float(point.threshold),
         info=info,
+        weights=weights,
+        operating_point=point,
     )
 
 

@@ -378,7 +378,7 @@ class CXRClassifierModule(L.LightningModule):
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         images, _, rows = batch
         logits = self.model(self._inputs(images, augment=False))
-        return {"probabilities": self._probabilities(logits).detach().cpu(), "rows": rows.detach().cpu()}
+        return {"probabilities": self._probabilities(logits).detach().cpu(), "logits": logits.detach().float().cpu(), "rows": rows.detach().cpu()}
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
@@ -473,7 +473,9 @@ def load_checkpoint_model(checkpoint_path: str | Path) -> tuple[CXRClassifier, d
     path = Path(checkpoint_path)
     if not path.is_file():
         raise CovidCXRError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    from covidcxr.io.checkpoint import read_checkpoint
+
+    checkpoint = read_checkpoint(path)
     recipe = (checkpoint.get("hyper_parameters") or {}).get("recipe")
     if not isinstance(recipe, dict) or "state_dict" not in checkpoint:
         raise CovidCXRError(f"{path} is not a covidcxr training checkpoint (no recipe in its hyper_parameters)")

@@ -56,11 +56,13 @@ class Builder:
         path.write_text(text, encoding="utf-8")
         return path
 
-    def dicom(self, path: Path, view: str | None = "PA", sex: str | None = "M", age: str | None = "058Y") -> Path:
-        """An 8x8 MONOCHROME2 DICOM with ViewPosition, PatientSex and PatientAge."""
+    def dicom(
+        self, path: Path, view: str | None = "PA", sex: str | None = "M", age: str | None = "058Y", patient_id: str | None = None
+    ) -> Path:
+        """An 8x8 MONOCHROME2 DICOM with ViewPosition, PatientSex, PatientAge and PatientID (default: the file stem)."""
         from covidcxr.io import write_dicom
 
-        elements: dict[str, object] = {"PatientID": path.stem, "Modality": "CR"}
+        elements: dict[str, object] = {"PatientID": patient_id or path.stem, "Modality": "CR"}
         if view is not None:
             elements["ViewPosition"] = view
         if sex is not None:

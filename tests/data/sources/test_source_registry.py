@@ -9,7 +9,8 @@ import pytest
 from covidcxr.data.sources import SOURCES
 
 EXPECTED_ORDER = [
-    "collection", "cohen", "actualmed", "figure1", "kermany", "rsna", "nih", "montgomery", "shenzhen", "hospital",
+    "collection", "cohen", "actualmed", "figure1", "kermany", "rsna", "nih", "montgomery", "shenzhen",
+    "chexpert", "mimic", "padchest", "vindr", "bimcv", "siim_covid", "covidx", "hospital",
 ]  # fmt: skip
 
 

@@ -27,6 +27,13 @@ from covidcxr.data.sources import rsna  # noqa: E402,F401
 from covidcxr.data.sources import nih  # noqa: E402,F401
 from covidcxr.data.sources import montgomery  # noqa: E402,F401
 from covidcxr.data.sources import shenzhen  # noqa: E402,F401
+from covidcxr.data.sources import chexpert  # noqa: E402,F401
+from covidcxr.data.sources import mimic  # noqa: E402,F401
+from covidcxr.data.sources import padchest  # noqa: E402,F401
+from covidcxr.data.sources import vindr  # noqa: E402,F401
+from covidcxr.data.sources import bimcv  # noqa: E402,F401
+from covidcxr.data.sources import siim_covid  # noqa: E402,F401
+from covidcxr.data.sources import covidx  # noqa: E402,F401
 from covidcxr.data.sources import hospital  # noqa: E402,F401
 
 __all__ = [

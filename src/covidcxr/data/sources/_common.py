@@ -8,14 +8,46 @@ ids, one row per image, a `Rejection` instead of a silent drop).
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from covidcxr.data.manifest import file_sha1, is_missing, make_manifest, normalize_patient_id
 from covidcxr.data.sources.base import Rejection, SourceTable, require_columns, require_file
 from covidcxr.errors import SourceLayoutError
+
+
+# The fingerprint cache adapters take SHA-1s from (`sha1_cache`); None: every file is hashed.
+_SHA1_CACHE: ContextVar[Any] = ContextVar("covidcxr_sha1_cache", default=None)
+
+
+@contextmanager
+def sha1_cache(cache: Any) -> Iterator[None]:
+    """Within the block, adapters take each image's SHA-1 from ``cache`` (a `covidcxr.data.dedup.FingerprintCache`).
+
+    An unchanged file (same path, size, mtime) is not read again: at 100k images, hashing
+    every byte is most of the cost of loading a layout. ``None`` leaves hashing as it is.
+
+    Example:
+        >>> with sha1_cache(FingerprintCache(default_fingerprint_cache())):  # doctest: +SKIP
+        ...     table = load_source("CheXpert-v1.0-small")
+    """
+    token = _SHA1_CACHE.set(cache)
+    try:
+        yield
+    finally:
+        _SHA1_CACHE.reset(token)
+        if cache is not None:
+            cache.flush()
+
+
+def _sha1(path: Path) -> str:
+    cache = _SHA1_CACHE.get()
+    return file_sha1(path) if cache is None else cache.sha1(path)
 
 
 def resolve_root(root: str | Path) -> Path:
@@ -137,7 +169,7 @@ class ManifestBuilder:
                 "label": label,
                 "finding": finding,
                 "patient_id": normalize_patient_id(source, patient),
-                "sha1": file_sha1(image),
+                "sha1": _sha1(image),
                 **extra,
             }
         )

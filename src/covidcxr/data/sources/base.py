@@ -109,8 +109,11 @@ def detect_source(root: str | Path) -> str:
     )
 
 
-def load_source(root: str | Path, source: str | None = None) -> SourceTable:
+def load_source(root: str | Path, source: str | None = None, **options: object) -> SourceTable:
     """Read a directory into a `SourceTable`, detecting its layout unless ``source`` names it.
+
+    ``options`` go to the adapter's constructor (e.g. ``uncertain="positive"`` for CheXpert's
+    −1 labels); an adapter without options refuses them.
 
     Example:
         >>> table = load_source("../shared/data/cxr")  # doctest: +SKIP
@@ -123,7 +126,11 @@ def load_source(root: str | Path, source: str | None = None) -> SourceTable:
         raise SourceLayoutError(root, f"unknown source {source!r}; expected one of {sorted(SOURCES)}")
     if not root.is_dir():
         raise SourceLayoutError(root, "is not a directory")
-    return SOURCES[source]().load(root)
+    try:
+        adapter = SOURCES[source](**options)
+    except (TypeError, ValueError) as error:
+        raise SourceLayoutError(root, f"adapter {source!r} refuses the options {options} ({error})") from None
+    return adapter.load(root)
 
 
 def require_file(path: Path, what: str) -> Path:

@@ -1,0 +1,131 @@
+"""The indexed near-duplicate search finds exactly the all-pairs pairs; fingerprints are cached."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from covidcxr.data import dedup
+from covidcxr.data.dedup import (
+    FingerprintCache,
+    assign_dup_groups,
+    fingerprint_images,
+    hash_chunks,
+    near_duplicate_pairs,
+)
+from covidcxr.data.synth import synthetic_fingerprints
+
+from generated_data import random_texture
+
+
+def _pairs(frame):
+    return frame[["i", "j"]].to_numpy().tolist()
+
+
+def test_index_finds_the_all_pairs_pairs_on_synthetic_fingerprints():
+    prints, planted = synthetic_fingerprints(800, duplicate_share=0.04, seed=3)
+    indexed = near_duplicate_pairs(prints, method="index")
+    reference = near_duplicate_pairs(prints, method="all_pairs")
+    assert _pairs(indexed) == _pairs(reference)
+    assert indexed["hash_distance"].tolist() == reference["hash_distance"].tolist()
+    np.testing.assert_allclose(indexed["correlation"], reference["correlation"], atol=1e-5)
+    found = {tuple(p) for p in _pairs(indexed)}
+    # the rule is not perfect on heavily re-windowed, noisy copies, but finds most
+    assert sum(tuple(p) in found for p in planted.tolist()) >= 0.9 * len(planted)
+    # both rules matter: some planted copies are further than 24 bits, found by correlation only
+    assert (indexed["hash_distance"] > 24).any() and (indexed["hash_distance"] <= 24).any()
+
+
+@pytest.mark.parametrize("rule", [(0, 0.99, 10), (40, 0.9, 60), (24, 0.97, 48)])
+def test_index_matches_all_pairs_for_other_thresholds(rule):
+    prints, _ = synthetic_fingerprints(600, duplicate_share=0.05, seed=5)
+    # an unreadable image and a flat one take part in neither search
+    valid = prints.valid.copy()
+    valid[7] = False
+    thumbnails = prints.thumbnails.copy()
+    thumbnails[8] = 0
+    prints = dedup.Fingerprints(prints.hashes, thumbnails, valid)
+    assert _pairs(near_duplicate_pairs(prints, *rule, method="index")) == _pairs(near_duplicate_pairs(prints, *rule, method="all_pairs"))
+
+
+def test_unknown_method_is_an_error():
+    prints, _ = synthetic_fingerprints(10, duplicate_share=0.0)
+    with pytest.raises(ValueError, match="all_pairs"):
+        near_duplicate_pairs(prints, method="brute")
+
+
+def test_hash_chunks_interleave_every_bit_once():
+    hashes = np.array([[np.iinfo(np.uint64).max] * 4], dtype=np.uint64)
+    chunks = hash_chunks(hashes, 13)
+    widths = [len(range(c, 256, 13)) for c in range(13)]
+    assert [int(c[0]) for c in chunks] == [(1 << w) - 1 for w in widths] and sum(widths) == 256
+
+
+def test_fingerprints_are_cached_and_refreshed_when_a_file_changes(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    paths = []
+    for k in range(3):
+        path = tmp_path / f"{k}.png"
+        Image.fromarray((random_texture(rng, 64) * 255).astype(np.uint8)).save(path)
+        paths.append(str(path))
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    paths.append(str(bad))
+    cache_file = tmp_path / "cache" / "fingerprints.sqlite"
+    first, rejected = fingerprint_images(paths, workers=1, show_progress=False, cache=cache_file)
+    assert len(FingerprintCache(cache_file)) == 4 and [r.path for r in rejected] == [str(bad)]
+
+    decoded: list[str] = []
+    real = dedup._fingerprint_file
+    monkeypatch.setattr(dedup, "_fingerprint_file", lambda path: decoded.append(path) or real(path))
+    again, rejected_again = fingerprint_images(paths, workers=1, show_progress=False, cache=cache_file)
+    assert decoded == []  # every fingerprint, and the unreadable file's reason, came from the cache
+    assert rejected_again == rejected
+    assert (again.hashes == first.hashes).all() and np.array_equal(again.thumbnails, first.thumbnails)
+    assert again.valid.tolist() == [True, True, True, False]
+
+    Image.fromarray((random_texture(rng, 64) * 255).astype(np.uint8)).save(paths[1])
+    os.utime(paths[1], ns=(10**18, 10**18))
+    changed, _ = fingerprint_images(paths, workers=1, show_progress=False, cache=cache_file)
+    assert decoded == [paths[1]]
+    assert not (changed.hashes[1] == first.hashes[1]).all()
+
+
+@pytest.mark.shared_data
+def test_index_gives_the_all_pairs_groups_on_the_shared_collection(shared_collection, tmp_path):
+    from covidcxr.data.sources import load_source
+
+    manifest = load_source(shared_collection).manifest.assign(dup_group=None)
+    prints, rejected = fingerprint_images(manifest["image"].tolist(), workers=2, show_progress=False)
+    assert rejected == []
+    indexed = near_duplicate_pairs(prints, method="index")
+    reference = near_duplicate_pairs(prints, method="all_pairs")
+    assert _pairs(indexed) == _pairs(reference) and len(reference) > 0
+    groups = assign_dup_groups(manifest, indexed)["dup_group"]
+    assert groups.equals(assign_dup_groups(manifest, reference)["dup_group"])
+
+
+def test_adapters_take_sha1_from_the_cache(tmp_path, monkeypatch):
+    from covidcxr.data import manifest as manifest_module
+    from covidcxr.data.sources import _common, load_source
+    from covidcxr.data.sources._common import sha1_cache
+
+    root = tmp_path / "chest_xray"
+    for k, label in enumerate(["NORMAL", "PNEUMONIA"]):
+        folder = root / "train" / label
+        folder.mkdir(parents=True)
+        Image.fromarray(np.full((8, 8), k * 50, np.uint8)).save(folder / f"person{k}_x.jpeg")
+    cache = FingerprintCache(tmp_path / "fp.sqlite")
+    with sha1_cache(cache):
+        first = load_source(root).manifest
+    hashed: list[str] = []
+    real = manifest_module.file_sha1
+    monkeypatch.setattr(dedup, "file_sha1", lambda path: hashed.append(str(path)) or real(path))
+    monkeypatch.setattr(_common, "file_sha1", lambda path: hashed.append(str(path)) or real(path))
+    with sha1_cache(cache):
+        again = load_source(root).manifest
+    assert hashed == [] and again["sha1"].tolist() == first["sha1"].tolist()
+    assert first["sha1"].tolist() == [real(p) for p in first["image"]]
