@@ -90,3 +90,19 @@ def test_coverage_needs_images_without_masks_and_says_so(phantoms):
     result = runner.invoke(app, ["segment", "coverage", "--data", str(phantoms), "--json"])
     assert result.exit_code != 0
     assert isinstance(result.exception, CovidCXRError) and "without a lung mask" in str(result.exception)
+
+
+def test_fine_tuning_with_opacities_and_the_recall_loss_starts_from_the_given_weights(phantoms, tmp_path):
+    base = ["segment", "train", "--data", str(phantoms), "--size", "64", "--batch-size", "4", "--no-progress", "--epochs", "1"]
+    first = tmp_path / "first"
+    assert runner.invoke(app, [*base, "--width", "4", "--out", str(first), "--run-dir", str(tmp_path / "r1")]).exit_code == 0
+    tuned = tmp_path / "tuned"
+    options = ["--opacity-prob", "1.0", "--site-prob", "0.5", "--loss", "tversky_ce", "--init-weights", str(first / "lung_unet.pt")]
+    result = runner.invoke(app, [*base, "--width", "4", "--out", str(tuned), "--run-dir", str(tmp_path / "r2"), *options])
+    assert result.exit_code == 0, result.output
+    assert "fine-tuning from" in result.output
+    training = json.loads((tuned / "lung_unet.json").read_text())["training"]
+    assert training["init_weights"] == str(first / "lung_unet.pt") and "Tversky" in training["loss"] and "RandLungOpacityd" in training["augmentation"]
+    # weights of another architecture are refused, naming the file
+    result = runner.invoke(app, [*base, "--width", "8", "--out", str(tmp_path / "x"), "--run-dir", str(tmp_path / "r3"), "--init-weights", str(first / "lung_unet.pt")])
+    assert result.exit_code != 0 and str(first / "lung_unet.pt") in str(result.exception)
