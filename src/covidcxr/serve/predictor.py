@@ -52,6 +52,7 @@ from covidcxr.serve.checks import (
     InputInfo,
     InputWarning,
     inspect_input,
+    opacity_cut_warnings,
     segmentation_warnings,
 )
 from covidcxr.serve.errors import EmptyUpload, ServeError, UnreadableImage
@@ -322,6 +323,7 @@ class Predictor:
                     "colour_fraction_warned_above": checks.COLOUR_WARN,
                     "lung_area_plausible": list(checks.LUNG_AREA_PLAUSIBLE),
                     "lung_balance_plausible": list(checks.LUNG_BALANCE_PLAUSIBLE),
+                    "possible_opacity_cut": f"the mask's shorter lung below {checks.OPACITY_CUT_HEIGHT_RATIO} of the taller one's height",
                     "lateral_view": "DICOM View Position = lateral; otherwise an extreme left/right lung balance",
                     "saliency_outside_lungs": "Grad-CAM lung-focus fraction below the lung-area fraction (less than a uniform map)",
                     "max_pixels": self.max_pixels,
@@ -391,6 +393,8 @@ class Predictor:
         step = time.perf_counter()
         warnings = list(self.model_warnings) + list(info.warnings)
         warnings += segmentation_warnings(result.mask_area_fraction, result.left_right_balance, result.rejected_reason)
+        if result.rejected_reason is None:
+            warnings += opacity_cut_warnings(result.original_mask)
         ood = self._out_of_distribution(embeddings, warnings)
         saliency = None
         decision = self._decide(probabilities[0])
