@@ -72,7 +72,7 @@ def test_upload_and_read_the_result(browser, served) -> None:
     expected = predictor.predict_file(image, gradcam=False)
     shown = float(browser.find_element(By.ID, "probability").text)
     assert shown == pytest.approx(expected.probability, abs=5e-4)  # shown with 3 decimals
-    assert browser.find_element(By.ID, "decision").text == expected.decision
+    assert browser.find_element(By.ID, "decision").text.lower() == expected.decision
     assert float(browser.find_element(By.ID, "threshold").text) == pytest.approx(predictor.run.threshold)
     assert "serve-tiny" in browser.find_element(By.ID, "model-summary").text
     items = browser.find_elements(By.CSS_SELECTOR, "#warnings li")
