@@ -81,10 +81,12 @@ def _print_prediction(image: Path, payload: dict[str, Any]) -> None:
     for reason in payload["abstain_reasons"]:
         label = "abstain" if abstained else "would abstain"
         console.print(f"  [bold red]{label}[/bold red] {escape(reason['code'])}: {escape(reason['sentence'])}", highlight=False)
-    if payload["warnings"]:
-        for warning in payload["warnings"]:
+    listed = {reason["code"] for reason in payload["abstain_reasons"]}
+    others = [w for w in payload["warnings"] if w["code"] not in listed]  # a reason is printed once, above
+    if others:
+        for warning in others:
             console.print(f"  [yellow]warning[/yellow] {escape(warning['code'])}: {escape(warning['message'])}", highlight=False)
-    else:
+    elif not listed:
         console.print("  no warnings", highlight=False)
 
 
