@@ -77,6 +77,8 @@ def test_upload_and_read_the_result(browser, served) -> None:
     assert "serve-tiny" in browser.find_element(By.ID, "model-summary").text
     items = browser.find_elements(By.CSS_SELECTOR, "#warnings li")
     assert items and all(item.text for item in items)
+    # an abstain reason is shown once, in the abstention box, not again among the warnings
+    assert not {li.get_attribute("data-code") for li in items} & {r.code for r in expected.abstain_reasons}
     for name in ("input", "lung_mask", "gradcam"):  # the overlays decoded and displayed
         width = browser.execute_script(f"return document.getElementById('overlay-{name}').naturalWidth")
         assert width >= 64, name

@@ -74,7 +74,7 @@ function renderModelFacts(card) {
     note.textContent = "Abstention is OFF on this service (research use only): decisions are given even for images and models that fail the checks.";
     note.hidden = false;
   } else if (always.length) {
-    note.textContent = "Every prediction of this model abstains: " + always.map((r) => r.sentence).join("; ") + ".";
+    note.textContent = "Every prediction of this model abstains: " + always.map((r) => r.sentence.replace(/\.$/, "")).join("; ") + ".";
     note.hidden = false;
   }
   $("model-facts").hidden = false;
@@ -116,13 +116,16 @@ function render(result) {
   $("saliency-info").textContent = sal ? (fmt(100 * sal.lung_focus, 0) + "% of the Grad-CAM map inside the lungs (lungs are " + fmt(100 * sal.lung_area, 0) + "% of the input); explains " + sal.explains) : "not computed";
   const list = $("warnings");
   list.replaceChildren();
-  if (result.warnings.length === 0) {
+  // a reason to abstain is shown once, in the abstention box; with abstention off they stay warnings here
+  const reasons = new Set(result.decision === "abstain" ? (result.abstain_reasons || []).map((r) => r.code) : []);
+  const others = result.warnings.filter((w) => !reasons.has(w.code));
+  if (others.length === 0) {
     const li = document.createElement("li");
     li.className = "none";
-    li.textContent = "No warnings.";
+    li.textContent = reasons.size ? "No other warnings." : "No warnings.";
     list.appendChild(li);
   }
-  for (const warning of result.warnings) {
+  for (const warning of others) {
     const li = document.createElement("li");
     li.dataset.code = warning.code;
     li.textContent = warning.message;
