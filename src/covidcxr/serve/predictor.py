@@ -16,8 +16,12 @@ the client never chooses):
    and its lung-focus fraction;
 5. **judge**: warnings for a rejected or implausible segmentation, a lateral view, an
    image far from the training distribution (`covidcxr.serve.reference`), saliency
-   concentrated outside the lungs, and — on every prediction — a model whose shortcut
-   audit (``RUN/audit/audit.json``) found shortcuts; overlays as PNG.
+   concentrated outside the lungs, and — on every prediction — a model whose audit
+   (``RUN/audit/audit.json``) found no skill or shortcuts, or that was never audited; overlays as PNG;
+6. **abstain**: the decision is ``"abstain"`` when one of those warnings is in `ABSTAIN_CODES`
+   (out of distribution, lateral view, segmentation rejected or implausible, model with no
+   skill / a shortcut / no audit); the probability and ``model_decision`` stay in the answer,
+   marked not to be acted on. ``abstain=False`` (``--no-abstain``) is for research only.
 
 Which run: the one named, else the newest run directory (holding ``config.yaml`` and
 ``checkpoints/best.ckpt`` or ``last.ckpt``) under `DEFAULT_RUN_ROOTS` — ``runs/`` then
@@ -26,8 +30,8 @@ Which run: the one named, else the newest run directory (holding ``config.yaml``
 Example:
     >>> predictor = Predictor.load("runs/demo")                              # doctest: +SKIP
     >>> result = predictor.predict_file("cxr.png")                           # doctest: +SKIP
-    >>> result.probability, result.decision, [w.code for w in result.warnings]  # doctest: +SKIP
-    (0.91, 'covid', ['out_of_distribution'])
+    >>> result.probability, result.decision, [w.code for w in result.abstain_reasons]  # doctest: +SKIP
+    (0.79, 'abstain', ['model_shortcut', 'out_of_distribution'])
 """
 
 from __future__ import annotations
