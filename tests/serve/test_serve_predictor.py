@@ -46,7 +46,7 @@ def test_negative_decisions_are_explained_too(predictor: Predictor, run_dir: Pat
     decided = {}
     for image in split_images(run_dir, "test"):
         result = predictor.predict_file(image)
-        decided.setdefault(result.decision, (image, result))
+        decided.setdefault(result.model_decision, (image, result))
     assert set(decided) == {"covid", "rest"}
     image, negative = decided["rest"]
     assert negative.probability < 0.5 and "negated logit" in negative.saliency["explains"]

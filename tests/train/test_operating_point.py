@@ -82,7 +82,7 @@ def test_one_threshold_chosen_on_validation_is_used_by_evaluate_audit_report_and
     predictor = Predictor(run, out_of_distribution=False)
     answer = predictor.predict_file(kept["image"].iloc[0], gradcam=False)
     assert answer.threshold == point.threshold
-    assert answer.decision == ("covid" if answer.probability >= point.threshold else "rest")
+    assert answer.model_decision == ("covid" if answer.probability >= point.threshold else "rest")
     assert predictor.model_card()["operating_point"]["threshold"] == point.threshold
 
 
