@@ -102,9 +102,15 @@ def _hospital(root: Path, run_dir: Path) -> dict[str, str]:
     return {"copy": "copy_of_train.png", "near": "near_val.png", "near_again": "near_val_again.png"}
 
 
-def test_hospital_folder_copies_and_near_copies_excluded_with_reasons_and_resumed(trained) -> None:
+@pytest.fixture(scope="module")
+def hospital(trained):
+    root, run_dir, _ = trained
+    return _hospital(root, run_dir)
+
+
+def test_hospital_folder_copies_and_near_copies_excluded_with_reasons_and_resumed(trained, hospital) -> None:
     root, run_dir, collection = trained
-    names = _hospital(root, run_dir)
+    names = hospital
     report = evaluate_external(run_dir, root / "hospital", name="hospital", n_boot=50, chunk=5)
     out = run_dir / "external" / "hospital"
     excluded = pd.read_csv(out / "excluded.csv")
@@ -138,6 +144,20 @@ def test_hospital_folder_copies_and_near_copies_excluded_with_reasons_and_resume
         pd.read_parquet(out / "predictions.parquet").set_index("image").loc[predictions["image"], "probability"].to_numpy(),
         predictions["probability"].to_numpy(), atol=1e-6,
     )
+
+
+def test_audit_run_on_a_new_collection(trained, hospital) -> None:
+    root, run_dir, _ = trained
+    result = runner.invoke(app, ["audit", str(run_dir), "--data", str(root / "hospital"), "--name", "hospital", "--json", "--n-boot", "50", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    written = json.loads((run_dir / "external" / "hospital" / "audit" / "audit.json").read_text())
+    assert written["verdict"] == report["verdict"] in ("no_skill", "shortcut", "warning", "ok")
+    assert report["n_images"] == 12 and report["evaluation"]["per_source"]["hospital"]["n_images"] == 12
+    assert report["ablation"]["original"]["n_images"] == 12 and "lungs_only" in report["ablation"]
+    assert any(f["id"] == "skill" for f in report["findings"])
+    assert "source_probe" in report["not_available"]
+    assert read_external(run_dir)["hospital"]["audit"]["verdict"] == report["verdict"]
 
 
 def test_evaluate_data_refuses_bad_input_with_a_sentence(trained, tmp_path) -> None:

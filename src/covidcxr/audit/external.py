@@ -240,7 +240,9 @@ def audit_external(
     train_rows = manifest[manifest["split"] == "train"]
     parts = scored_audit(scored, train_rows, evaluation["training_sources"], run.threshold, n_boot, seed)
     say(f"lung ablation on the {len(scored)} scored images")
-    kept, images, masks, _ = cached_inputs(scored.assign(split="external"), run.recipe, progress=progress)
+    kept, images, masks, refused = cached_inputs(scored.assign(split="external"), run.recipe, progress=progress)
+    if len(refused):  # scored a moment ago through the same preprocessing: a refusal here is a bug
+        raise CovidCXRError(f"{rd.external(name) / PREDICTIONS}: {len(refused)} scored images refused by the preprocessing now ({refused['reason'].iloc[0]})")
     ablation = lung_ablation(run, images, masks, kept, n_boot=n_boot, seed=seed)
     lungs_mode = str(run.recipe.preprocess.lungs)
     # the evaluation's sentences compare seen and unseen sources; here most are unseen, the

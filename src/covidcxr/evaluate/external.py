@@ -239,7 +239,7 @@ def score_resumably(run_dir: str | Path, rows: pd.DataFrame, out: Path, chunk: i
     for start in range(0, len(todo), chunk):
         part, refused = predict_images(run_dir, todo.iloc[start : start + chunk], progress=progress)
         part = part.assign(target=part["positive"])
-        keep = [c for c in (*EXTERNAL_COLUMNS, "dup_group", "file_sha1", "sha1") if c in part.columns]
+        keep = [c for c in (*EXTERNAL_COLUMNS, "mask", "dup_group", "file_sha1", "sha1") if c in part.columns]
         scored = pd.concat([scored, part[keep]], ignore_index=True) if len(scored) else part[keep].reset_index(drop=True)
         if len(refused):
             refused = refused[[c for c in ("image", "source", "reason") if c in refused.columns]]
