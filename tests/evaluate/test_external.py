@@ -168,3 +168,34 @@ def test_evaluate_data_refuses_bad_input_with_a_sentence(trained, tmp_path) -> N
     assert isinstance(result.exception, CovidCXRError) and "nowhere" in str(result.exception)
     result = runner.invoke(app, ["evaluate", str(run_dir), str(run_dir), "--data", str(tmp_path)])
     assert isinstance(result.exception, CovidCXRError) and "one run" in str(result.exception)
+
+
+def test_report_shows_every_external_evaluation_and_the_grid(trained, hospital) -> None:
+    from datetime import datetime
+
+    from covidcxr.experiments.store import RunStore, experiments_table, metrics_table, runs_table
+    from covidcxr.report.results import external_sections, grid_unseen_results
+
+    root, run_dir, _ = trained
+    if not (run_dir / "external" / "hospital" / "evaluation.json").is_file():
+        evaluate_external(run_dir, root / "hospital", name="hospital", n_boot=50)
+    sections = {s["name"]: s for s in external_sections(run_dir)}
+    assert "hospital" in sections and sections["hospital"]["per_source"]["hospital"]["n_images"] == 12
+    # a grid store beside the run (runs/experiments.sqlite) that knows it: its per-source rows are shown
+    store = RunStore(f"sqlite:///{run_dir.parent / 'experiments.sqlite'}")
+    now = datetime.now()
+    with store.engine.begin() as conn:
+        conn.execute(experiments_table.insert().values(id=1, name="grid", created_at=now, updated_at=now))
+        conn.execute(runs_table.insert().values(id=1, experiment_id=1, key="p", kind="train", labels="{}", config_hash="h", config="", run_dir=str(run_dir), status="done", attempts=1, created_at=now))
+        conn.execute(metrics_table.insert().values(run_id=1, test_source="site_c", scope="source", seen=False, n_images=30, n_patients=20, auc=0.61, auc_low=0.45, auc_high=0.75))
+        conn.execute(metrics_table.insert().values(run_id=1, test_source="(unseen)", scope="unseen", seen=False, n_images=30, n_patients=20, auc=0.61, auc_low=0.45, auc_high=0.75))
+    store.dispose()
+    grid = grid_unseen_results(run_dir)
+    assert grid["rows"] == [{"test_source": "site_c", "seen": False, "n_images": 30, "n_patients": 20, "auc": {"estimate": 0.61, "low": 0.45, "high": 0.75}, "note": None}]
+    out = root / "report.html"
+    result = runner.invoke(app, ["report", str(run_dir), "--out", str(out), "--no-figure-files", "--n-boot", "50"])
+    assert result.exit_code == 0, result.output
+    html = out.read_text()
+    assert "On another collection: hospital" in html
+    assert "test on every source" in html and "site_c (unseen)" in html
+    assert "byte-identical copy of a training/validation image" in html
