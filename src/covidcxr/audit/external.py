@@ -84,7 +84,9 @@ def read_predictions_csv(path: str | Path, manifest: pd.DataFrame, root: Path) -
     Args:
         path: CSV with ``image`` (as in the collection's manifest: relative to its folder, or
             absolute) and ``probability`` in [0, 1]; optional ``split`` (``train``, ``val``,
-            ``test``; default ``test``) — ``train`` rows may leave ``probability`` empty.
+            ``test``; default ``test``) — ``train`` rows may leave ``probability`` empty; a
+            ``status`` column (`covidcxr predict --csv`) leaves out the rows not ``predicted``
+            (counted in the report's ``n_not_scored``).
         manifest: the collection's manifest (absolute ``image`` paths).
         root: the collection folder (relative ``image`` values are resolved against it).
 
@@ -105,30 +107,36 @@ def read_predictions_csv(path: str | Path, manifest: pd.DataFrame, root: Path) -
     missing = [c for c in ("image", "probability") if c not in frame.columns]
     if missing:
         raise CovidCXRError(f"--predictions {path}: missing column(s) {', '.join(missing)} (expected image, probability[, split])")
+    frame["_line"] = np.arange(len(frame)) + 2  # the CSV's line number, for messages
+    if "status" in frame.columns:  # `covidcxr predict --csv`: refused files carry no probability
+        refused = frame["status"].astype(str) != "predicted"
+        frame = frame[~refused].reset_index(drop=True)
+        frame.attrs["not_scored"] = int(refused.sum())
     split = frame["split"].fillna("test").str.strip().str.lower() if "split" in frame.columns else pd.Series(["test"] * len(frame))
     bad_split = ~split.isin(["train", "val", "test"])
     if bad_split.any():
         row = int(np.flatnonzero(bad_split.to_numpy())[0])
-        raise CovidCXRError(f"--predictions {path} row {row + 2}: split {split.iloc[row]!r}; expected train, val or test")
+        raise CovidCXRError(f"--predictions {path} row {frame['_line'].iloc[row]}: split {split.iloc[row]!r}; expected train, val or test")
     probability = pd.to_numeric(frame["probability"], errors="coerce")
     needs = split.isin(["val", "test"]).to_numpy()
     bad = needs & ~(probability.between(0.0, 1.0).to_numpy())
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise CovidCXRError(f"--predictions {path} row {row + 2}: probability {frame['probability'].iloc[row]!r}; expected a number in [0, 1]")
+        raise CovidCXRError(f"--predictions {path} row {frame['_line'].iloc[row]}: probability {frame['probability'].iloc[row]!r}; expected a number in [0, 1]")
     key = frame["image"].map(lambda p: str((root / str(p)).resolve()) if not Path(str(p)).is_absolute() else str(Path(str(p)).resolve()))
     duplicated = key.duplicated()
     if duplicated.any():
         row = int(np.flatnonzero(duplicated.to_numpy())[0])
-        raise CovidCXRError(f"--predictions {path} row {row + 2}: image {frame['image'].iloc[row]!r} is listed twice")
+        raise CovidCXRError(f"--predictions {path} row {frame['_line'].iloc[row]}: image {frame['image'].iloc[row]!r} is listed twice")
     lookup = {str(Path(p).resolve()): i for i, p in enumerate(manifest["image"].astype(str))}
     unknown = [i for i, k in enumerate(key) if k not in lookup]
     if unknown:
-        shown = ", ".join(f"row {i + 2} ({frame['image'].iloc[i]})" for i in unknown[:5])
+        shown = ", ".join(f"row {frame['_line'].iloc[i]} ({frame['image'].iloc[i]})" for i in unknown[:5])
         raise CovidCXRError(f"--predictions {path}: {len(unknown)} image(s) not in the collection {root}: {shown} (expected paths as in its manifest)")
     rows = manifest.iloc[[lookup[k] for k in key]].reset_index(drop=True)
     rows["probability"] = probability.to_numpy(dtype=np.float64)
     rows["split"] = split.to_numpy()
+    rows.attrs["not_scored"] = frame.attrs.get("not_scored", 0)
     return rows
 
 
@@ -183,6 +191,7 @@ def audit_predictions(
         "n_images": int(len(test)),
         "n_patients": int(test["patient_id"].nunique()),
         "n_training_rows": int(len(train_rows)),
+        "n_not_scored": int(rows.attrs.get("not_scored", 0)),
         "training_sources": sorted(str(s) for s in training_sources),
         "sources": sorted(test["source"].astype(str).unique().tolist()),
         "verdict": verdict(findings),
