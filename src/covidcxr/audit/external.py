@@ -123,7 +123,7 @@ def read_predictions_csv(path: str | Path, manifest: pd.DataFrame, root: Path) -
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise CovidCXRError(f"--predictions {path} row {frame['_line'].iloc[row]}: probability {frame['probability'].iloc[row]!r}; expected a number in [0, 1]")
-    key = frame["image"].map(lambda p: str((root / str(p)).resolve()) if not Path(str(p)).is_absolute() else str(Path(str(p)).resolve()))
+    key = frame["image"].map(lambda p: _image_key(str(p), root))
     duplicated = key.duplicated()
     if duplicated.any():
         row = int(np.flatnonzero(duplicated.to_numpy())[0])
@@ -138,6 +138,15 @@ def read_predictions_csv(path: str | Path, manifest: pd.DataFrame, root: Path) -
     rows["split"] = split.to_numpy()
     rows.attrs["not_scored"] = frame.attrs.get("not_scored", 0)
     return rows
+
+
+def _image_key(image: str, root: Path) -> str:
+    """An image path as the manifest has it: relative to the collection (as in its manifest.csv),
+    else relative to the working directory (as `covidcxr predict DIR --csv` writes it), else absolute."""
+    path = Path(image)
+    if not path.is_absolute() and (root / path).exists():
+        return str((root / path).resolve())
+    return str(path.resolve())
 
 
 def audit_predictions(
