@@ -52,7 +52,8 @@ def test_evaluate_on_its_own_collection_excludes_what_it_saw(trained) -> None:
     out = run_dir / "external" / "phantoms"
     assert report["predictions"] == "predictions.parquet" and (out / "predictions.parquet").is_file()
     predictions = pd.read_parquet(out / "predictions.parquet")
-    assert {"image", "source", "label", "patient_id", "probability"} <= set(predictions.columns)
+    assert {"image", "source", "label", "patient_id", "probability", "seen"} <= set(predictions.columns)
+    assert set(predictions.loc[predictions["seen"], "source"]) == {"site_a", "site_b"}
     seen = RunDir(run_dir).seen()
     # no scored image is linked to what the run trained or validated on
     assert not predictions["image"].isin(seen.rows["image"]).any()
@@ -199,3 +200,4 @@ def test_report_shows_every_external_evaluation_and_the_grid(trained, hospital) 
     assert "On another collection: hospital" in html
     assert "test on every source" in html and "site_c (unseen)" in html
     assert "byte-identical copy of a training/validation image" in html
+    assert "Audit on this collection: verdict" in html

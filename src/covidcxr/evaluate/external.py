@@ -313,10 +313,14 @@ def evaluate_external(
     if candidates.empty:
         raise CovidCXRError(f"--data {data}: every image of the task is linked to the run's training/validation data (see {out / EXCLUDED})")
     scored, rejected = score_resumably(run.path, candidates, out, chunk=chunk, progress=progress, say=say)
+    # the file holds exactly this pass' images (an earlier pass on other data under the same name
+    # may have left others), with whether each image's source is one the run trained on
     scored = scored[scored["image"].astype(str).isin(set(candidates["image"].astype(str)))].reset_index(drop=True)
     if scored.empty:
         raise CovidCXRError(f"--data {data}: the preprocessing refused every image (see {out / REJECTED})")
     scored["seen"] = scored["source"].astype(str).isin(seen.sources)
+    with atomic_path(out / PREDICTIONS) as tmp:
+        scored.to_parquet(tmp, index=False)
     train_rows = run.read_manifest()
     train_rows = train_rows[train_rows["split"] == "train"].assign(target=lambda f: (f["class_name"].astype(str) == _positive(recipe)).astype(np.int64))
     point = run.operating_point()

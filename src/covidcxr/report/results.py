@@ -821,7 +821,7 @@ def external_sections(run_dir: Path) -> list[dict[str, Any]]:
             "excluded": report.get("excluded") or {},
             "rejected": {k: v for k, v in (report.get("rejected") or {}).items() if k != "adapter_refused"},
             "n_candidates": report.get("n_candidates"),
-            "audit": {"verdict": audit.get("verdict"), "findings": audit.get("findings") or []} if audit else None,
+            "audit": {"verdict": audit.get("verdict"), "findings": [{**f, "origin": "audit"} for f in audit.get("findings") or []]} if audit else None,
         })
     return sections
 
