@@ -109,7 +109,8 @@ def _stored_or_predicted(run: Any, kept: pd.DataFrame, images: np.ndarray) -> np
     stored = RunDir(run.run_dir).read_predictions()
     if not {"image", "probability"} <= set(stored.columns):
         return predicted
-    lookup = stored.drop_duplicates("image").set_index(stored.drop_duplicates("image")["image"].astype(str))["probability"]
+    stored = stored.drop_duplicates("image")
+    lookup = pd.Series(stored["probability"].to_numpy(dtype=np.float64), index=stored["image"].astype(str))
     found = kept["image"].astype(str).map(lookup)
     return np.where(found.notna().to_numpy(), found.to_numpy(dtype=np.float64, na_value=np.nan), predicted.reshape(-1))
 
