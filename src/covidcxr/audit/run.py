@@ -94,6 +94,27 @@ def _unseen_rows(run: Any, columns: list[str]) -> tuple[pd.DataFrame, str | None
     return unseen[[c for c in columns if c in unseen.columns]], None
 
 
+def _stored_or_predicted(run: Any, kept: pd.DataFrame, images: np.ndarray) -> np.ndarray:
+    """``(N,)`` probabilities: the run's own answer (``predictions.parquet``) where it has one, else predicted now.
+
+    One answer per image: the audit's evaluation reads the stored predictions, so its
+    subgroups, metadata and view findings read the same ones (re-predicting differs by
+    ~1e-6 — mixed precision at training — and the two would then disagree). Images the run
+    never scored (an unseen source's, in an older run) are predicted.
+    """
+    predicted = run.predict(images)
+    stored_file = RunDir(run.run_dir).predictions
+    if not stored_file.is_file():
+        return predicted
+    stored = RunDir(run.run_dir).read_predictions()
+    if not {"image", "probability"} <= set(stored.columns):
+        return predicted
+    stored = stored.drop_duplicates("image")
+    lookup = pd.Series(stored["probability"].to_numpy(dtype=np.float64), index=stored["image"].astype(str))
+    found = kept["image"].astype(str).map(lookup)
+    return np.where(found.notna().to_numpy(), found.to_numpy(dtype=np.float64, na_value=np.nan), predicted.reshape(-1))
+
+
 def _saliency(run: Any, images: np.ndarray, masks: np.ndarray, rows: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFrame, np.ndarray]:
     """Grad-CAM lung focus of ``images``: the summary, the per-image table and the maps."""
     layer = saliency_layer(run)
@@ -187,7 +208,7 @@ def audit_run(
     kept, images, lung_masks, excluded = cached_inputs(rows, run.recipe, progress=progress)
     if kept.empty:
         raise CovidCXRError(f"{run.run_dir}: every val/test image was rejected by the preprocessing")
-    kept["probability"] = run.predict(images)
+    kept["probability"] = _stored_or_predicted(run, kept, images)
     is_test = (kept["split"] == "test").to_numpy()
     seen_test = is_test & kept["source"].astype(str).isin(seen_sources).to_numpy()
     test_rows, seen_rows = kept[is_test].reset_index(drop=True), kept[seen_test].reset_index(drop=True)

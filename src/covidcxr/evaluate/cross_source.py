@@ -47,6 +47,7 @@ __all__ = [
     "EVALUATION_FILE",
     "cross_source_matrix",
     "cross_source_table",
+    "evaluate_predictions",
     "evaluate_run",
     "json_ready",
     "load_predictions",
@@ -370,6 +371,46 @@ def _within_source_parts(test: pd.DataFrame, sources: list[str], n_boot: int, se
     return {"within_source": parts["seen"], "within_source_unseen": parts["unseen"]}
 
 
+def evaluate_predictions(
+    test: pd.DataFrame, train_rows: pd.DataFrame, seen_sources: Sequence[str], threshold: float = 0.5, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """The evaluation of some scored test images: the one body behind every ``evaluation.json``.
+
+    A run's own test split (:func:`evaluate_run`), a run scored on another collection
+    (`covidcxr.evaluate.external`) and a CSV of someone's predictions
+    (`covidcxr.audit.run.audit_predictions`) all go through here, so the same scores give the
+    same numbers whichever way they arrived.
+
+    Args:
+        test: ``(N,)`` scored rows: ``source``, ``patient_id``, ``target`` (0/1), ``probability``.
+        train_rows: the model's training rows (``source``, ``target``) for the source-only
+            baseline; empty when unknown (the baseline is then None).
+        seen_sources: the model's training sources.
+        threshold: ``probability >= threshold`` is positive.
+        n_boot, seed: the patient bootstrap behind the bootstrap intervals.
+
+    Returns:
+        ``{split, training_sources, overall, per_source, seen_unseen, within_source,
+        within_source_unseen, source_only, threshold}``.
+
+    Example:
+        >>> part = evaluate_predictions(scored, train_rows, ["cohen", "kermany"])   # doctest: +SKIP
+        >>> part["per_source"]["nih"]["auc"]                                         # doctest: +SKIP
+    """
+    test = test.assign(split="test")
+    sources = sorted(str(s) for s in seen_sources)
+    return {
+        "split": "test",
+        "training_sources": sources,
+        "overall": metrics_for_rows(test, threshold, n_boot, seed),
+        "per_source": per_source_metrics(test, "test", threshold, n_boot, seed),
+        "seen_unseen": seen_unseen(test, sources, "test", threshold, n_boot, seed),
+        **_within_source_parts(test, sources, n_boot, seed),
+        "source_only": source_only_auc(test, train_rows, n_boot, seed),
+        "threshold": float(threshold),
+    }
+
+
 def evaluate_run(run_dir: str | Path, threshold: float | None = None, n_boot: int = 1000, seed: int = 0, write: bool = True) -> dict[str, Any]:
     """Cross-source evaluation of one run's test predictions; written to ``RUN/evaluation.json``.
 
@@ -407,14 +448,7 @@ def evaluate_run(run_dir: str | Path, threshold: float | None = None, n_boot: in
     report = {
         "run": run.name,
         "run_dir": str(path),
-        "split": "test",
-        "training_sources": sources,
-        "overall": metrics_for_rows(test, threshold, n_boot, seed),
-        "per_source": per_source_metrics(predictions, "test", threshold, n_boot, seed),
-        "seen_unseen": seen_unseen(predictions, sources, "test", threshold, n_boot, seed),
-        **_within_source_parts(test, sources, n_boot, seed),
-        "source_only": source_only_auc(test, _training_rows(path, predictions), n_boot, seed),
-        "threshold": float(threshold),
+        **evaluate_predictions(test, _training_rows(path, predictions), sources, threshold, n_boot, seed),
         "operating_point": {**point.to_dict(), "used": point.threshold is not None and math.isclose(float(point.threshold), float(threshold)), "describe": point.describe()},
         "n_boot": int(n_boot),
         "seed": int(seed),

@@ -802,6 +802,68 @@ def _diagnostics(inputs: RunInputs, evaluation: Mapping[str, Any]) -> dict[str, 
     }
 
 
+def external_sections(run_dir: Path) -> list[dict[str, Any]]:
+    """One entry per ``RUN/external/<name>/`` (`covidcxr.evaluate.external`): the collection, per-source
+    metrics with intervals, seen/unseen, what was excluded and why, and its audit's verdict and findings."""
+    from covidcxr.evaluate.external import read_external
+
+    sections = []
+    for name, report in read_external(run_dir).items():
+        audit = report.get("audit") or {}
+        sections.append({
+            "name": name,
+            "data": report.get("data"),
+            "training_sources": report.get("training_sources") or [],
+            "per_source": report.get("per_source") or {},
+            "seen_unseen": report.get("seen_unseen") or {},
+            "overall": report.get("overall"),
+            "threshold": report.get("threshold"),
+            "excluded": report.get("excluded") or {},
+            "rejected": {k: v for k, v in (report.get("rejected") or {}).items() if k != "adapter_refused"},
+            "n_candidates": report.get("n_candidates"),
+            "audit": {"verdict": audit.get("verdict"), "findings": [{**f, "origin": "audit"} for f in audit.get("findings") or []]} if audit else None,
+        })
+    return sections
+
+
+def grid_unseen_results(run_dir: Path, db: str | Path | None = None) -> dict[str, Any] | None:
+    """The experiment grid's per-source results of this run (unseen sources included), when it belongs to a grid.
+
+    Looks for the grid's SQLite store (`covidcxr.experiments.store`) at ``db``, else
+    ``experiments.sqlite`` in the run's parent folders (``runs/<grid>/<point>/`` ->
+    ``runs/experiments.sqlite``, the default of ``covidcxr experiment run``). None when
+    there is none or it does not know the run.
+    """
+    from covidcxr.experiments.store import RunStore, runs_table
+
+    candidates = [Path(db)] if db is not None else [parent / "experiments.sqlite" for parent in Path(run_dir).resolve().parents[:3]]
+    target = Path(run_dir).resolve()
+    for file in candidates:
+        if not file.is_file():
+            continue
+        store = RunStore(f"sqlite:///{file}")
+        try:
+            with store.engine.connect() as conn:
+                rows = conn.execute(runs_table.select().with_only_columns(runs_table.c.id, runs_table.c.run_dir)).all()
+            # the store keeps run_dir as the grid wrote it (often relative to where it ran)
+            ids = [int(r.id) for r in rows if Path(r.run_dir).resolve() == target or (file.parent.parent / r.run_dir).resolve() == target]
+            if not ids:
+                continue
+            metrics = store.metrics_frame(ids)
+        finally:
+            store.dispose()
+        per_source = metrics[metrics["scope"] == "source"].sort_values("test_source")
+        return {
+            "store": str(file),
+            "rows": [
+                {"test_source": str(r.test_source), "seen": None if r.seen is None else bool(r.seen), "n_images": r.n_images, "n_patients": r.n_patients,
+                 "auc": {"estimate": r.auc, "low": r.auc_low, "high": r.auc_high}, "note": r.note}
+                for r in per_source.itertuples()
+            ],
+        }
+    return None
+
+
 def collect_run(inputs: RunInputs) -> dict[str, Any]:
     """Every number of one run's part of the report (see :func:`collect_results`)."""
     classes = inputs.metrics.get("classes")
@@ -814,6 +876,8 @@ def collect_run(inputs: RunInputs) -> dict[str, Any]:
         "config": inputs.config,
         "composition": data_composition(inputs.manifest, inputs.excluded, _tested_elsewhere(inputs)),
         "audit": _audit_section(inputs),
+        "external": external_sections(inputs.run_dir),
+        "grid_unseen": grid_unseen_results(inputs.run_dir),
         "notes": list(inputs.notes),
         "operating_point": inputs.operating_point,
         "run_warnings": list(inputs.run_warnings),
