@@ -58,6 +58,8 @@ EPOCHS = 12
 MODEL = "small_cnn"
 N_BOOT = 200
 EQUALIZATION = "none"
+#: finding severity x2 (`synthesize(finding_scale=...)`): at 64 px the default opacities leave a small model near chance
+FINDING_SCALE = 2.0
 LABEL_MIX = {"covid": 0.5, "normal": 0.5}
 #: a planted shortcut is "learned" when the mean probability shift it causes has a CI low above this
 LEARNED_SHIFT = 0.05
@@ -70,7 +72,7 @@ def recipe_for(root: Any, kind: str, seed: int, n_images: int = N_IMAGES, epochs
         "name": f"audit-{kind}-{seed}",
         "seed": seed,
         "data": {
-            "synthetic": {"n_images": n_images, "size": SIZE, "seed": 1000 + seed, "shortcut": shortcut, "label_mix": LABEL_MIX},
+            "synthetic": {"n_images": n_images, "size": SIZE, "seed": 1000 + seed, "shortcut": shortcut, "label_mix": LABEL_MIX, "finding_scale": FINDING_SCALE},
             "task": "covid_vs_rest",
             "split": {"test_size": 0.4, "val_size": 0.25},
         },
@@ -210,7 +212,7 @@ def _measure(context: Any) -> dict[str, Any]:
                   f"shortcut {row['shortcut_findings']} warning {row['warning_findings']} — {time.perf_counter() - t0:.0f} s ({time.perf_counter() - started:.0f} s total)", flush=True)
     figures = summarize(results)
     figures.update(seeds=list(range(FIRST_SEED, FIRST_SEED + SEEDS)), runs=results,
-                   settings={"size": SIZE, "n_images": N_IMAGES, "epochs": EPOCHS, "model": MODEL, "equalization": EQUALIZATION, "label_mix": LABEL_MIX, "learned_shift": LEARNED_SHIFT})
+                   settings={"size": SIZE, "n_images": N_IMAGES, "epochs": EPOCHS, "model": MODEL, "equalization": EQUALIZATION, "label_mix": LABEL_MIX, "finding_scale": FINDING_SCALE, "learned_shift": LEARNED_SHIFT})
     return figures
 
 

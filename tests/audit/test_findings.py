@@ -33,6 +33,19 @@ def test_no_outside_lung_signal_is_ok_and_wide_intervals_do_not_alarm():
     assert found["lungs_only"]["severity"] == "ok"
 
 
+def test_a_lungs_only_drop_contradicted_by_the_blanked_ablation_is_info():
+    # a clean phantom model: lungs-only inputs are unlike its training images, so its AUC falls,
+    # but with the lungs blanked it is at chance: nothing usable lies outside the lungs
+    ablation = {
+        "original": {"auc": ci(0.79, 0.68, 0.88)},
+        "lungs_blanked": {"auc": ci(0.52, 0.41, 0.64), "within_source_auc": ci(0.52, 0.41, 0.64)},
+        "lungs_only": {"auc": ci(0.47, 0.36, 0.58)},
+    }
+    found = by_id(derive_findings({}, ablation, {}, {}, "none"))
+    assert found["outside_lung_signal"]["severity"] == "ok"
+    assert found["lungs_only"]["severity"] == "info" and "0.47 [0.36, 0.58]" in found["lungs_only"]["text"]
+
+
 def test_masked_runs_get_an_info_instead_of_the_blanking_test():
     ablation = {"original": {"auc": ci(0.9, 0.85, 0.95)}, "lungs_blanked": {"skipped": "masked"}, "lungs_only": {"auc": ci(0.9, 0.85, 0.95)}}
     found = by_id(derive_findings({}, ablation, {}, {}, "mask"))

@@ -327,8 +327,15 @@ def _ablation(ablation: Mapping[str, Any], lungs_mode: str) -> list[dict[str, An
     full = _estimate(original, "auc")
     only = _estimate(lungs_only, "auc")
     if full is not None and only is not None and lungs_mode != "mask":
-        if versus(full, 0.6) == "above" and only[2] < full[0] - LUNGS_ONLY_DROP:
+        blanked_ok = any(f["id"] == "outside_lung_signal" and f["severity"] == "ok" for f in out)
+        dropped = versus(full, 0.6) == "above" and only[2] < full[0] - LUNGS_ONLY_DROP
+        if dropped and not blanked_ok:
             out.append(_finding("lungs_only", "warning", f"Shown only its lungs, the model's AUC falls from {_fmt(full)} to {_fmt(only)}, clearly below {full[0] - LUNGS_ONLY_DROP:.2f}: its decision depends on what lies outside them.", only[0], full[0] - LUNGS_ONLY_DROP))
+        elif dropped:
+            # a lungs-only input (everything else at the fill value) is unlike any image the
+            # unmasked model was trained on, so a drop alone may be that mismatch; the
+            # lungs-blanked ablation, which found no usable signal outside the lungs, decides
+            out.append(_finding("lungs_only", "info", f"Shown only its lungs, the model's AUC falls from {_fmt(full)} to {_fmt(only)}, clearly below {full[0] - LUNGS_ONLY_DROP:.2f}; but such an input is unlike any image it was trained on, and with the lungs blanked it has no usable signal outside them, so the drop is not evidence of an outside-lung shortcut.", only[0], full[0] - LUNGS_ONLY_DROP))
         else:
             out.append(_finding("lungs_only", "ok", f"Shown only its lungs, the model's AUC is {_fmt(only)} (full image {_fmt(full)}): not clearly below {full[0] - LUNGS_ONLY_DROP:.2f}, so no clear dependence on what lies outside them.", only[0], full[0] - LUNGS_ONLY_DROP))
     return out
@@ -347,8 +354,9 @@ def _intensity(intensity: Mapping[str, Any] | None) -> list[dict[str, Any]]:
         flip, effect = _estimate(part, "flip_rate"), _estimate(part, "shift_auc")
         if flip is None or effect is None:
             continue
+        region = intensity.get("region", "whole image")
         text = (
-            f"A global intensity window ({part.get('description', name)}) — the same lungs, another scanner's look-up table — moves {_fmt(flip)} of test decisions across the threshold; "
+            f"An intensity window ({part.get('description', name)}; applied to: {region}) — the same lungs, another scanner's look-up table — moves {_fmt(flip)} of test decisions across the threshold; "
             f"within a label it separates windowed from original scores with AUC {_fmt(effect)}{_n(part)}"
         )
         flips = versus(flip, INTENSITY_FLIP) == "above"
