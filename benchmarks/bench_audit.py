@@ -4,9 +4,12 @@ For each seed and each condition, a small classifier is trained on phantoms
 (`covidcxr.data.synth`) of three sites that share ONE label mix (COVID vs normal, 50/50 at
 every site: the site itself is no shortcut), then audited (`covidcxr.audit.run.audit_run`):
 
-* ``marker``: a burned-in corner text on COVID images of site_a (strength 0.9, 0.05 on the rest);
-* ``window``: a brighter, flatter global intensity window on COVID images of site_a;
-* ``view``: COVID images of site_a are AP films, its other images PA (DeGrave et al. 2021);
+* ``marker``: a burned-in corner text on COVID images (strength 0.9, 0.05 on the rest);
+* ``window``: a brighter, flatter global intensity window on COVID images (same rates);
+* ``view``: COVID images are AP films, the others PA (DeGrave et al. 2021);
+
+each planted at every site (``SITE``: planted at one site of three, the window and view went
+unlearned once the model could learn the disease itself);
 * ``clean``: nothing planted — the false-alarm control of every planted type.
 
 Every condition uses the same preprocessing, with histogram equalisation OFF: equalisation maps
@@ -15,12 +18,11 @@ planted window would never reach the model, and one shared preprocessing keeps `
 control of all three planted types.
 
 **Was the shortcut learned?** A shortcut the model never learned cannot be detected, so each
-planted run is scored against its counterfactual: the same phantoms rendered WITHOUT the
-shortcut (the generator's plan does not depend on the shortcut, so the clean collection of the
-same data seed holds exactly those images, pixel-identical except for the shortcut). The
-planted site's test images that carry the shortcut are scored both ways; the run *learned* the
-shortcut when the mean score shift (with − without) has a 95% t-interval whose lower bound
-exceeds ``LEARNED_SHIFT``. Detection is reported over all planted runs and over the runs that
+planted run is scored against counterfactuals: the same phantoms rendered with and without the
+shortcut (the generator's plan does not depend on the shortcut, so collections of the same data
+seed hold the same phantoms, pixel-identical except for it). Every test image of the planted
+site is scored both ways (`learned_shift`); the run *learned* the shortcut when the mean score
+shift (with − without) has a 95% t-interval whose lower bound exceeds ``LEARNED_SHIFT``. Detection is reported over all planted runs and over the runs that
 learned their shortcut.
 
 Figures: ``detection_rate`` (verdict ``shortcut`` on planted runs; goal 1.0),
@@ -63,11 +65,15 @@ FINDING_SCALE = 2.0
 LABEL_MIX = {"covid": 0.5, "normal": 0.5}
 #: a planted shortcut is "learned" when the mean probability shift it causes has a CI low above this
 LEARNED_SHIFT = 0.05
+#: where the shortcut is planted: every site (None). Planted at one of three sites, with findings a
+#: small model can learn, the window and view shortcuts went unlearned (score shift 0.03 and 0.01 on
+#: seed 0): the model had no reason to prefer them, and an unlearned shortcut tests nothing
+SITE = None
 
 
 def recipe_for(root: Any, kind: str, seed: int, n_images: int = N_IMAGES, epochs: int = EPOCHS) -> dict[str, Any]:
     """The training recipe of one benchmark run (``kind``: marker, window, view or clean)."""
-    shortcut = None if kind == "clean" else {"kind": kind, "site": "site_a", "label": "covid", "strength": 0.9, "false_rate": 0.05}
+    shortcut = None if kind == "clean" else {"kind": kind, "site": SITE, "label": "covid", "strength": 0.9, "false_rate": 0.05}
     return {
         "name": f"audit-{kind}-{seed}",
         "seed": seed,
@@ -86,40 +92,56 @@ def recipe_for(root: Any, kind: str, seed: int, n_images: int = N_IMAGES, epochs
     }
 
 
-def learned_shift(run_dir: Path, clean_recipe: dict[str, Any], site: str = "site_a") -> dict[str, Any]:
+def _swap(rows: Any, recipe: dict[str, Any]) -> Any:
+    """``rows`` with their pixels taken from the collection of ``recipe`` (same plan, same image ids)."""
+    from covidcxr.train.data import load_records
+    from covidcxr.train.recipe import recipe_from_mapping
+
+    other, _ = load_records(recipe_from_mapping(recipe))
+    other = other.assign(key=other["image"].map(lambda p: Path(p).name)).set_index("key")
+    keys = rows["image"].map(lambda p: Path(p).name)
+    out = rows.copy()
+    for column in ("image", "mask", "sha1", "view", "shortcut"):
+        if column in out.columns and column in other.columns:
+            out[column] = other.loc[keys, column].to_numpy()
+    return out
+
+
+def learned_shift(run_dir: Path, root: Any, kind: str, seed: int, n_images: int = N_IMAGES, epochs: int = EPOCHS, site: str | None = SITE) -> dict[str, Any]:
     """How much the planted shortcut moves the run's score: the ground truth of "was it learned".
 
-    The test images of ``site`` that carry the shortcut are scored as trained (with it) and as
-    rendered by the clean collection of the same data seed (without it; same patient, anatomy,
-    finding and acquisition). Returns the mean shift with a 95% t-interval and n.
+    Every test image of ``site`` (None: of every site) is scored with the shortcut and without it, the rest of the
+    phantom pixel-identical (the generator's plan does not depend on the shortcut): "without"
+    from the clean collection of the same data seed; "with" from the run's own collection for
+    COVID images that carry it, and from a collection that plants it on every NORMAL image of
+    ``site`` for the normal ones (a COVID image the model already scores near 1 cannot show a
+    shift: the normal images can). Returns the mean shift (with − without) with a 95%
+    t-interval and n; ``learned`` when its lower bound exceeds ``LEARNED_SHIFT``.
     """
     import pandas as pd
     from scipy import stats
 
-    from covidcxr.train.data import load_records
     from covidcxr.train.inference import cached_inputs, load_run
-    from covidcxr.train.recipe import recipe_from_mapping
 
     run = load_run(run_dir)
     manifest = pd.read_parquet(Path(run_dir) / "manifest.parquet")
-    planted = manifest[(manifest["split"] == "test") & (manifest["source"] == site) & manifest["shortcut"].astype(bool)].reset_index(drop=True)
-    clean, _ = load_records(recipe_from_mapping(clean_recipe))
-    clean = clean.assign(key=clean["image"].map(lambda p: Path(p).name)).set_index("key")
-    without = planted.copy()
-    keys = planted["image"].map(lambda p: Path(p).name)
-    for column in ("image", "mask", "sha1", "view"):
-        if column in without.columns and column in clean.columns:
-            without[column] = clean.loc[keys, column].to_numpy()
-    without["shortcut"] = False
-    _, with_images, _, _ = cached_inputs(planted, run.recipe)
-    _, without_images, _, _ = cached_inputs(without, run.recipe)
+    test = manifest[(manifest["split"] == "test") & ((manifest["source"] == site) if site else True)]
+    carrying = test[(test["label"] == "covid") & test["shortcut"].astype(bool)]
+    normal_recipe = recipe_for(root, kind, seed, n_images, epochs)
+    normal_recipe["data"]["synthetic"]["shortcut"] = {"kind": kind, "site": site, "label": "normal", "strength": 1.0, "false_rate": 0.0}
+    normals = _swap(test[test["label"] == "normal"], normal_recipe)
+    with_rows = pd.concat([carrying, normals], ignore_index=True)
+    without_rows = _swap(with_rows, recipe_for(root, "clean", seed, n_images, epochs))
+    _, with_images, _, _ = cached_inputs(with_rows, run.recipe)
+    _, without_images, _, _ = cached_inputs(without_rows, run.recipe)
     shift = run.predict(with_images) - run.predict(without_images)
     n = len(shift)
     if n < 2:
         return {"estimate": None, "low": None, "high": None, "n_images": n, "learned": False}
     half = float(stats.t.ppf(0.975, n - 1) * shift.std(ddof=1) / np.sqrt(n))
     mean = float(shift.mean())
-    return {"estimate": round(mean, 4), "low": round(mean - half, 4), "high": round(mean + half, 4), "n_images": n, "learned": bool(mean - half > LEARNED_SHIFT)}
+    return {"estimate": round(mean, 4), "low": round(mean - half, 4), "high": round(mean + half, 4), "n_images": n,
+            "n_covid": len(carrying), "n_normal": len(normals), "learned": bool(mean - half > LEARNED_SHIFT)}
 
 
 def one_run(root: Any, kind: str, seed: int, n_images: int = N_IMAGES, epochs: int = EPOCHS) -> dict[str, Any]:
@@ -132,7 +154,7 @@ def one_run(root: Any, kind: str, seed: int, n_images: int = N_IMAGES, epochs: i
         warnings.simplefilter("ignore")
         run_dir = train_recipe(recipe_from_mapping(recipe_for(root, kind, seed, n_images, epochs)), progress=False).run_dir
         report = audit_run(run_dir, n_boot=N_BOOT, seed=seed, write=False)
-        shift = None if kind == "clean" else learned_shift(run_dir, recipe_for(root, "clean", seed, n_images, epochs))
+        shift = None if kind == "clean" else learned_shift(run_dir, root, kind, seed, n_images, epochs)
     # the whole audit report beside the run, for reading why a verdict came out as it did
     (Path(run_dir) / "bench-audit.json").write_text(json.dumps(report, default=str))
     auc = report["evaluation"]["overall"]["auc"]
