@@ -66,8 +66,10 @@ METADATA_AUC = 0.70
 VIEW_EFFECT = 0.15
 #: share of Grad-CAM maps mostly outside the lungs whose Wilson interval must lie above this for a warning
 SALIENCY_MAJORITY = 0.50
-#: a global intensity window that moves this share of images across the threshold (CI low above it);
-#: on phantoms a clean model without equalisation flipped 0.21 [0.15, 0.29], a window-shortcut model 0.51 [0.42, 0.60]
+#: an intensity window (outside the lungs, `covidcxr.audit.intensity`) that moves this share of images across the
+#: threshold (CI low above it). The bar dates from the global window (a clean model without equalisation flipped
+#: 0.21 [0.15, 0.29], a window-shortcut model 0.51 [0.42, 0.60]); outside the lungs a clean 64-px phantom model
+#: flipped 0.13 and 0.23 (the two windows; seed 0, from which the rule was chosen, not the benchmark's held-out seeds)
 INTENSITY_FLIP = 0.30
 #: ... and separates the windowed from the original scores of one label with an AUC this far from 0.5
 INTENSITY_EFFECT = 0.25
@@ -342,7 +344,7 @@ def _ablation(ablation: Mapping[str, Any], lungs_mode: str) -> list[dict[str, An
 
 
 def _intensity(intensity: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    """A global intensity window/level change that moves the score: the model reads the acquisition, not the lungs.
+    """An intensity window/level change outside the lungs that moves the score: the model reads the acquisition, not the lungs.
 
     Each window of `covidcxr.audit.intensity.WINDOWS` is classified on its own; the most severe one is reported.
     """
