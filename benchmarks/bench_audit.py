@@ -21,8 +21,11 @@ control of all three planted types.
 planted run is scored against counterfactuals: the same phantoms rendered with and without the
 shortcut (the generator's plan does not depend on the shortcut, so collections of the same data
 seed hold the same phantoms, pixel-identical except for it). Every test image of the planted
-site is scored both ways (`learned_shift`); the run *learned* the shortcut when the mean score
-shift (with − without) has a 95% t-interval whose lower bound exceeds ``LEARNED_SHIFT``. Detection is reported over all planted runs and over the runs that
+site is scored both ways (`learned_shift`), by the planted run and by the same seed's clean run;
+the run *learned* the shortcut when the mean of its shift (with − without) beyond the clean
+model's shift on the same pair has a 95% t-interval whose lower bound exceeds ``LEARNED_SHIFT``
+(a clean model follows the window too: a brighter window brightens the lungs, the disease's own
+sign). The absolute shift's verdict is kept as ``learned_absolute``. Detection is reported over all planted runs and over the runs that
 learned their shortcut.
 
 Figures: ``detection_rate`` (verdict ``shortcut`` on planted runs; goal 1.0),
@@ -107,7 +110,20 @@ def _swap(rows: Any, recipe: dict[str, Any]) -> Any:
     return out
 
 
-def learned_shift(run_dir: Path, root: Any, kind: str, seed: int, n_images: int = N_IMAGES, epochs: int = EPOCHS, site: str | None = SITE) -> dict[str, Any]:
+def _mean_ci(values: np.ndarray) -> dict[str, Any]:
+    """Mean with its 95% t-interval (scipy) and n."""
+    from scipy import stats
+
+    n = len(values)
+    if n < 2:
+        return {"estimate": None, "low": None, "high": None, "n_images": n}
+    half = float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / np.sqrt(n))
+    mean = float(values.mean())
+    return {"estimate": round(mean, 4), "low": round(mean - half, 4), "high": round(mean + half, 4), "n_images": n}
+
+
+def learned_shift(run_dir: Path, root: Any, kind: str, seed: int, n_images: int = N_IMAGES, epochs: int = EPOCHS, site: str | None = SITE,
+                  clean_run: Path | None = None) -> dict[str, Any]:
     """How much the planted shortcut moves the run's score: the ground truth of "was it learned".
 
     Every test image of ``site`` (None: of every site) is scored with the shortcut and without it, the rest of the
@@ -116,10 +132,13 @@ def learned_shift(run_dir: Path, root: Any, kind: str, seed: int, n_images: int 
     COVID images that carry it, and from a collection that plants it on every NORMAL image of
     ``site`` for the normal ones (a COVID image the model already scores near 1 cannot show a
     shift: the normal images can). Returns the mean shift (with − without) with a 95%
-    t-interval and n; ``learned`` when its lower bound exceeds ``LEARNED_SHIFT``.
+    t-interval and n; ``learned_absolute`` when its lower bound exceeds ``LEARNED_SHIFT``.
+    With ``clean_run`` (the same seed's model trained without the shortcut) also the shift
+    beyond that model's on the same image pairs (``beyond_clean``), and ``learned`` is judged on
+    it: a clean model follows some shortcuts too (a brighter window brightens the lungs — more
+    opacity, the disease's own sign), and that is not learning the shortcut.
     """
     import pandas as pd
-    from scipy import stats
 
     from covidcxr.train.inference import cached_inputs, load_run
 
@@ -135,13 +154,17 @@ def learned_shift(run_dir: Path, root: Any, kind: str, seed: int, n_images: int 
     _, with_images, _, _ = cached_inputs(with_rows, run.recipe)
     _, without_images, _, _ = cached_inputs(without_rows, run.recipe)
     shift = run.predict(with_images) - run.predict(without_images)
-    n = len(shift)
-    if n < 2:
-        return {"estimate": None, "low": None, "high": None, "n_images": n, "learned": False}
-    half = float(stats.t.ppf(0.975, n - 1) * shift.std(ddof=1) / np.sqrt(n))
-    mean = float(shift.mean())
-    return {"estimate": round(mean, 4), "low": round(mean - half, 4), "high": round(mean + half, 4), "n_images": n,
-            "n_covid": len(carrying), "n_normal": len(normals), "learned": bool(mean - half > LEARNED_SHIFT)}
+    out = {**_mean_ci(shift), "n_covid": len(carrying), "n_normal": len(normals)}
+    out["learned_absolute"] = out["low"] is not None and out["low"] > LEARNED_SHIFT
+    out["learned"] = out["learned_absolute"]
+    if clean_run is not None and Path(clean_run).is_dir():
+        # a model trained WITHOUT the shortcut may follow it too (a brighter window brightens the
+        # lungs: more opacity, the disease's own sign); learned = the shift beyond that model's
+        clean = load_run(clean_run)
+        beyond = _mean_ci(shift - (clean.predict(with_images) - clean.predict(without_images)))
+        out["beyond_clean"] = beyond
+        out["learned"] = beyond["low"] is not None and beyond["low"] > LEARNED_SHIFT
+    return out
 
 
 def one_run(root: Any, kind: str, seed: int, n_images: int = N_IMAGES, epochs: int = EPOCHS) -> dict[str, Any]:
@@ -154,7 +177,8 @@ def one_run(root: Any, kind: str, seed: int, n_images: int = N_IMAGES, epochs: i
         warnings.simplefilter("ignore")
         run_dir = train_recipe(recipe_from_mapping(recipe_for(root, kind, seed, n_images, epochs)), progress=False).run_dir
         report = audit_run(run_dir, n_boot=N_BOOT, seed=seed, write=False)
-        shift = None if kind == "clean" else learned_shift(run_dir, root, kind, seed, n_images, epochs)
+        clean_run = Path(run_dir).parent / f"audit-clean-{seed}"
+        shift = None if kind == "clean" else learned_shift(run_dir, root, kind, seed, n_images, epochs, clean_run=clean_run)
     # the whole audit report beside the run, for reading why a verdict came out as it did
     (Path(run_dir) / "bench-audit.json").write_text(json.dumps(report, default=str))
     auc = report["evaluation"]["overall"]["auc"]
@@ -213,7 +237,8 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             row.update(false_alarm=_count(part, "shortcut"), ok=_count(part, "ok"))
         else:
             mine = [r for r in part if r["learned"]]
-            row.update(learned=len(mine), detected=_count(part, "shortcut"), detected_learned=_count(mine, "shortcut"))
+            row.update(learned=len(mine), learned_absolute=sum(bool((r["shift"] or {}).get("learned_absolute")) for r in part),
+                       detected=_count(part, "shortcut"), detected_learned=_count(mine, "shortcut"))
         table[kind] = row
     figures["table"] = table
     return figures
