@@ -337,7 +337,7 @@ def _ablation(ablation: Mapping[str, Any], lungs_mode: str) -> list[dict[str, An
             # a lungs-only input (everything else at the fill value) is unlike any image the
             # unmasked model was trained on, so a drop alone may be that mismatch; the
             # lungs-blanked ablation, which found no usable signal outside the lungs, decides
-            out.append(_finding("lungs_only", "info", f"Shown only its lungs, the model's AUC falls from {_fmt(full)} to {_fmt(only)}, clearly below {full[0] - LUNGS_ONLY_DROP:.2f}; but such an input is unlike any image it was trained on, and with the lungs blanked it has no usable signal outside them, so the drop is not evidence of an outside-lung shortcut.", only[0], full[0] - LUNGS_ONLY_DROP))
+            out.append(_finding("lungs_only", "info", f"Shown only its lungs, the model's AUC falls from {_fmt(full)} to {_fmt(only)}, clearly below {full[0] - LUNGS_ONLY_DROP:.2f}; but such an input is unlike any image it was trained on, and with the lungs blanked there is no evidence of usable signal outside them, so the drop is not evidence of an outside-lung shortcut.", only[0], full[0] - LUNGS_ONLY_DROP))
         else:
             out.append(_finding("lungs_only", "ok", f"Shown only its lungs, the model's AUC is {_fmt(only)} (full image {_fmt(full)}): not clearly below {full[0] - LUNGS_ONLY_DROP:.2f}, so no clear dependence on what lies outside them.", only[0], full[0] - LUNGS_ONLY_DROP))
     return out
@@ -412,7 +412,7 @@ def _saliency(saliency: Mapping[str, Any], lungs_mode: str = "none", blanked_sev
     if clear and blanked_severity != "ok":
         return [_finding("saliency_outside_lungs", "warning", f"{head}: clearly more than half ({SALIENCY_MAJORITY:.2f}), and the lungs-blanked ablation does not contradict it — the evidence the model uses may lie outside the lungs. {weak}: read this with the ablation and probe findings.", focus, SALIENCY_MAJORITY)]
     if clear:
-        why = "the lungs-blanked ablation contradicts it (with the lungs blanked the model has no usable signal), so the maps' spill-over is not evidence of an outside-lung shortcut"
+        why = "the lungs-blanked ablation contradicts it (with the lungs blanked there is no evidence of usable signal), so the maps' spill-over is not evidence of an outside-lung shortcut"
     else:
         why = f"not clearly more than half ({SALIENCY_MAJORITY:.2f}) of the maps"
     return [_finding("saliency_outside_lungs", "info", f"{head}: {why}. {weak}: a map on the lungs does not show that the model reads them, so this is not scored OK.", focus, SALIENCY_MAJORITY)]
