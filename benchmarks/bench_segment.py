@@ -114,4 +114,98 @@ def bench_segment_256(context) -> dict:
     }
 
 
-BENCHMARKS = [bench_segment_256]
+def _median_ms(run, repeats: int = 5) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return round(1000 * float(np.median(times)), 1)
+
+
+def bench_lung15_unet(context) -> dict:
+    """The U-Net in predict's path and in training: per-image latency, its share of preprocessing, s per training step.
+
+    * ``unet_ms`` (1 image, as predict calls it): the network alone at 256 px, and
+      `LungSegmenter.segment` end to end on a 320-px and a 1024-px image;
+    * ``preprocess_ms``: `preprocess_batch` of the same images with the U-Net (predict's
+      preprocessing, mask_source=model) vs with a given mask (no U-Net): the difference is
+      the U-Net's cost inside predict, and its share of that step;
+    * ``train``: seconds per optimisation step (batch 8, 256 px, bf16, augmentation with
+      pasted opacities and site transforms), on 1 and 2 threads, and the wall time of the
+      shipped recipe (50 epochs x 31 steps) extrapolated from it;
+    * the 1-minute load average before and after (the 2 cores are shared).
+    """
+    import os
+
+    import torch
+
+    from covidcxr.data.synth import synthesize
+    from covidcxr.data.sources import load_source
+    from covidcxr.io import read_image
+    from covidcxr.preprocess.lung_training import LungSegmentationModule, build_augmentation, make_loss
+    from covidcxr.preprocess.lungs import LungSegmenter, prepare_image
+    from covidcxr.preprocess.pipeline import PreprocessConfig, preprocess_batch
+
+    load_before = round(os.getloadavg()[0], 2)
+    segmenter = LungSegmenter.load(batch_size=1)
+    folder = context.scratch / "lung15_phantoms"
+    synthesize(folder, n_images=2, size=1024, seed=0)
+    manifest = load_source(folder).manifest
+    big = str(manifest["image"].iloc[0])
+    small_path = context.scratch / "lung15_320.png"
+    from PIL import Image
+
+    with Image.open(big) as image:
+        image.convert("L").resize((320, 320)).save(small_path)
+    figures: dict = {"threads_predict": 1, "input_px": segmenter.input_size, "unet_ms": {}, "preprocess_ms": {}}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        prepared = prepare_image(read_image(big).pixels, segmenter.input_size)[0][None]
+        figures["unet_ms"]["network_256"] = _median_ms(lambda: segmenter.forward_prepared(prepared))
+        config = PreprocessConfig(lungs="mask", size=224, mask_source="model")
+        for name, path in (("320px", str(small_path)), ("1024px", big)):
+            pixels = read_image(path).pixels
+            figures["unet_ms"][f"segment_{name}"] = _median_ms(lambda: segmenter.segment(pixels))
+            mask = str(context.scratch / f"mask_{name}.png")
+            Image.fromarray((segmenter.segment(pixels) * 255).astype(np.uint8)).save(mask)
+            with_unet = _median_ms(lambda: preprocess_batch([(path, None)], config, segmenter))
+            given = _median_ms(lambda: preprocess_batch([(path, mask)], PreprocessConfig(lungs="mask", size=224, mask_source="manifest"), segmenter))
+            figures["preprocess_ms"][name] = {
+                "with_unet": with_unet,
+                "mask_given": given,
+                "unet_share_of_preprocess": round(max(0.0, with_unet - given) / with_unet, 3),
+            }
+        figures["network_images_per_s_1thread_batch1"] = round(1000 / figures["unet_ms"]["network_256"], 1)
+
+        module = LungSegmentationModule(segmenter.config.to_dict(), loss="tversky_ce")
+        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+        augment = build_augmentation(256, seed=0, opacity_prob=0.5, site_prob=0.2)
+        lungs = torch.zeros((2, 256, 256))
+        lungs[:, 40:220, 30:120] = lungs[:, 40:220, 140:230] = 1
+
+        def step() -> None:
+            batch = [augment({"image": torch.from_numpy(prepared), "label": lungs}) for _ in range(8)]
+            images = torch.stack([torch.as_tensor(b["image"]).float() for b in batch])
+            labels = torch.stack([torch.as_tensor(b["label"]).float() for b in batch])
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = make_loss("tversky_ce")(module(images).float(), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        module.train()
+        figures["train"] = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            seconds = _median_ms(step, repeats=3) / 1000
+            figures["train"][f"{threads}thread"] = {"s_per_step_batch8": round(seconds, 2), "minutes_50_epochs_x_31_steps": round(seconds * 50 * 31 / 60, 1)}
+    finally:
+        torch.set_num_threads(previous)
+    figures["load_average_1min"] = [load_before, round(os.getloadavg()[0], 2)]
+    return figures
+
+
+BENCHMARKS = [bench_segment_256, bench_lung15_unet]

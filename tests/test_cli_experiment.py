@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -69,3 +70,21 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
     # through the real entry point: one red line, exit code 2, no traceback
     result = subprocess.run([sys.executable, "-m", "covidcxr", "train", str(path), "--set", "scale=tiny"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "covidcxr experiment run" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_keep_option_sets_every_runs_output_keep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import covidcxr.experiments.runner
+
+    class Captured(Exception):
+        pass
+
+    def fake_run(experiment, store, **kwargs):
+        raise Captured([p.recipe.output.keep for p in experiment.points()])
+
+    monkeypatch.setattr(covidcxr.experiments.runner, "run_experiment", fake_run)
+    path = _recipe(tmp_path)
+    db = f"sqlite:///{tmp_path / 'grid.sqlite'}"
+    result = runner.invoke(app, ["experiment", "run", str(path), "--db", db, "--keep", "best"])
+    assert isinstance(result.exception, Captured) and result.exception.args[0] == ["best", "best"]
+    bad = runner.invoke(app, ["experiment", "run", str(path), "--db", db, "--keep", "newest"])
+    assert bad.exit_code == 2 and "--keep" in bad.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import shutil
 import subprocess
 import sys
@@ -47,6 +49,11 @@ def test_preprocess_writes_the_cache_contact_sheet_and_qc_table(phantoms, tmp_pa
     qc = pd.read_csv(directory / "qc" / "qc.csv")
     assert list(qc.columns) == list(QC_COLUMNS) and len(qc) == 12
     assert set(qc["cache"]) == {"miss"} and qc["mask_area_fraction"].between(0.05, 0.6).all()
+    # the phantoms' exact masks: both lungs present, so the height ratio is defined and plausible
+    assert qc["lung_height_ratio"].between(0.6, 1.0).all()
+    assert (qc["possible_opacity_cut"] == (qc["lung_height_ratio"] < 0.8)).all()
+    findings = json.loads((directory / "qc" / "findings.json").read_text())["possible_opacity_cut"]
+    assert sum(v["n_images"] for v in findings["per_source_label"].values()) == 12
     assert (directory / "config.yaml").is_file() and (directory / "index.parquet").is_file()
     assert "images/s" in result.output and "computed (misses)" in result.output
 

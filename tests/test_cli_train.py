@@ -51,3 +51,22 @@ def test_bad_field_is_one_red_line_with_exit_code_2(recipe_file: Path) -> None:
     )
     assert proc.returncode == 2, proc.stderr
     assert "recipe field 'train.batch_sise': unknown field" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tracking_and_keep_options_reach_the_recipe(recipe_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import covidcxr.train
+    from covidcxr.train.run import RunResult
+
+    seen = []
+
+    def fake_train(recipe, **kwargs):
+        seen.append(recipe)
+        return RunResult(tmp_path, "trained")
+
+    monkeypatch.setattr(covidcxr.train, "train_recipe", fake_train)
+    uri = f"file:{tmp_path / 'mlruns'}"
+    result = runner.invoke(app, ["train", str(recipe_file), "--tensorboard", "--mlflow", uri, "--keep", "best", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert seen[0].output.tensorboard is True and seen[0].output.mlflow == uri and seen[0].output.keep == "best"
+    bad = runner.invoke(app, ["train", str(recipe_file), "--keep", "some"])
+    assert isinstance(bad.exception, RecipeError) and "output.keep" in str(bad.exception)

@@ -37,6 +37,8 @@ _API = {
     "list_models": "covidcxr.models",
     "train_recipe": "covidcxr.train.run",
     "load_run": "covidcxr.train.inference",
+    "LoadedRun": "covidcxr.train.inference",  # .predict_files / .predict_array: new images, the run's preprocessing
+    "RunDir": "covidcxr.rundir",
     "binary_metrics_with_ci": "covidcxr.evaluate.metrics",
     "evaluate_run": "covidcxr.evaluate.cross_source",
     "audit_run": "covidcxr.audit.run",

@@ -1,5 +1,8 @@
 """``covidcxr audit RUN``: the shortcut audit of a trained run (`covidcxr.audit.run.audit_run`).
 
+``covidcxr audit RUN --data DIR`` audits the run on another collection and ``covidcxr audit
+--predictions PRED.csv --data DIR`` audits someone's scores (`covidcxr.audit.external`).
+
 Registered on the main app in `covidcxr.cli`. Thin: prints the findings, most severe
 first, each with its number; the exit status is 0 whatever the verdict (an audit that
 finds a shortcut has done its job), and ``--fail-on shortcut`` makes it non-zero for CI
@@ -11,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -46,13 +49,20 @@ def _print_subgroups(confounders: dict) -> None:
 
 
 def audit(
-    run: Annotated[Path, typer.Argument(help="A run directory written by `covidcxr train` (k-fold: one fold-k).")],
+    run: Annotated[Optional[Path], typer.Argument(help="A run directory written by `covidcxr train` (k-fold: one fold-k); omit with --predictions.")] = None,
     n_boot: Annotated[int, typer.Option("--n-boot", help="Patient-bootstrap resamples behind the bootstrap CIs (probe, within-source AUC); per-source metric CIs are analytic.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap, the probe's folds and t-SNE.")] = 0,
     max_images: Annotated[int, typer.Option("--max-images", help="Cap on the val + test images audited (whole patients sampled).")] = 2000,
     as_json: Annotated[bool, typer.Option("--json", help="Print audit.json to stdout instead of the findings.")] = False,
     fail_on: Annotated[str, typer.Option("--fail-on", help="Exit 1 when the verdict reaches this severity: shortcut (or no_skill), warning, or never.")] = "never",
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the preprocessing progress bar.")] = True,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Audit on this collection (with RUN: the run scored on it, linked images excluded; with --predictions: the labels and metadata of the predicted images).")] = None,
+    predictions: Annotated[Optional[Path], typer.Option("--predictions", help="A CSV of someone's predictions (columns image as in the collection's manifest, probability[, split]); needs --data.")] = None,
+    training_sources: Annotated[Optional[str], typer.Option("--training-sources", help="With --predictions: the model's training sources, comma-separated (default: the sources of the CSV's train/val rows).")] = None,
+    source: Annotated[Optional[str], typer.Option("--source", help="With --data: the source adapter (default: detected).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="With RUN --data: the folder RUN/external/NAME/ (default: the collection folder's name).")] = None,
+    positive_label: Annotated[str, typer.Option("--positive-label", help="With --predictions: the label the probability is of; every other label is negative.")] = "covid",
+    threshold: Annotated[float, typer.Option("--threshold", help="With --predictions: the decision threshold.")] = 0.5,
 ) -> None:
     """Audit a run for shortcut learning: source probe, lung ablation, Grad-CAM lung focus, t-SNE.
 
@@ -68,15 +78,48 @@ def audit(
         if not as_json:
             console.print(escape(line), style="dim", highlight=False)
 
-    report = audit_run(run, n_boot=n_boot, seed=seed, max_images=max_images, progress=progress and not as_json, say=say)
+    if predictions is not None or data is not None:
+        report = _audit_elsewhere(run, data, predictions, training_sources, source, name, positive_label, threshold, n_boot, seed, progress and not as_json, say)
+    elif run is None:
+        raise CovidCXRError("covidcxr audit: give a run directory, or --predictions PRED.csv --data DIR")
+    else:
+        report = audit_run(run, n_boot=n_boot, seed=seed, max_images=max_images, progress=progress and not as_json, say=say)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
-        console.print(f"\n[bold]Shortcut audit of {escape(report['run'])}[/bold] — {report['n_images']} test images, {report['n_patients']} patients; verdict: [{_STYLE[report['verdict']]}]{report['verdict'].upper()}[/]")
+        what = report.get("run") or report.get("predictions")
+        console.print(f"\n[bold]Shortcut audit of {escape(str(what))}[/bold] — {report['n_images']} test images, {report['n_patients']} patients; verdict: [{_STYLE[report['verdict']]}]{report['verdict'].upper()}[/]")
         for finding in report["findings"]:
             console.print(f"[{_STYLE[finding['severity']]}]{finding['severity'].upper():>8}[/]  {escape(finding['text'])}", highlight=False)
         _print_subgroups(report.get("confounders") or {})
-        console.print(escape(f"written to {Path(report['run_dir']) / AUDIT_DIR / AUDIT_FILE} ({report['seconds']:.0f} s)"), style="dim", highlight=False)
+        for finding_id, reason in (report.get("not_available") or {}).items():
+            console.print(escape(f"  not available: {finding_id} — {reason}"), style="dim", highlight=False)
+        if report.get("written_to"):
+            console.print(escape(f"written to {report['written_to']} ({report['seconds']:.0f} s)"), style="dim", highlight=False)
+        elif report.get("run_dir") and report.get("split") == "test":
+            console.print(escape(f"written to {Path(report['run_dir']) / AUDIT_DIR / AUDIT_FILE} ({report['seconds']:.0f} s)"), style="dim", highlight=False)
     severities = set(f["severity"] for f in report["findings"])
     if (fail_on == "shortcut" and {"no_skill", "shortcut"} & severities) or (fail_on == "warning" and {"no_skill", "shortcut", "warning"} & severities):
         raise typer.Exit(1)
+
+
+def _audit_elsewhere(run: Optional[Path], data: Optional[Path], predictions: Optional[Path], training_sources: Optional[str], source: Optional[str], name: Optional[str], positive_label: str, threshold: float, n_boot: int, seed: int, progress: bool, say) -> dict:
+    """``audit RUN --data DIR`` or ``audit --predictions PRED.csv --data DIR`` (`covidcxr.audit.external`)."""
+    from covidcxr.audit.external import audit_external, audit_predictions
+    from covidcxr.errors import CovidCXRError
+
+    if data is None:
+        raise CovidCXRError("--predictions needs --data DIR: the collection whose labels and metadata the images have")
+    if predictions is not None:
+        if run is not None:
+            raise CovidCXRError("give either a run directory or --predictions, not both")
+        sources = [s.strip() for s in training_sources.split(",") if s.strip()] if training_sources else None
+        out = predictions.parent / f"{predictions.stem}-audit"
+        report = audit_predictions(predictions, data, sources, adapter=source, positive_label=positive_label, threshold=threshold, n_boot=n_boot, seed=seed, out=out)
+        report["written_to"] = str(out / "audit.json")
+        return report
+    if run is None:
+        raise CovidCXRError("--data without --predictions audits a run: give its directory")
+    report = audit_external(run, data, name=name, adapter=source, n_boot=n_boot, seed=seed, progress=progress, say=say)
+    report["written_to"] = str(Path(report["run_dir"]) / "external" / report["name"] / "audit" / "audit.json")
+    return report

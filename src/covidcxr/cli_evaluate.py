@@ -1,7 +1,8 @@
 """``covidcxr evaluate``: per-source and seen-vs-unseen metrics of trained runs.
 
 Registered on the main app in `covidcxr.cli` (``app.command("evaluate")(evaluate)``). Thin:
-the work is in `covidcxr.evaluate.cross_source`.
+the work is in `covidcxr.evaluate.cross_source` (a run's own test split) and
+`covidcxr.evaluate.external` (``--data DIR``: the run scored on another collection).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -58,6 +59,9 @@ def _print_run(report: dict[str, Any]) -> None:
     table.add_row(*_metric_row("seen sources", su["seen"]))
     table.add_row(*_metric_row("unseen sources", su["unseen"]))
     table.add_row(*_metric_row("all test", report["overall"]), style="bold")
+    point = report.get("operating_point") or {}
+    if point.get("describe"):
+        table.caption = escape("operating point: " + point["describe"] + ("" if point.get("used", True) else f" — not used: --threshold {report['threshold']:g} was given"))
     console.print(table)
     gap = su["gap"]
     if gap.get("p_value") is None:
@@ -79,6 +83,27 @@ def _print_run(report: dict[str, Any]) -> None:
         f"({report['n_boot']} resamples); written to {Path(report['run_dir']) / 'evaluation.json'}"), highlight=False)
 
 
+def _print_external(report: dict[str, Any]) -> None:
+    seen = set(report["training_sources"])
+    table = Table(title=escape(f"{report['run']} on {report['data']} — threshold {report['threshold']:g}, trained on {', '.join(report['training_sources'])}"))
+    for column in ("source", "images", "patients", "AUC [95% CI]", "sensitivity", "specificity", "bal. accuracy", "DOR", "note"):
+        table.add_column(column, justify="left" if column in ("source", "note") else "right")
+    for source, m in report["per_source"].items():
+        table.add_row(*_metric_row(f"{source} ({'seen' if source in seen else 'unseen'})", m))
+    table.add_section()
+    su = report["seen_unseen"]
+    table.add_row(*_metric_row("seen sources", su["seen"]))
+    table.add_row(*_metric_row("unseen sources", su["unseen"]))
+    table.add_row(*_metric_row("all scored", report["overall"]), style="bold")
+    console.print(table)
+    excluded = report["excluded"]
+    console.print(escape(f"excluded {excluded['n']} of {report['n_candidates']} images (listed in {excluded['file']}):"), highlight=False)
+    for reason, count in excluded["by_reason"].items():
+        console.print(escape(f"  {count:>6}  {reason}"), highlight=False)
+    console.print(escape(f"refused by the preprocessing: {report['rejected']['n']} ({report['rejected']['file']}); "
+                         f"written to {Path(report['run_dir']) / 'external' / report['name']}/ ({report['seconds']:.0f} s)"), highlight=False)
+
+
 def _print_matrix(matrix: Any) -> None:
     table = Table(title=escape("train × test AUC (rows: run [training sources]; columns: test source)"))
     table.add_column("training")
@@ -92,19 +117,29 @@ def _print_matrix(matrix: Any) -> None:
 def evaluate(
     runs: Annotated[list[Path], typer.Argument(help="One or more run directories written by `covidcxr train`.")],
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables (one object for one run; {runs, matrix} for several).")] = False,
-    threshold: Annotated[float, typer.Option(help="Decision threshold: probability >= threshold is positive.")] = 0.5,
+    threshold: Annotated[Optional[float], typer.Option(help="Decision threshold: probability >= threshold is positive (default: each run's operating point, RUN/operating_point.json; 0.5 for a run that stored none).")] = None,
     n_boot: Annotated[int, typer.Option("--n-boot", help="Patient-level bootstrap resamples for the 95% CIs.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Score the run on this collection (any layout an adapter reads) instead of its own test split; images linked to its training/validation data are excluded.")] = None,
+    source: Annotated[Optional[str], typer.Option("--source", help="With --data: the source adapter (default: detected; see `covidcxr data sources`).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="With --data: the folder RUN/external/NAME/ (default: the collection folder's name).")] = None,
+    chunk: Annotated[int, typer.Option("--chunk", help="With --data: images scored and flushed per chunk (a rerun skips finished images).")] = 512,
 ) -> None:
     """Per-source metrics with patient-level CIs, seen vs unseen sources (DeLong), train × test AUC matrix.
 
-    Writes RUN/evaluation.json for each run.
+    Writes RUN/evaluation.json for each run; with --data, RUN/external/NAME/ (predictions.parquet,
+    evaluation.json, excluded.csv, rejected.csv).
     """
     from covidcxr.errors import CovidCXRError
     from covidcxr.evaluate.cross_source import cross_source_matrix, cross_source_table, evaluate_run
 
     if n_boot < 1:
         raise CovidCXRError(f"--n-boot: expected a positive integer, got {n_boot}")
+    if data is not None:
+        _evaluate_external(runs, data, source, name, n_boot, seed, chunk, json_output, threshold)
+        return
+    if source is not None or name is not None:
+        raise CovidCXRError("--source and --name go with --data (an evaluation on another collection)")
     reports = [evaluate_run(run, threshold=threshold, n_boot=n_boot, seed=seed) for run in runs]
     if json_output:
         if len(reports) == 1:
@@ -123,3 +158,25 @@ def evaluate(
         _print_run(report)
     if len(reports) > 1:
         _print_matrix(cross_source_matrix(reports))
+
+
+def _evaluate_external(runs: list[Path], data: Path, source: Optional[str], name: Optional[str], n_boot: int, seed: int, chunk: int, json_output: bool, threshold: Optional[float]) -> None:
+    from covidcxr.errors import CovidCXRError
+    from covidcxr.evaluate.external import evaluate_external
+
+    if len(runs) != 1:
+        raise CovidCXRError(f"--data scores one run; got {len(runs)}")
+    if threshold is not None:
+        raise CovidCXRError("--threshold: an evaluation on another collection uses the run's own operating point (chosen on validation)")
+    if chunk < 1:
+        raise CovidCXRError(f"--chunk: expected a positive integer, got {chunk}")
+
+    def say(line: str) -> None:
+        if not json_output:
+            console.print(escape(line), style="dim", highlight=False)
+
+    report = evaluate_external(runs[0], data, name=name, adapter=source, n_boot=n_boot, seed=seed, chunk=chunk, say=say)
+    if json_output:
+        sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+    else:
+        _print_external(report)

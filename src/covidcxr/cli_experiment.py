@@ -64,6 +64,7 @@ def run(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for runs blocked on another worker's stage-1 run (else stop).")] = True,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Put failed runs back in the queue first.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars inside each run.")] = False,
+    keep: Annotated[Optional[str], typer.Option("--keep", help="Checkpoints each run keeps once done (output.keep): best (the model, no optimizer state), last (only last.ckpt) or all (default: the recipe's).")] = None,
 ) -> None:
     """Run the grid as one worker: claim a pending run, train it, test it on every source, store the results; repeat.
 
@@ -79,6 +80,10 @@ def run(
     for key, value in (("engine.num_nodes", num_nodes), ("engine.strategy", strategy), ("engine.accelerator", accelerator), ("engine.precision", precision)):
         if value is not None:
             extra.append(f"{key}={value}")
+    if keep is not None:
+        if keep not in ("all", "best", "last"):
+            raise typer.BadParameter(f"must be all, best or last; got {keep!r}", param_hint="--keep")
+        extra += [f"output.keep={keep}", f"pretrain.output.keep={keep}"]
     experiment, store = _load(recipe, set_, runs_dir, db, data, extra)
     report = run_experiment(
         experiment, store, worker=Worker.here(worker), stale_after=stale_after, heartbeat_every=heartbeat, max_runs=max_runs,

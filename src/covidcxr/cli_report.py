@@ -24,7 +24,7 @@ def report(
     out: Annotated[Optional[Path], typer.Option("--out", help="The HTML page to write (default: RUN/report.html for one run, ./report.html for several).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Where results.json goes (default: beside the page).")] = None,
     title: Annotated[Optional[str], typer.Option(help="Page title (default: the run names).")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Decision threshold (default: the run's operating point; today the one evaluation.json used, else 0.5).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Decision threshold (default: each run's operating point, RUN/operating_point.json; 0.5 for a run that stored none).")] = None,
     n_boot: Annotated[int, typer.Option("--n-boot", help="Patient-bootstrap resamples when the evaluation is computed here.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of that bootstrap.")] = 0,
     reevaluate: Annotated[bool, typer.Option("--reevaluate", help="Recompute the evaluation even when evaluation.json is usable.")] = False,
@@ -38,7 +38,9 @@ def report(
 
     if n_boot < 1:
         raise CovidCXRError(f"--n-boot: expected a positive integer, got {n_boot}")
-    target = out if out is not None else (runs[0] / "report.html" if len(runs) == 1 else Path("report.html"))
+    from covidcxr.rundir import RunDir
+
+    target = out if out is not None else (RunDir(runs[0]).report if len(runs) == 1 else Path("report.html"))
     paths = write_report(runs, target, json_path=json_path, threshold=threshold, n_boot=n_boot, seed=seed, reevaluate=reevaluate, title=title, figures=figure_files)
     for run in paths.results["runs"]:
         style = _LEVEL_STYLE.get(run["verdict"]["level"], "")

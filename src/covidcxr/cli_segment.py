@@ -34,11 +34,13 @@ def _fmt(value: object, digits: int) -> str:
 
 def _metrics_table(summary: dict[str, Any], title: str) -> Table:
     table = Table(title=title)
-    for column, justify in (("group", "left"), ("n", "right"), ("Dice", "right"), ("IoU", "right"), ("HD95 px", "right")):
+    for column, justify in (("group", "left"), ("n", "right"), ("Dice", "right"), ("IoU", "right"), ("HD95 px", "right"), ("lung recall", "right")):
         table.add_column(column, justify=justify)
 
     def add(name: str, stats: dict[str, Any], style: str | None = None) -> None:
-        table.add_row(name, str(stats["n"]), _fmt(stats["dice_mean"], 4), _fmt(stats["iou_mean"], 4), _fmt(stats["hd95_mean"], 2), style=style)
+        table.add_row(
+            name, str(stats["n"]), _fmt(stats["dice_mean"], 4), _fmt(stats["iou_mean"], 4), _fmt(stats["hd95_mean"], 2), _fmt(stats.get("recall_mean"), 4), style=style
+        )
 
     for source, stats in summary["per_source"].items():
         add(f"source {source}", stats)
@@ -49,8 +51,28 @@ def _metrics_table(summary: dict[str, Any], title: str) -> Table:
     return table
 
 
+def _interval(stats: dict[str, Any], key: str = "mean") -> str:
+    low, high = stats["ci"]
+    return f"{stats[key]:.4f} [{low:.4f}, {high:.4f}]"
+
+
+def _recall_table(recall: dict[str, Any]) -> Table:
+    table = Table(title=f"share of the annotated lung the mask keeps (recall), per label; patient-bootstrap 95% CI; 'cut' = recall < {recall['low_recall']}")
+    for column, justify in (("label", "left"), ("n images", "right"), ("n patients", "right"), ("recall [95% CI]", "right"), ("cut", "right")):
+        table.add_column(column, justify=justify)
+    for name, block in (("per_label", "bold"), ("per_source_label", "dim")):
+        for key, stats in recall[name].items():
+            table.add_row(key, str(stats["n_images"]), str(stats["n_patients"]), _interval(stats), f"{stats['low_recall_share']:.0%}", style=block if name != "per_label" else None)
+    contrast = recall.get("disease_minus_rest")
+    if contrast:
+        table.add_row(contrast["groups"], str(contrast["n_images"]), str(contrast["n_patients"]), _interval(contrast, "estimate"), "", style="bold")
+    return table
+
+
 def _print_evaluation(summary: dict[str, Any]) -> None:
     console.print(_metrics_table(summary, f"lung segmentation vs '{summary['mask_column']}' ({summary['convention']} convention)"))
+    if summary.get("recall_by_label"):
+        console.print(_recall_table(summary["recall_by_label"]))
     console.print(f"[dim]{summary['selection']}[/dim]")
     console.print(f"[dim]test-time augmentation: {summary.get('tta', 'none')}[/dim]")
     worst = Table(title=f"{len(summary['worst'])} worst images")
@@ -79,12 +101,17 @@ def segment_train(
     fast: Annotated[bool, typer.Option("--fast/--fp32", help="bf16 autocast + channels-last (CPU), or plain float32.")] = True,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Rich progress bar, or one plain line per epoch (for logs).")] = True,
     threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: one per core; 1 is faster on a CPU shared with other jobs).")] = None,
+    opacity_prob: Annotated[float, typer.Option(help="Probability of pasting synthetic opacities into a training image's lungs (0: off).")] = 0.0,
+    site_prob: Annotated[float, typer.Option(help="Probability of each site-imitating transform: down-up sampling, JPEG, Poisson noise, collimation (0: off).")] = 0.0,
+    loss: Annotated[str, typer.Option(help="dice_ce, or tversky_ce (recall-weighted: a missed lung pixel costs more).")] = "dice_ce",
+    init_weights: Annotated[Optional[Path], typer.Option(help="Fine-tune from these U-Net weights (same architecture), e.g. the shipped lung_unet.pt.")] = None,
 ) -> None:
     """Train the lung U-Net on every masked image, patient-disjoint split, test patients held out."""
     from covidcxr.preprocess.lung_training import TrainSettings, command_line, train_segmenter
 
     settings = TrainSettings(
-        epochs=epochs, size=size, seed=seed, batch_size=batch_size, lr=lr, patience=patience, max_minutes=max_minutes, width=width, fast=fast, threads=threads
+        epochs=epochs, size=size, seed=seed, batch_size=batch_size, lr=lr, patience=patience, max_minutes=max_minutes, width=width, fast=fast, threads=threads,
+        opacity_prob=opacity_prob, site_prob=site_prob, loss=loss, init_weights=str(init_weights) if init_weights else None,
     )
     metadata = train_segmenter(data, out, settings, run_dir=run_dir, show_progress=progress, log=console.print, command=command_line())
     test = metadata["metrics"].get("test")
@@ -153,3 +180,45 @@ def segment_evaluate(
         _print_json(summary)
     else:
         _print_evaluation(summary)
+
+
+@segment_app.command("coverage")
+def segment_coverage(
+    data: Annotated[Path, typer.Option(help="A collection folder (e.g. ../shared/data/cxr).")],
+    weights: Annotated[Optional[Path], typer.Option(help="lung_unet.pt or its folder (default: the shipped weights).")] = None,
+    per_group: Annotated[int, typer.Option(help="At most this many images per source x label (0: all), drawn with --seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the per-group sample and the bootstrap.")] = 0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+) -> None:
+    """Does the mask shrink on diseased lungs? Mean predicted lung area of COVID/pneumonia over normal, per source.
+
+    Scores the images *without* a reference mask (labels covid, pneumonia, normal), within
+    each source that has normals; patient-bootstrap 95% intervals.
+    """
+    from covidcxr.data.manifest import is_missing
+    from covidcxr.data.sources import load_source
+    from covidcxr.preprocess.lung_coverage import area_ratio_by_source, mask_areas, sample_per_group
+    from covidcxr.preprocess.lungs import LungSegmenter
+
+    manifest = load_source(data).manifest
+    unmasked = manifest["mask"].map(is_missing) if "mask" in manifest.columns else manifest["image"].map(lambda _: True)
+    rows = manifest[unmasked & manifest["label"].isin(["covid", "pneumonia", "normal"])]
+    if rows.empty:
+        raise CovidCXRError(f"no COVID, pneumonia or normal image without a lung mask in {data}; nothing to compare")
+    rows = sample_per_group(rows, per_group or None, seed=seed)
+    segmenter = LungSegmenter.load(weights, batch_size=batch_size)
+    ratios = area_ratio_by_source(mask_areas(segmenter, rows, show_progress=not json_output), seed=seed)
+    if not ratios:
+        raise CovidCXRError(f"no source in {data} has both normal and COVID/pneumonia images without masks; nothing to compare")
+    if json_output:
+        _print_json({"data": str(data), "images": int(len(rows)), "per_group": per_group, "area_ratio": ratios})
+        return
+    table = Table(title="predicted lung area (fraction of the image): disease vs normal of the same source; patient-bootstrap 95% CI")
+    for column, justify in (("source", "left"), ("group", "left"), ("n images", "right"), ("n patients", "right"), ("value [95% CI]", "right")):
+        table.add_column(column, justify=justify)
+    for source, entry in ratios.items():
+        for key, stats in entry.items():
+            ratio = key.endswith("_over_normal")
+            table.add_row(source, key.replace("_", " "), str(stats["n_images"]), str(stats["n_patients"]), _interval(stats, "estimate" if ratio else "mean"), style="bold" if ratio else None)
+    console.print(table)

@@ -30,6 +30,15 @@ RunOption = Annotated[
 ]
 EngineOption = Annotated[str, typer.Option(help="torch, or onnx (needs `covidcxr export RUN --onnx` first; Grad-CAM still uses PyTorch).")]
 ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads for PyTorch and onnxruntime (default: theirs); 1 is often fastest on a shared CPU.")]
+AbstainOption = Annotated[
+    bool,
+    typer.Option(
+        "--abstain/--no-abstain",
+        help="Answer 'abstain' (with the reasons) for out-of-distribution, lateral or badly segmented images and for a model "
+        "the audit failed or never checked. --no-abstain is for research only: the class at the threshold is always given "
+        "and the answer says abstention: off.",
+    ),
+]
 
 
 def _overlay_names(images: list[Path]) -> list[str]:
@@ -48,8 +57,14 @@ def _print_prediction(image: Path, payload: dict[str, Any]) -> None:
     table = Table(title=escape(f"{image} — run {payload['run']} ({payload['engine']})"), show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("probability", f"{payload['probability']:.3f}" + ("" if threshold is None else f" (threshold {threshold:g})"))
-    table.add_row("decision", escape(payload["decision"]))
+    abstained = payload["decision"] == "abstain"
+    table.add_row("decision", "[bold red]ABSTAIN[/bold red] — do not act on this result" if abstained else escape(payload["decision"]))
+    probability = f"{payload['probability']:.3f}" + ("" if threshold is None else f" (threshold {threshold:g})")
+    if abstained:
+        probability += escape(f" — not to be acted on (the model alone would say {payload['model_decision']})")
+    table.add_row("probability", probability)
+    if payload["abstention"] == "off":
+        table.add_row("abstention", "[bold yellow]OFF (--no-abstain, research use only)[/bold yellow]")
     info = payload["input"]
     table.add_row("image", escape(f"{info['format']} {info['width']}x{info['height']}, view {info['view']}"))
     seg = payload["segmentation"]
@@ -63,10 +78,15 @@ def _print_prediction(image: Path, payload: dict[str, Any]) -> None:
     for name, path in payload["overlays"].items():
         table.add_row(f"overlay {name}", escape(str(path)))
     console.print(table)
-    if payload["warnings"]:
-        for warning in payload["warnings"]:
+    for reason in payload["abstain_reasons"]:
+        label = "abstain" if abstained else "would abstain"
+        console.print(f"  [bold red]{label}[/bold red] {escape(reason['code'])}: {escape(reason['sentence'])}", highlight=False)
+    listed = {reason["code"] for reason in payload["abstain_reasons"]}
+    others = [w for w in payload["warnings"] if w["code"] not in listed]  # a reason is printed once, above
+    if others:
+        for warning in others:
             console.print(f"  [yellow]warning[/yellow] {escape(warning['code'])}: {escape(warning['message'])}", highlight=False)
-    else:
+    elif not listed:
         console.print("  no warnings", highlight=False)
 
 
@@ -80,6 +100,7 @@ def predict(
     gradcam: Annotated[Optional[bool], typer.Option("--gradcam/--no-gradcam", help="Compute the Grad-CAM map, a backward pass (default: yes, except with --csv).")] = None,
     engine: EngineOption = "torch",
     threads: ThreadsOption = None,
+    abstain: AbstainOption = True,
 ) -> None:
     """Probability, decision at the run's threshold, lung-mask and Grad-CAM overlays, and warnings per image.
 
@@ -96,9 +117,14 @@ def predict(
     overlays = (not batch) if overlays is None else overlays
     gradcam = (not batch) if gradcam is None else gradcam
     files = expand_inputs(images)
-    predictor = Predictor.load(run, engine=engine, progress=not json_output, threads=threads)
+    predictor = Predictor.load(run, engine=engine, progress=not json_output, threads=threads, abstain=abstain)
     if not json_output:
+        from covidcxr.serve.model_card import one_line_summary
+
         console.print(f"[bold yellow]{MEDICAL_USE_BANNER}")
+        console.print(escape(one_line_summary(predictor.model_card())), highlight=False)
+        if not abstain:
+            console.print("[bold yellow]abstention is OFF (--no-abstain): research use only — decisions are given even where the service would abstain[/bold yellow]")
     results: list[dict[str, Any]] = []
     names = dict(zip(files, _overlay_names(files)))
 
@@ -198,6 +224,7 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Predictions waiting beyond --max-active; more get 503 with Retry-After.")] = 32,
     max_megapixels_in_flight: Annotated[float, typer.Option(help="Decoded megapixels of the running predictions together (from the headers).")] = 80.0,
     max_connections: Annotated[int, typer.Option(help="Open connections before new requests get 503 (file descriptors).")] = 1000,
+    abstain: AbstainOption = True,
 ) -> None:
     """Serve a run over HTTP: POST /predict (multipart field 'file'), GET /model, GET /health, and an upload page at /."""
     from covidcxr import MEDICAL_USE_BANNER
@@ -213,7 +240,7 @@ def serve(
             raise CovidCXRError(f"{name} must be positive, got {value}")
     token = _read_token(token, token_file)
     tame_malloc()  # before the worker threads exist: fewer malloc arenas, big arrays given back when freed
-    predictor = Predictor.load(run, engine=engine, progress=True, threads=threads)
+    predictor = Predictor.load(run, engine=engine, progress=True, threads=threads, abstain=abstain)
     settings = ServeSettings(
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         token=token,
@@ -226,6 +253,8 @@ def serve(
     limits = ServerLimits(header_timeout=header_timeout, body_timeout=body_timeout, max_connections=max_connections)
     console.print(f"[bold yellow]{MEDICAL_USE_BANNER}")
     console.print(escape(f"serving run {predictor.run.name} ({predictor.run.run_dir}) on {predictor.engine} at http://{host}:{port}/"), highlight=False)
+    if not abstain:
+        console.print("[bold yellow]abstention is OFF (--no-abstain): research use only; the page says so on every result[/bold yellow]")
     if predictor.reference is None:
         console.print(escape(f"[out-of-distribution check unavailable: {predictor.reference_problem}]"), style="yellow", highlight=False)
     # One line per request from the service itself (never a file name or an identifier).
@@ -256,7 +285,9 @@ def export(
     if json_output:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return
-    folder = out or run / "export"
+    from covidcxr.rundir import RunDir
+
+    folder = out or RunDir(run).export_dir
     classifier, unet = summary["classifier"], summary["lung_unet"]
     console.print(escape(f"wrote {folder}/{classifier['file']}, {unet['file']} and export.json in {summary['seconds']} s"), highlight=False)
     console.print(

@@ -34,10 +34,13 @@ def train(
     precision: Annotated[Optional[str], typer.Option(help="auto, 32, bf16-mixed or 16-mixed (engine.precision).")] = None,
     accelerator: Annotated[Optional[str], typer.Option(help="auto, cpu or gpu (engine.accelerator).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard event files to RUN/tensorboard/ (output.tensorboard; needs the tracking extra: pip install covidcxr\\[tracking]).")] = False,
+    mlflow: Annotated[Optional[str], typer.Option("--mlflow", metavar="URI", help="Log parameters and metrics to this MLflow tracking URI, e.g. sqlite:///mlflow.db or http://host:5000 (output.mlflow; needs the tracking extra: pip install covidcxr\\[tracking]).")] = None,
+    keep: Annotated[Optional[str], typer.Option("--keep", help="Checkpoints kept once the run is finished (output.keep): all, best (no optimizer state) or last.")] = None,
 ) -> None:
     """Train a classifier from a recipe into a run directory; re-running resumes it.
 
-    Writes config.yaml, manifest.parquet, checkpoints/ (best, last, snapshots), predictions.parquet, metrics.json and train_log.csv.
+    Writes config.yaml, manifest.parquet, checkpoints/ (best, last, snapshots), predictions.parquet, metrics.json, train_log.csv and Lightning's CSV log (lightning_logs/); --tensorboard and --mlflow URI log there too.
 
     An interrupted run continues from checkpoints/last.ckpt; a finished one is not retrained; another experiment in the same directory is refused (use --force-new or another --run-dir).
     """
@@ -46,7 +49,9 @@ def train(
     overrides = list(set_ or [])
     if devices is not None:
         overrides.append(_devices_override(devices))
-    for key, value in (("engine.num_nodes", num_nodes), ("engine.strategy", strategy), ("engine.precision", precision), ("engine.accelerator", accelerator)):
+    if tensorboard:
+        overrides.append("output.tensorboard=true")
+    for key, value in (("engine.num_nodes", num_nodes), ("engine.strategy", strategy), ("engine.precision", precision), ("engine.accelerator", accelerator), ("output.mlflow", mlflow), ("output.keep", keep)):
         if value is not None:
             overrides.append(f"{key}={value}")
     settings = load_recipe(recipe, overrides)

@@ -114,14 +114,14 @@ def test_on_every_source(run_dir: Path, pretrain_dir: Path | None = None, progre
         The unseen-source rows added (may be empty).
     """
     from covidcxr.experiments.testsets import predict_images, test_images
-    from covidcxr.io.atomic import atomic_path
+    from covidcxr.rundir import RunDir
     from covidcxr.train.inference import load_run
 
     run = load_run(run_dir)
     rows = test_images(run.recipe, run_dir, pretrain_dir=pretrain_dir, sources="all")
     unseen = rows[~rows["seen"].astype(bool)].drop(columns=["seen", "linked_out"], errors="ignore")
-    predictions_file = Path(run_dir) / "predictions.parquet"
-    predictions = pd.read_parquet(predictions_file)
+    rd = RunDir(run_dir)
+    predictions = rd.read_predictions()
     if "test_set" in predictions.columns:
         predictions = predictions[predictions["test_set"] != "unseen_source"]
     else:
@@ -133,8 +133,7 @@ def test_on_every_source(run_dir: Path, pretrain_dir: Path | None = None, progre
     scored["predicted"] = (scored["probability"] >= run.threshold).astype("int64")
     keep = [c for c in predictions.columns if c in scored.columns]
     combined = pd.concat([predictions, scored[keep]], ignore_index=True)
-    with atomic_path(predictions_file) as tmp:
-        combined.to_parquet(tmp, index=False)
+    rd.write_predictions(combined)
     return scored[keep]
 
 

@@ -256,3 +256,23 @@ def test_multi_process_runs_train_in_a_child_covidcxr_train(tmp_path: Path) -> N
     assert _needs_child_process(recipe(devices=2, accelerator="cpu", strategy="ddp"))
     assert _needs_child_process(recipe(devices=[0, 1]))
     assert _needs_child_process(recipe(num_nodes=2))
+
+
+def test_keep_prunes_each_run_once_done_but_never_a_model_another_run_starts_from(tmp_path: Path) -> None:
+    path = write_grid(tmp_path, "keep", grid={"sites": {"a": {"data.sources": ["site_a"]}}})
+    data = yaml.safe_load(path.read_text())
+    data["experiment"]["adapt"] = {"positives": {"source": "site_b", "images": 2}, "negatives": {"source": "site_c", "images": 6}, "val_fraction": 0.3}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    experiment = load_experiment(path, ["output.keep=last"])  # what `covidcxr experiment run --keep last` adds
+    (point,) = experiment.points()
+    (adapt,) = experiment.adapt_runs()
+    said: list[str] = []
+    report = run_experiment(experiment, RunStore(tmp_path / "db.sqlite"), say=said.append)
+    assert report.failed == [] and report.ran == ["sites=a", "sites=a/adapt"], report.failed
+    # the point's model is where its adaptation run starts: it keeps every checkpoint
+    assert {p.name for p in (point.run_dir / "checkpoints").glob("*.ckpt")} == {"best.ckpt", "last.ckpt"}
+    assert any("sites=a keeps every checkpoint" in line for line in said)
+    # the adaptation run, done (trained, tested, stored), keeps only last.ckpt
+    assert {p.name for p in (adapt.run_dir / "checkpoints").glob("*.ckpt")} == {"last.ckpt"}
+    assert (adapt.run_dir / "metrics.json").is_file() and '"keep": "last"' in (adapt.run_dir / "metrics.json").read_text()
+    assert yaml.safe_load((adapt.run_dir / "config.yaml").read_text())["output"]["keep"] == "all"  # trained keeping all

@@ -50,6 +50,12 @@ def test_predict_table_without_gradcam(run_dir: Path, tmp_path: Path, monkeypatc
     result = runner.invoke(app, ["predict", image, "--run", str(run_dir), "--no-gradcam", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "NOT FOR MEDICAL USE" in result.output and "probability" in result.output and "decision" in result.output
+    # the one-line model summary, and the abstention of a never-audited run, in words
+    assert "model serve-tiny (conv8" in result.output and "synthetic phantoms — demo only" in result.output and "audit: never audited" in result.output
+    assert "ABSTAIN" in result.output and "model_not_audited" in result.output and "not to be acted on" in result.output
+    research = runner.invoke(app, ["predict", image, "--run", str(run_dir), "--no-gradcam", "--no-abstain", "--out", str(tmp_path)])
+    assert research.exit_code == 0, research.output
+    assert "abstention is OFF" in research.output and "would abstain" in research.output and "ABSTAIN " not in research.output
     assert not list(tmp_path.glob("*.gradcam.png")) and len(list(tmp_path.glob("*.lungs.png"))) == 1
 
 
@@ -80,6 +86,10 @@ def test_serve_builds_the_app_and_passes_settings(run_dir: Path, monkeypatch) ->
     assert captured["limits"].header_timeout == 4 and captured["limits"].body_timeout == settings.body_timeout == 60
     assert {route.path for route in captured["app"].routes} >= {"/", "/predict", "/model", "/health", "/openapi.json"}
     assert "visible to every user" in result.output  # a token on argv shows in ps: warned
+    assert captured["app"].state.predictor.abstain is True
+    research = runner.invoke(app, ["serve", "--run", str(run_dir), "--no-abstain"])
+    assert research.exit_code == 0, research.output
+    assert captured["app"].state.predictor.abstain is False and "abstention is OFF" in research.output
 
 
 def test_serve_reads_the_token_from_a_file_or_the_environment(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
@@ -141,7 +151,9 @@ def test_predict_batch_csv_reports_every_file_and_resumes(run_dir: Path, tmp_pat
     assert sorted(Path(p).name for p in rows.index) == ["IM0001", "b.png", "notes.png", "photo.jpg"]
     predicted = rows[rows["status"] == "predicted"]
     assert sorted(Path(p).name for p in predicted.index) == ["IM0001", "b.png"]
-    assert predicted["probability"].astype(float).between(0, 1).all() and (predicted["decision"] != "").all()
+    assert predicted["probability"].astype(float).between(0, 1).all() and predicted["model_decision"].isin(["covid", "rest"]).all()
+    assert (predicted["decision"] == "abstain").all() and (predicted["abstain_reasons"] == "model_not_audited").all()
+    assert predicted["abstain_detail"].str.contains("never audited").all() and (predicted["abstention"] == "on").all()
     refused = rows[rows["status"] == "refused"]
     assert refused.loc[str(folder / "notes.png"), "error"] == "unsupported_media_type"
     assert refused.loc[str(folder / "photo.jpg"), "error"] == "not_a_chest_xray" and "colour" in refused.loc[str(folder / "photo.jpg"), "detail"]
@@ -151,3 +163,10 @@ def test_predict_batch_csv_reports_every_file_and_resumes(run_dir: Path, tmp_pat
     assert again.exit_code == 0, again.output
     assert [Path(item["image"]).name for item in json.loads(again.stdout)] == ["b.png"]
     assert len(pd.read_csv(csv)) == 4
+    # with abstention off the decisions differ, so nothing predicted is reused
+    research = runner.invoke(app, ["predict", str(folder), "--run", str(run_dir), "--csv", str(csv), "--json", "--no-abstain"])
+    assert research.exit_code == 0, research.output
+    assert sorted(Path(item["image"]).name for item in json.loads(research.stdout)) == ["IM0001", "b.png"]
+    rows = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    predicted = rows[rows["status"] == "predicted"]
+    assert (predicted["decision"] == predicted["model_decision"]).all() and (predicted["abstention"] == "off").all()

@@ -93,7 +93,11 @@ def test_predict_a_phantom(client: TestClient, predictor: Predictor, phantom: by
     body = response.json()
     assert 0.0 <= body["probability"] <= 1.0
     assert body["threshold"] == predictor.run.threshold
-    assert body["decision"] == ("covid" if body["probability"] >= body["threshold"] else "rest")
+    assert body["model_decision"] == ("covid" if body["probability"] >= body["threshold"] else "rest")
+    # the tiny run was never audited: the service abstains, says why, and keeps the probability
+    assert body["decision"] == "abstain" and body["abstention"] == "on"
+    assert [r["code"] for r in body["abstain_reasons"]] == ["model_not_audited"]
+    assert "not to be acted on" in body["probability_note"]
     assert body["warnings"] == [] or all({"code", "message"} <= set(w) for w in body["warnings"])
     assert body["out_of_distribution"]["flagged"] is False  # a test phantom from the training sites
     assert set(body["overlays"]) == {"input", "lung_mask", "gradcam"}
@@ -233,7 +237,8 @@ def test_a_real_radiograph_gets_a_probability(client: TestClient, shared_collect
     response = _post(client, (shared_collection / row["image"]).read_bytes(), name="cxr.png")
     assert response.status_code == 200, response.text
     body = response.json()
-    assert 0.0 <= body["probability"] <= 1.0 and body["decision"] in ("covid", "rest")
-    # a model trained on 64-px phantoms has never seen a real radiograph: it must say so
+    assert 0.0 <= body["probability"] <= 1.0 and body["model_decision"] in ("covid", "rest")
+    # a model trained on 64-px phantoms has never seen a real radiograph: it must say so, and abstain
     assert "out_of_distribution" in [w["code"] for w in body["warnings"]]
+    assert body["decision"] == "abstain" and "out_of_distribution" in [r["code"] for r in body["abstain_reasons"]]
     assert 0.08 <= body["segmentation"]["mask_area_fraction"] <= 0.65  # the U-Net finds real lungs

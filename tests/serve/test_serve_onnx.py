@@ -70,7 +70,7 @@ def test_the_predictor_and_service_run_on_onnxruntime(exported) -> None:
         # masks may differ in a few pixels (bf16 PyTorch U-Net vs float32 ONNX); with lungs: none
         # the classifier input does not depend on them
         assert b.probability == pytest.approx(a.probability, abs=TOLERANCE)
-        assert b.decision == a.decision
+        assert b.decision == a.decision and b.model_decision == a.model_decision
         assert "computed with PyTorch" in b.saliency["method"]
     with TestClient(create_app(onnx_engine)) as client:
         data = Path(split_images(run_dir, "test")[0]).read_bytes()

@@ -46,7 +46,7 @@ def test_negative_decisions_are_explained_too(predictor: Predictor, run_dir: Pat
     decided = {}
     for image in split_images(run_dir, "test"):
         result = predictor.predict_file(image)
-        decided.setdefault(result.decision, (image, result))
+        decided.setdefault(result.model_decision, (image, result))
     assert set(decided) == {"covid", "rest"}
     image, negative = decided["rest"]
     assert negative.probability < 0.5 and "negated logit" in negative.saliency["explains"]
@@ -159,3 +159,30 @@ def test_decisions_binary_at_the_threshold_and_multiclass_by_argmax() -> None:
     predictor.run = SimpleNamespace(binary=False, classes=["normal", "pneumonia", "covid"], threshold=0.5)
     probability, label, threshold, by_class = predictor._decide(np.array([0.2, 0.5, 0.3]))
     assert (probability, label, threshold) == (0.5, "pneumonia", None) and by_class["covid"] == 0.3
+
+
+class _ShortLungSegmenter:
+    """A segmenter whose right lung stops halfway down: what a mask that cut away a basal consolidation looks like."""
+
+    def __init__(self, cut: float) -> None:
+        self.cut = cut
+
+    def segment_batch(self, images):
+        masks = []
+        for image in images:
+            h, w = image.shape
+            mask = np.zeros((h, w), bool)
+            top, bottom = h // 8, h - h // 8
+            mask[top:bottom, w // 10 : w // 2 - 2] = True
+            mask[top : int(bottom - self.cut * (bottom - top)), w // 2 + 2 : w - w // 10] = True
+            masks.append(mask)
+        return masks
+
+
+def test_a_mask_that_cut_a_lung_short_is_warned(predictor: Predictor, run_dir: Path, monkeypatch) -> None:
+    image = split_images(run_dir, "test")[0]
+    monkeypatch.setattr(predictor, "segmenter", _ShortLungSegmenter(cut=0.4))
+    codes = [w.code for w in predictor.predict_file(image, gradcam=False).warnings]
+    assert "possible_opacity_cut" in codes
+    monkeypatch.setattr(predictor, "segmenter", _ShortLungSegmenter(cut=0.0))
+    assert "possible_opacity_cut" not in [w.code for w in predictor.predict_file(image, gradcam=False).warnings]

@@ -34,6 +34,9 @@ def test_snapshot_ensemble_from_the_last_epochs_averages_its_members(tmp_path: P
     run = result.run_dir
     assert result.metrics["snapshots"]["taken"] == [{"k": 0, "epoch": 1}, {"k": 1, "epoch": 2}]
     assert (run / "checkpoints" / "snapshot-0.ckpt").is_file() and (run / "checkpoints" / "snapshot-1.ckpt").is_file()
+    for k in range(2):  # members are weights only: the optimizer state lives in last.ckpt alone
+        member = torch.load(run / "checkpoints" / f"snapshot-{k}.ckpt", map_location="cpu", weights_only=True)
+        assert "optimizer_states" not in member and member["state_dict"] and member["covidcxr"]["config_hash"] == result.metrics["config_hash"]
     predictions = pd.read_parquet(run / "predictions.parquet")
     assert {"probability", "probability_best"} <= set(predictions.columns)
     sample = predictions.head(6)

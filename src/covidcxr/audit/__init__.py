@@ -9,6 +9,8 @@ focus), `embedding` (t-SNE), `findings` (plain-language findings and the verdict
 package's ``__init__`` stays light (no torch import): the report reads audits through it.
 """
 
-#: ``RUN/audit/`` holds what `covidcxr.audit.run.audit_run` writes
-AUDIT_DIR = "audit"
-AUDIT_FILE = "audit.json"
+from covidcxr.rundir import RunDir
+
+#: ``RUN/audit/`` holds what `covidcxr.audit.run.audit_run` writes (names owned by `covidcxr.rundir.RunDir`)
+AUDIT_DIR = RunDir.AUDIT
+AUDIT_FILE = RunDir.AUDIT_FILE

@@ -37,7 +37,7 @@ import pandas as pd
 
 from covidcxr.audit import AUDIT_DIR, AUDIT_FILE
 from covidcxr.audit.ablation import blank_lungs, keep_lungs_only, lung_ablation
-from covidcxr.audit.embedding import plot_embedding, tsne_map
+from covidcxr.audit.embedding import EMBEDDING_METHODS, embedding_map, plot_embedding, require_umap
 from covidcxr.audit.findings import derive_findings, verdict
 from covidcxr.audit.intensity import intensity_perturbation
 from covidcxr.audit.probe import source_probe
@@ -46,6 +46,7 @@ from covidcxr.errors import CovidCXRError
 from covidcxr.evaluate import subgroups
 from covidcxr.evaluate.cross_source import evaluate_run, json_ready, training_sources
 from covidcxr.io.atomic import atomic_path, atomic_write_text
+from covidcxr.rundir import RunDir
 from covidcxr.train.inference import cached_inputs, load_run
 
 __all__ = ["AUDIT_DIR", "AUDIT_FILE", "audit_run", "read_audit"]
@@ -93,6 +94,27 @@ def _unseen_rows(run: Any, columns: list[str]) -> tuple[pd.DataFrame, str | None
     return unseen[[c for c in columns if c in unseen.columns]], None
 
 
+def _stored_or_predicted(run: Any, kept: pd.DataFrame, images: np.ndarray) -> np.ndarray:
+    """``(N,)`` probabilities: the run's own answer (``predictions.parquet``) where it has one, else predicted now.
+
+    One answer per image: the audit's evaluation reads the stored predictions, so its
+    subgroups, metadata and view findings read the same ones (re-predicting differs by
+    ~1e-6 — mixed precision at training — and the two would then disagree). Images the run
+    never scored (an unseen source's, in an older run) are predicted.
+    """
+    predicted = run.predict(images)
+    stored_file = RunDir(run.run_dir).predictions
+    if not stored_file.is_file():
+        return predicted
+    stored = RunDir(run.run_dir).read_predictions()
+    if not {"image", "probability"} <= set(stored.columns):
+        return predicted
+    stored = stored.drop_duplicates("image")
+    lookup = pd.Series(stored["probability"].to_numpy(dtype=np.float64), index=stored["image"].astype(str))
+    found = kept["image"].astype(str).map(lookup)
+    return np.where(found.notna().to_numpy(), found.to_numpy(dtype=np.float64, na_value=np.nan), predicted.reshape(-1))
+
+
 def _saliency(run: Any, images: np.ndarray, masks: np.ndarray, rows: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFrame, np.ndarray]:
     """Grad-CAM lung focus of ``images``: the summary, the per-image table and the maps."""
     layer = saliency_layer(run)
@@ -137,6 +159,7 @@ def audit_run(
     write: bool = True,
     progress: bool = False,
     say: Callable[[str], None] = _say_nothing,
+    embedding: str = "tsne",
 ) -> dict[str, Any]:
     """Audit one binary run for shortcut learning.
 
@@ -149,6 +172,8 @@ def audit_run(
         write: write ``RUN/audit/`` (and ``RUN/evaluation.json``).
         progress: show the preprocessing progress bar.
         say: called with one line per step (the CLI prints them).
+        embedding: the embedding map's method, ``tsne`` or ``umap`` (umap-learn, optional;
+            `covidcxr.audit.embedding.embedding_map`).
 
     Returns:
         The ``audit.json`` content: ``run``, ``verdict`` (``no_skill``, ``shortcut``,
@@ -161,13 +186,16 @@ def audit_run(
         CovidCXRError: not a run directory, a multi-class run, no val/test images.
     """
     started = time.perf_counter()
+    if embedding not in EMBEDDING_METHODS:  # before the costly steps
+        raise CovidCXRError(f"embedding must be one of {list(EMBEDDING_METHODS)}; got {embedding!r}")
+    if embedding == "umap":
+        require_umap()
     run = load_run(run_dir)
     if not run.binary:
         raise CovidCXRError(f"{run.run_dir}: the audit scores a binary run (AUC of the positive class); this run has classes {run.classes}")
-    manifest_file = run.run_dir / "manifest.parquet"
-    if not manifest_file.is_file():
-        raise CovidCXRError(f"{run.run_dir}: no manifest.parquet (expected a run directory written by covidcxr train)")
-    manifest = pd.read_parquet(manifest_file)
+    rd = RunDir(run.run_dir)
+    manifest_file = rd.manifest
+    manifest = rd.read_manifest()
     rows = manifest[manifest["split"].isin(["val", "test"])].reset_index(drop=True)
     if rows.empty or not (rows["split"] == "test").any():
         raise CovidCXRError(f"{manifest_file}: no test images to audit")
@@ -180,7 +208,7 @@ def audit_run(
     kept, images, lung_masks, excluded = cached_inputs(rows, run.recipe, progress=progress)
     if kept.empty:
         raise CovidCXRError(f"{run.run_dir}: every val/test image was rejected by the preprocessing")
-    kept["probability"] = run.predict(images)
+    kept["probability"] = _stored_or_predicted(run, kept, images)
     is_test = (kept["split"] == "test").to_numpy()
     seen_test = is_test & kept["source"].astype(str).isin(seen_sources).to_numpy()
     test_rows, seen_rows = kept[is_test].reset_index(drop=True), kept[seen_test].reset_index(drop=True)
@@ -204,16 +232,18 @@ def audit_run(
     say(f"Grad-CAM and lung focus on {int(is_test.sum())} test images")
     saliency, focus, maps = _saliency(run, images[is_test], lung_masks[is_test], test_rows)
 
-    say("t-SNE of the embeddings (every audited source)")
-    coordinates = tsne_map(embeddings, seed=seed) if len(embeddings) >= 5 else None
+    say(f"{EMBEDDING_METHODS[embedding]} of the embeddings (every audited source)")
+    coordinates = embedding_map(embeddings, embedding, seed=seed) if len(embeddings) >= 5 else None
 
     findings = derive_findings(evaluation, ablation, probe, saliency, lungs_mode, label_mix=mix, confounders=confounders, intensity=intensity)
     report = {
         "run": run.name,
         "run_dir": str(run.run_dir),
         "checkpoint": str(run.checkpoint),
+        "model": run.model_description,
+        "threshold": run.threshold,
+        "operating_point": run.operating_point.to_dict() if run.operating_point is not None else None,
         "split": "test",
-        "threshold": float(run.threshold),
         "n_images": int(is_test.sum()),
         "n_patients": int(test_rows["patient_id"].nunique()),
         "n_images_probe": int(len(kept)),
@@ -232,7 +262,7 @@ def audit_run(
         "label_mix": mix,
         "source_probe": probe,
         "saliency": saliency,
-        "embedding": {"method": "tsne", "figure": "embedding.png", "table": "embedding.parquet"} if coordinates is not None else {"skipped": "fewer than 5 images"},
+        "embedding": {"method": embedding, "figure": "embedding.png", "table": "embedding.parquet"} if coordinates is not None else {"skipped": "fewer than 5 images"},
         "n_boot": int(n_boot),
         "seed": int(seed),
         "seconds": None,
@@ -242,7 +272,7 @@ def audit_run(
     report["seconds"] = round(time.perf_counter() - started, 2)
     report = json_ready(report)
     if write:
-        atomic_write_text(run.run_dir / AUDIT_DIR / AUDIT_FILE, json.dumps(report, indent=2, allow_nan=False) + "\n")
+        atomic_write_text(rd.audit_file, json.dumps(report, indent=2, allow_nan=False) + "\n")
     return report
 
 
@@ -263,15 +293,9 @@ def _write_outputs(run: Any, report: dict[str, Any], focus: pd.DataFrame, maps: 
         table["x"], table["y"] = coordinates[:, 0], coordinates[:, 1]
         with atomic_path(out / "embedding.parquet") as tmp:
             table.to_parquet(tmp, index=False)
-        plot_embedding(table, out / "embedding.png", title=f"{run.name}: val + test embeddings (seen and unseen sources)", training_sources=report["training_sources"])
+        plot_embedding(table, out / "embedding.png", title=f"{run.name}: val + test embeddings (seen and unseen sources)", training_sources=report["training_sources"], method=report["embedding"]["method"])
 
 
 def read_audit(run_dir: str | Path) -> dict[str, Any] | None:
     """``RUN/audit/audit.json`` if the run was audited, else None."""
-    path = Path(run_dir) / AUDIT_DIR / AUDIT_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CovidCXRError(f"{path}: not valid JSON ({exc})") from None
+    return RunDir(run_dir).read_audit()

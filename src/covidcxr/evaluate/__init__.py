@@ -25,6 +25,7 @@ from covidcxr.evaluate.metrics import (
     proportion_ci,
     three_class_accuracy,
     threshold_at_sensitivity,
+    threshold_at_specificity,
     two_class_accuracy,
     youden_threshold,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "proportion_ci",
     "three_class_accuracy",
     "threshold_at_sensitivity",
+    "threshold_at_specificity",
     "two_class_accuracy",
     "youden_threshold",
 ]

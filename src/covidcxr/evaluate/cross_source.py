@@ -9,6 +9,9 @@ Inputs are a run directory written by :func:`covidcxr.train.train_recipe`::
     RUN/config.yaml          data.sources, data.negatives_from
     RUN/manifest.parquet     the records used, with their split (train/val/test)
     RUN/predictions.parquet  split, source, patient_id, target, probability
+    RUN/operating_point.json the threshold (chosen on validation; the default here)
+
+(every path through `covidcxr.rundir.RunDir`).
 
 Example::
 
@@ -19,7 +22,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -39,12 +41,13 @@ from covidcxr.evaluate.metrics import (
     proportion_ci,
 )
 from covidcxr.evaluate.stats import delong_test_independent
-from covidcxr.io.atomic import atomic_write_text
+from covidcxr.rundir import RunDir
 
 __all__ = [
     "EVALUATION_FILE",
     "cross_source_matrix",
     "cross_source_table",
+    "evaluate_predictions",
     "evaluate_run",
     "json_ready",
     "load_predictions",
@@ -57,7 +60,7 @@ __all__ = [
     "within_source_by_seen",
 ]
 
-EVALUATION_FILE = "evaluation.json"
+EVALUATION_FILE = RunDir.EVALUATION
 _REQUIRED = ("split", "source", "patient_id", "target", "probability")
 _ONE_CLASS_METRICS = {  # metrics defined when only one class is present
     1: ("sensitivity", "accuracy"),
@@ -324,40 +327,24 @@ def seen_unseen(predictions: pd.DataFrame, seen_sources: Iterable[str], split: s
 
 
 def _run_path(run_dir: str | Path) -> Path:
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise CovidCXRError(f"{path}: not a run directory (expected a folder written by `covidcxr train`, holding predictions.parquet)")
-    if not (path / "predictions.parquet").is_file():
-        raise CovidCXRError(f"{path}: no predictions.parquet (expected a finished run of `covidcxr train`)")
-    return path
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise CovidCXRError(f"{run.path}: not a run directory (expected a folder written by `covidcxr train`, holding predictions.parquet)")
+    if not run.predictions.is_file():
+        raise CovidCXRError(f"{run.path}: no predictions.parquet (expected a finished run of `covidcxr train`)")
+    return run.path
 
 
 def load_predictions(run_dir: str | Path) -> pd.DataFrame:
     """A run's ``predictions.parquet``, checked for the columns cross-source evaluation needs."""
-    path = _run_path(run_dir) / "predictions.parquet"
-    try:
-        frame = pd.read_parquet(path)
-    except Exception as exc:  # noqa: BLE001 - any unreadable parquet is bad input
-        raise CovidCXRError(f"{path}: unreadable parquet ({exc})") from None
-    _check_predictions(frame, str(path))
+    run = RunDir(_run_path(run_dir))
+    frame = run.read_predictions()
+    _check_predictions(frame, str(run.predictions))
     return frame
 
 
-def _config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return {}
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise CovidCXRError(f"{path}: not valid YAML ({exc})") from None
-    return data if isinstance(data, dict) else {}
-
-
 def training_sources(run_dir: str | Path) -> list[str]:
-    """Sources a run trained on (its ``seen`` sources).
+    """Sources a run trained on (its ``seen`` sources): `covidcxr.rundir.RunDir.seen_sources`.
 
     Preferred: the sources of the train/val rows of ``manifest.parquet`` (what was actually
     used). A k-fold run's root has no manifest: its ``fold-*/manifest.parquet`` are pooled.
@@ -366,39 +353,14 @@ def training_sources(run_dir: str | Path) -> list[str]:
     Raises:
         CovidCXRError: neither a manifest nor a config names any source.
     """
-    path = Path(run_dir)
-    manifests = [path / "manifest.parquet"] if (path / "manifest.parquet").is_file() else sorted(path.glob("fold-*/manifest.parquet"))
-    found: set[str] = set()
-    for manifest in manifests:
-        try:
-            frame = pd.read_parquet(manifest, columns=None)
-        except Exception as exc:  # noqa: BLE001
-            raise CovidCXRError(f"{manifest}: unreadable parquet ({exc})") from None
-        if "split" not in frame.columns or "source" not in frame.columns:
-            continue
-        used = frame[frame["split"].isin(["train", "val"])]
-        if "rejected_reason" in used.columns:
-            used = used[used["rejected_reason"].isna()]
-        found.update(used["source"].astype(str).unique().tolist())
-    if found:
-        return sorted(found)
-    data = _config(path).get("data") or {}
-    for key in ("sources", "negatives_from"):
-        value = data.get(key) or []
-        found.update([value] if isinstance(value, str) else [str(v) for v in value])
-    if not found:
-        raise CovidCXRError(
-            f"{path}: cannot tell the training sources (expected manifest.parquet with split/source columns, "
-            "or config.yaml with data.sources)"
-        )
-    return sorted(found)
+    return RunDir(run_dir).seen_sources()
 
 
 def _training_rows(run_dir: Path, predictions: pd.DataFrame) -> pd.DataFrame:
     """The run's training rows (``source``, ``target``): manifest.parquet's, else the predictions'."""
-    manifest = run_dir / "manifest.parquet"
-    if manifest.is_file():
-        frame = pd.read_parquet(manifest)
+    run = RunDir(run_dir)
+    if run.manifest.is_file():
+        frame = run.read_manifest()
         if {"split", "source", "target"} <= set(frame.columns):
             return frame[frame["split"] == "train"]
     return predictions[predictions["split"] == "train"]
@@ -409,17 +371,61 @@ def _within_source_parts(test: pd.DataFrame, sources: list[str], n_boot: int, se
     return {"within_source": parts["seen"], "within_source_unseen": parts["unseen"]}
 
 
-def _run_name(run_dir: Path) -> str:
-    name = _config(run_dir).get("name")
-    return str(name) if name else run_dir.resolve().name
+def evaluate_predictions(
+    test: pd.DataFrame, train_rows: pd.DataFrame, seen_sources: Sequence[str], threshold: float = 0.5, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """The evaluation of some scored test images: the one body behind every ``evaluation.json``.
+
+    A run's own test split (:func:`evaluate_run`), a run scored on another collection
+    (`covidcxr.evaluate.external`) and a CSV of someone's predictions
+    (`covidcxr.audit.run.audit_predictions`) all go through here, so the same scores give the
+    same numbers whichever way they arrived.
+
+    Args:
+        test: ``(N,)`` scored rows: ``source``, ``patient_id``, ``target`` (0/1), ``probability``.
+        train_rows: the model's training rows (``source``, ``target``) for the source-only
+            baseline; empty when unknown (the baseline is then None).
+        seen_sources: the model's training sources.
+        threshold: ``probability >= threshold`` is positive.
+        n_boot, seed: the patient bootstrap behind the bootstrap intervals.
+
+    Returns:
+        ``{split, training_sources, overall, per_source, seen_unseen, within_source,
+        within_source_unseen, source_only, threshold}``.
+
+    Example:
+        >>> part = evaluate_predictions(scored, train_rows, ["cohen", "kermany"])   # doctest: +SKIP
+        >>> part["per_source"]["nih"]["auc"]                                         # doctest: +SKIP
+    """
+    test = test.assign(split="test")
+    sources = sorted(str(s) for s in seen_sources)
+    return {
+        "split": "test",
+        "training_sources": sources,
+        "overall": metrics_for_rows(test, threshold, n_boot, seed),
+        "per_source": per_source_metrics(test, "test", threshold, n_boot, seed),
+        "seen_unseen": seen_unseen(test, sources, "test", threshold, n_boot, seed),
+        **_within_source_parts(test, sources, n_boot, seed),
+        "source_only": source_only_auc(test, train_rows, n_boot, seed),
+        "threshold": float(threshold),
+    }
 
 
-def evaluate_run(run_dir: str | Path, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0, write: bool = True) -> dict[str, Any]:
+def evaluate_run(run_dir: str | Path, threshold: float | None = None, n_boot: int = 1000, seed: int = 0, write: bool = True) -> dict[str, Any]:
     """Cross-source evaluation of one run's test predictions; written to ``RUN/evaluation.json``.
+
+    Args:
+        run_dir: a run directory (a k-fold root: its pooled out-of-fold predictions).
+        threshold: decision threshold; None (default): the run's operating point
+            (`covidcxr.rundir.RunDir.operating_point`, 0.5 with rule ``legacy-0.5`` for a
+            run that stored none).
+        n_boot, seed: the patient bootstrap behind the intervals.
+        write: write ``RUN/evaluation.json``.
 
     Returns:
         ``{run, run_dir, training_sources, overall, per_source, seen_unseen, threshold,
-        n_boot, seed, split}`` — ``overall`` is the whole test split, ``per_source`` by
+        operating_point, n_boot, seed, split}`` — ``operating_point`` is the run's stored
+        one (with ``used: true`` when ``threshold`` is it), ``overall`` the whole test split, ``per_source`` by
         :func:`per_source_metrics`, ``seen_unseen`` by :func:`seen_unseen` with the run's
         :func:`training_sources` as seen, ``within_source`` (:func:`within_source_auc` over the
         seen sources only), ``within_source_unseen`` (the same over the unseen sources: domain
@@ -430,35 +436,33 @@ def evaluate_run(run_dir: str | Path, threshold: float = 0.5, n_boot: int = 1000
         CovidCXRError: a missing run dir, a missing/unusable predictions.parquet, no test rows.
     """
     path = _run_path(run_dir)
+    run = RunDir(path)
+    point = run.operating_point()
+    if threshold is None:
+        threshold = run.threshold
     predictions = load_predictions(path)
     test = predictions[predictions["split"] == "test"]
     if len(test) == 0:
         raise CovidCXRError(f"{path / 'predictions.parquet'}: no rows with split 'test' (expected test-set predictions)")
     sources = training_sources(path)
     report = {
-        "run": _run_name(path),
+        "run": run.name,
         "run_dir": str(path),
-        "split": "test",
-        "training_sources": sources,
-        "overall": metrics_for_rows(test, threshold, n_boot, seed),
-        "per_source": per_source_metrics(predictions, "test", threshold, n_boot, seed),
-        "seen_unseen": seen_unseen(predictions, sources, "test", threshold, n_boot, seed),
-        **_within_source_parts(test, sources, n_boot, seed),
-        "source_only": source_only_auc(test, _training_rows(path, predictions), n_boot, seed),
-        "threshold": float(threshold),
+        **evaluate_predictions(test, _training_rows(path, predictions), sources, threshold, n_boot, seed),
+        "operating_point": {**point.to_dict(), "used": point.threshold is not None and math.isclose(float(point.threshold), float(threshold)), "describe": point.describe()},
         "n_boot": int(n_boot),
         "seed": int(seed),
     }
     report = json_ready(report)
     if write:
-        atomic_write_text(path / EVALUATION_FILE, json.dumps(report, indent=2, allow_nan=False) + "\n")
+        run.write_evaluation(report)
     return report
 
 
 # --------------------------------------------------------------------------- several runs
 
 
-def _evaluations(runs: Sequence[str | Path | Mapping[str, Any]], threshold: float, n_boot: int, seed: int) -> list[Mapping[str, Any]]:
+def _evaluations(runs: Sequence[str | Path | Mapping[str, Any]], threshold: float | None, n_boot: int, seed: int) -> list[Mapping[str, Any]]:
     return [r if isinstance(r, Mapping) else evaluate_run(r, threshold, n_boot, seed, write=False) for r in runs]
 
 
@@ -466,7 +470,7 @@ def _row_name(report: Mapping[str, Any]) -> str:
     return f"{report['run']} [{'+'.join(report['training_sources'])}]"
 
 
-def cross_source_table(runs: Sequence[str | Path | Mapping[str, Any]], threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+def cross_source_table(runs: Sequence[str | Path | Mapping[str, Any]], threshold: float | None = None, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Long form of the train × test matrix: one row per (run, test source).
 
     Args:
@@ -503,7 +507,7 @@ def cross_source_table(runs: Sequence[str | Path | Mapping[str, Any]], threshold
     return pd.DataFrame.from_records(records, columns=columns)
 
 
-def cross_source_matrix(runs: Sequence[str | Path | Mapping[str, Any]], threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+def cross_source_matrix(runs: Sequence[str | Path | Mapping[str, Any]], threshold: float | None = None, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Train × test AUC matrix: rows = run ``"name [training sources]"``, columns = test source.
 
     Cells are AUC estimates (NaN where a run has no test images of that source or the

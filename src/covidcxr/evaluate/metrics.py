@@ -45,6 +45,7 @@ __all__ = [
     "roc_with_band",
     "three_class_accuracy",
     "threshold_at_sensitivity",
+    "threshold_at_specificity",
     "two_class_accuracy",
     "youden_threshold",
 ]
@@ -324,6 +325,37 @@ def threshold_at_sensitivity(y_true: Any, y_score: Any, sensitivity: float = 0.9
     _, tpr, thr = roc_curve(y, s, drop_intermediate=False)
     ok = np.flatnonzero((tpr >= target - 1e-12) & np.isfinite(thr))
     return float(thr[ok[0]])
+
+
+def threshold_at_specificity(y_true: Any, y_score: Any, specificity: float = 0.9) -> float:
+    """The lowest threshold whose specificity reaches ``specificity`` (best sensitivity there).
+
+    Args:
+        y_true: (N,) labels 0/1 with both classes present.
+        y_score: (N,) finite scores.
+        specificity: the target specificity, in (0, 1].
+
+    Returns:
+        A threshold ``t`` such that ``score >= t`` has specificity ``>= specificity``: an
+        observed score, or (when even the highest score is a negative's and the target is
+        1) the next float above the highest negative score.
+
+    Example::
+
+        >>> threshold_at_specificity([0, 0, 1, 1], [0.1, 0.3, 0.2, 0.8], specificity=1.0)
+        0.8
+    """
+    y = _labels(y_true, "y_true")
+    s = _scores(y_score, "y_score", y.size)
+    target = _threshold(specificity, "specificity")
+    if not 0.0 < target <= 1.0:
+        raise MetricInputError("specificity", f"expected a value in (0, 1], got {specificity!r}")
+    _both_classes(y, why="a ROC curve")
+    fpr, _, thr = roc_curve(y, s, drop_intermediate=False)
+    ok = np.flatnonzero((1.0 - fpr >= target - 1e-12) & np.isfinite(thr))
+    if len(ok) == 0:
+        return float(np.nextafter(s[y == 0].max(), np.inf))
+    return float(thr[ok[-1]])
 
 
 # --------------------------------------------------------------------------- multi-class

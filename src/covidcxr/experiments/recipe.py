@@ -169,7 +169,11 @@ class ExperimentSection(_Section):
     only: dict[str, list[str]] = Field(default_factory=dict)
     pretraining: PretrainingSection = Field(default_factory=PretrainingSection)
     ensembles: list[str] = Field(default_factory=list)
-    threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+    #: decision threshold of the tables; None: each run's own operating point
+    #: (`covidcxr.rundir.RunDir.threshold`, chosen on its validation split by the recipe's
+    #: ``operating_point`` rule); a pooled row of several runs uses their common threshold,
+    #: or, when they differ, their median (stated in the row's summary)
+    threshold: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
     adapt: AdaptSection | None = None
 
     @field_validator("grid")

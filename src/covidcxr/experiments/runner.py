@@ -16,6 +16,12 @@ What survives what:
   goes on; points that need a failed stage-1 run fail with that reason;
   ``--retry-failed`` puts failed runs back in the queue.
 
+**Checkpoints kept** (``output.keep``, ``--keep``): a run is trained keeping every
+checkpoint, and the policy is applied only once it is done — trained, tested and stored —
+so a run that may still resume keeps its ``last.ckpt``. ``last`` never removes a model
+another run of the grid starts from (a stage-1 run's, or a point's that has an adaptation
+run): those keep everything (`_apply_keep`).
+
 Each run scales out through Lightning: ``engine.devices`` / ``engine.num_nodes`` (the
 ``--devices`` / ``--num-nodes`` options). A run that needs more than one process is
 trained in a child ``covidcxr train`` process, so Lightning's launcher re-executes that
@@ -38,6 +44,7 @@ from covidcxr.errors import CovidCXRError
 from covidcxr.experiments.recipe import AdaptRun, ExperimentRecipe, GridPoint, PretrainRun
 from covidcxr.experiments.store import POOLED, ClaimedRun, Heartbeat, RunStore, Worker, metric_row
 from covidcxr.io.atomic import atomic_write_text
+from covidcxr.rundir import RunDir
 
 __all__ = ["GridReport", "default_db_url", "ensure_subsets", "evaluate_point", "run_experiment"]
 
@@ -106,9 +113,11 @@ def _needs_child_process(recipe: Any) -> bool:
 
 
 def _train(recipe: Any, experiment: ExperimentRecipe, progress: bool, say: Callable[[str], None]) -> dict[str, Any]:
-    """Train (or resume, or find finished) one run; returns its metrics.json."""
+    """Train (or resume, or find finished) one run, keeping every checkpoint (`_apply_keep` prunes later); returns its metrics.json."""
     from covidcxr.train.run import train_recipe
 
+    if recipe.output.keep != "all":
+        recipe = recipe.with_updates({"output.keep": "all"})
     run_dir = recipe.run_dir()
     if _needs_child_process(recipe):
         recipe_file = experiment.root / ".recipes" / f"{run_dir.name}.yaml"
@@ -119,16 +128,41 @@ def _train(recipe: Any, experiment: ExperimentRecipe, progress: bool, say: Calla
         completed = subprocess.run(command, check=False)
         if completed.returncode != 0:
             raise CovidCXRError(f"`covidcxr train` for {run_dir} exited with code {completed.returncode}")
-        metrics_path = run_dir / "metrics.json"
-        return json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+        return RunDir(run_dir).read_metrics() or {}
     result = train_recipe(recipe, progress=progress, say=say)
     if result.status == "interrupted":
         raise KeyboardInterrupt
     return result.metrics
 
 
-def evaluate_point(point: GridPoint, test_sources: str | list[str], threshold: float = 0.5, n_boot: int = 1000, progress: bool = False) -> tuple[list[dict[str, Any]], Any, dict[str, Any]]:
+def _apply_keep(target: GridPoint | PretrainRun | AdaptRun, targets: dict[str, Any], say: Callable[[str], None]) -> None:
+    """Apply the run's ``output.keep`` once it is done (`covidcxr.train.callbacks.keep_checkpoints`).
+
+    ``last`` would remove the model that a stage-1 run's points, or a point's adaptation
+    run, start from: such a run keeps every checkpoint (and says so).
+    """
+    from covidcxr.train.callbacks import keep_checkpoints
+
+    keep = target.recipe.output.keep
+    started_from = isinstance(target, PretrainRun) or f"{target.key}/adapt" in targets
+    if keep == "last" and started_from:
+        say(f"output.keep=last: {target.key} keeps every checkpoint (other runs of the grid start from its model)")
+        return
+    run = RunDir(target.recipe.run_dir())
+    for fold in run.folds() or [run]:
+        try:
+            removed = keep_checkpoints(fold.path, keep)
+        except CovidCXRError as exc:  # the run is stored as done; a policy that cannot apply is said, not a failure
+            say(f"output.keep={keep}: {exc}")
+            continue
+        if removed:
+            say(f"output.keep={keep}: removed {', '.join(p.name for p in removed)} from {fold.path}")
+
+
+def evaluate_point(point: GridPoint, test_sources: str | list[str], threshold: float | None = None, n_boot: int = 1000, progress: bool = False) -> tuple[list[dict[str, Any]], Any, dict[str, Any]]:
     """Test a trained point on every source (`covidcxr.experiments.testsets`).
+
+    ``threshold`` None: the run's own operating point (`covidcxr.rundir.RunDir.threshold`).
 
     Returns:
         ``(metric rows without run_id, scored predictions, summary)``: one metric row per
@@ -138,6 +172,7 @@ def evaluate_point(point: GridPoint, test_sources: str | list[str], threshold: f
     from covidcxr.experiments.testsets import pooled_metrics, predict_images, source_metrics, test_images
 
     run_dir = point.run_dir
+    threshold = RunDir(run_dir).threshold if threshold is None else threshold
     pretrain_dir = point.pretrain.run_dir if point.pretrain is not None else None
     rows = test_images(point.recipe, run_dir, pretrain_dir, test_sources)
     scored, rejected = predict_images(run_dir, rows, progress=progress)
@@ -167,7 +202,7 @@ def evaluate_point(point: GridPoint, test_sources: str | list[str], threshold: f
     return metric_rows, scored, summary
 
 
-def evaluate_adaptation(adapt: AdaptRun, threshold: float = 0.5, n_boot: int = 1000, progress: bool = False) -> tuple[list[dict[str, Any]], Any, dict[str, Any]]:
+def evaluate_adaptation(adapt: AdaptRun, threshold: float | None = None, n_boot: int = 1000, progress: bool = False) -> tuple[list[dict[str, Any]], Any, dict[str, Any]]:
     """Score the adaptation test images with the point (before) and the adapted model (after).
 
     Returns:
@@ -184,6 +219,9 @@ def evaluate_adaptation(adapt: AdaptRun, threshold: float = 0.5, n_boot: int = 1
     rows, _ = select_task(manifest, adapt.recipe)
     test = rows[rows["split"] == "test"].reset_index(drop=True)
     test["seen"] = True  # after adaptation, these sources are in the (adaptation) training
+    # None: each model at its own operating point (the point's before, the adapted run's after)
+    before_threshold = RunDir(adapt.point.run_dir).threshold if threshold is None else threshold
+    threshold = RunDir(adapt.run_dir).threshold if threshold is None else threshold
     before, _ = predict_images(adapt.point.run_dir, test, progress=progress)
     after, rejected = predict_images(adapt.run_dir, test, progress=progress)
     classes = list(adapt.recipe.classes)
@@ -192,10 +230,10 @@ def evaluate_adaptation(adapt: AdaptRun, threshold: float = 0.5, n_boot: int = 1
     pooled = pooled_metrics(after, threshold=threshold, n_boot=n_boot, seed=seed, classes=classes)
     metric_rows = [metric_row(0, source, "source", metrics, True) for source, metrics in per_source.items()]
     metric_rows += [metric_row(0, name, scope, pooled.get(scope), None) for scope, name in POOLED.items()]
-    before_metrics = source_metrics(before.assign(seen=False), threshold=threshold, n_boot=n_boot, seed=seed, classes=classes)
+    before_metrics = source_metrics(before.assign(seen=False), threshold=before_threshold, n_boot=n_boot, seed=seed, classes=classes)
     fit = rows[rows["split"].isin(["train", "val"])]
     summary = {
-        "adaptation": before_after(before, after, threshold),
+        "adaptation": before_after(before, after, (before_threshold, threshold)),
         "before": {source: {"auc": (m or {}).get("auc"), "accuracy": (m or {}).get("accuracy"), "n_images": (m or {}).get("n_images")} for source, m in before_metrics.items()},
         "after": {source: {"auc": (m or {}).get("auc"), "accuracy": (m or {}).get("accuracy"), "n_images": (m or {}).get("n_images")} for source, m in per_source.items()},
         "adaptation_images": {f"{s}/{c}": int(n) for (s, c), n in fit.groupby(["source", "class_name"]).size().items()},
@@ -324,6 +362,7 @@ def _run_one(
                 say(f"{claimed.key}: another worker took this run over (stale heartbeat); its result is theirs")
                 return
             report.ran.append(claimed.key)
+            _apply_keep(target, targets, tell)
             say(f"  done in {seconds:.0f} s")
         except (KeyboardInterrupt, SystemExit):  # Ctrl-C (Lightning turns it into SystemExit)
             store.release(claimed.id, worker)

@@ -91,7 +91,28 @@ def _scored(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _metrics_from_predictions(predictions: pd.DataFrame, threshold: float, n_boot: int, seed: int, classes: list[str] | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _pooled_threshold(threshold: float | None, runs: pd.DataFrame) -> tuple[float, str | None]:
+    """The threshold of a row pooling several runs: ``experiment.threshold``, else the runs' own.
+
+    Runs at one operating point share it; runs whose operating points differ (each chose
+    its own on validation) are pooled at the median of theirs, and the note says so.
+    """
+    if threshold is not None:
+        return float(threshold), None
+    own = []
+    for text in runs["summary"]:
+        summary = json.loads(text) if isinstance(text, str) else {}
+        if summary.get("threshold") is not None:
+            own.append(float(summary["threshold"]))
+    if not own:
+        return 0.5, "the runs stored no threshold: 0.5"
+    if max(own) - min(own) < 1e-12:
+        return own[0], None
+    median = float(np.median(own))
+    return median, f"the pooled runs chose different operating points ({', '.join(f'{t:.3g}' for t in own)}); pooled at their median {median:.3g}"
+
+
+def _metrics_from_predictions(predictions: pd.DataFrame, threshold: float, n_boot: int, seed: int, classes: list[str] | None, note: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from covidcxr.experiments.testsets import pooled_metrics, source_metrics
 
     scored = _scored(predictions)
@@ -103,7 +124,9 @@ def _metrics_from_predictions(predictions: pd.DataFrame, threshold: float, n_boo
         rows.append(metric_row(0, source, "source", metrics, seen))
     for scope, name in POOLED.items():
         rows.append(metric_row(0, name, scope, pooled.get(scope), None))
-    summary = {"auc_gap": pooled["gap"], "accuracy_gap": pooled["accuracy_gap"]}
+    summary = {"auc_gap": pooled["gap"], "accuracy_gap": pooled["accuracy_gap"], "threshold": threshold}
+    if note:
+        summary["threshold_note"] = note
     return rows, summary
 
 
@@ -187,7 +210,8 @@ def grid_table(experiment: ExperimentRecipe, store: RunStore) -> GridTable:
             add(row_labels, stored, json.loads(summary_text) if isinstance(summary_text, str) else None, 1, 1)
             continue
         pooled = _pool_predictions(predictions[predictions["run_id"].isin(done["id"].astype(int))])
-        rows, summary = _metrics_from_predictions(pooled, section.threshold, section.n_boot, seed, classes)
+        threshold, note = _pooled_threshold(section.threshold, done)
+        rows, summary = _metrics_from_predictions(pooled, threshold, section.n_boot, seed, classes, note)
         add(row_labels, rows, summary, len(done), len(part))
 
     for axis in ensembles:
@@ -212,7 +236,8 @@ def grid_table(experiment: ExperimentRecipe, store: RunStore) -> GridTable:
                 member["run_id"] = index
                 per_member.append(member)
             combined = _pool_predictions(pd.concat(per_member, ignore_index=True), require_all=len(members))
-            rows, summary = _metrics_from_predictions(combined, section.threshold, section.n_boot, seed, classes)
+            threshold, note = _pooled_threshold(section.threshold, pd.concat([groups[m][groups[m]["status"] == "done"] for m in members]))
+            rows, summary = _metrics_from_predictions(combined, threshold, section.n_boot, seed, classes, note)
             add(ensemble_labels, rows, summary, total, total)
 
     adaptation_rows = []

@@ -15,9 +15,10 @@ tested on Kermany only with the patients it never saw). Images the preprocessing
 are left out and counted. So each source's test set is patient-disjoint from everything
 the model learned from, and a source is never called unseen when the model saw it.
 
-Predictions come from the run's ``best.ckpt`` through `covidcxr.train.inference`
-(`load_run`, `cached_inputs`, `LoadedRun.predict`: the run's own preprocessing through the
-shared cache); a run with snapshot checkpoints (Hall et al.) is scored by their average.
+What a run saw comes from `covidcxr.rundir.RunDir.seen` (its train/val rows). Predictions
+come from the run's model through `covidcxr.train.inference` (`load_run`, `cached_inputs`,
+`LoadedRun.predict`: the run's own preprocessing through the shared cache); for a run whose
+metrics come from its snapshot ensemble (Hall et al.) that model is the ensemble.
 Metrics per source come from `covidcxr.evaluate.cross_source.metrics_for_rows`
 (patient-bootstrap CIs), seen vs unseen from `seen_unseen` (DeLong gap).
 
@@ -38,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from covidcxr.errors import CovidCXRError
+from covidcxr.rundir import RunDir, linked_rows
 from covidcxr.train.recipe import TASKS, TrainRecipe
 
 __all__ = [
@@ -116,32 +118,9 @@ def task_rows(recipe: TrainRecipe) -> pd.DataFrame:
     return rows
 
 
-def _links(frames: Sequence[pd.DataFrame]) -> dict[str, set[str]]:
-    links: dict[str, set[str]] = {"patient_id": set(), "dup_group": set(), "sha1": set(), "image": set()}
-    for frame in frames:
-        for column in links:
-            if column in frame.columns:
-                values = frame[column].dropna().astype(str)
-                links[column].update(v for v in values if v and v.lower() not in ("nan", "none", "<na>"))
-    return links
-
-
 def linked_to(rows: pd.DataFrame, used: Sequence[pd.DataFrame]) -> np.ndarray:
-    """(N,) bool: rows sharing a patient, near-duplicate group, file hash or path with any ``used`` frame."""
-    links = _links(used)
-    mask = np.zeros(len(rows), dtype=bool)
-    for column, values in links.items():
-        if column in rows.columns and values:
-            mask |= rows[column].astype(str).isin(values).to_numpy() & rows[column].notna().to_numpy()
-    return mask
-
-
-def _fit_rows(run_dir: Path) -> pd.DataFrame:
-    path = Path(run_dir) / "manifest.parquet"
-    if not path.is_file():
-        raise CovidCXRError(f"run {run_dir} has no manifest.parquet (expected a finished training run)")
-    frame = pd.read_parquet(path)
-    return frame
+    """(N,) bool: rows sharing a patient, near-duplicate group, file hash or path with any ``used`` frame (`covidcxr.rundir.linked_rows`)."""
+    return linked_rows(rows, used)
 
 
 def test_images(recipe: TrainRecipe, run_dir: str | Path, pretrain_dir: str | Path | None = None, sources: str | Sequence[str] = "all") -> pd.DataFrame:
@@ -161,12 +140,10 @@ def test_images(recipe: TrainRecipe, run_dir: str | Path, pretrain_dir: str | Pa
     Raises:
         CovidCXRError: a named source is not in the collection.
     """
-    run_manifest = _fit_rows(Path(run_dir))
-    used = [run_manifest[run_manifest["split"].isin(["train", "val"])]]
-    if pretrain_dir is not None:
-        stage_one = _fit_rows(Path(pretrain_dir))
-        used.append(stage_one[stage_one["split"].isin(["train", "val"])])
-    seen_sources = sorted(set(used[0]["source"].astype(str)))
+    run = RunDir(run_dir)
+    run_manifest = run.read_manifest()
+    seen = run.seen(also=[pretrain_dir] if pretrain_dir is not None else [])
+    seen_sources = seen.sources
     everything = task_rows(recipe)
     present = sorted(set(everything["source"].astype(str)) | set(run_manifest["source"].astype(str)))
     wanted = present if sources == "all" else list(sources)
@@ -179,7 +156,7 @@ def test_images(recipe: TrainRecipe, run_dir: str | Path, pretrain_dir: str | Pa
             candidates = run_manifest[(run_manifest["split"] == "test") & (run_manifest["source"].astype(str) == source)]
         else:
             candidates = everything[everything["source"].astype(str) == source]
-        linked = linked_to(candidates, used)
+        linked = seen.linked(candidates)
         part = candidates[~linked].copy()
         part["split"] = "test"
         part["seen"] = source in seen_sources
@@ -195,13 +172,8 @@ def test_images(recipe: TrainRecipe, run_dir: str | Path, pretrain_dir: str | Pa
 # ---------------------------------------------------------------------------------- predictions
 
 
-def _snapshot_checkpoints(run_dir: Path) -> list[Path]:
-    files = sorted((run_dir / "checkpoints").glob("snapshot-*.ckpt"), key=lambda p: int(p.stem.split("-")[1]))
-    return files
-
-
 def predict_images(run_dir: str | Path, rows: pd.DataFrame, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Score ``rows`` with a trained run (best.ckpt, or the average of its snapshots).
+    """Score ``rows`` with a trained run's model (`load_run`: best.ckpt, or its snapshot ensemble).
 
     Returns:
         ``(scored, rejected)``: the rows the preprocessing kept, with ``positive`` (1 when
@@ -213,8 +185,6 @@ def predict_images(run_dir: str | Path, rows: pd.DataFrame, progress: bool = Fal
 
     run_dir = Path(run_dir)
     loaded = load_run(run_dir)
-    snapshots = _snapshot_checkpoints(run_dir)
-    members = [load_run(run_dir, checkpoint=str(path)) for path in snapshots] if snapshots else [loaded]
     classes = list(loaded.classes)
     scored_class = positive_class(loaded.recipe)
     column = classes.index(scored_class)
@@ -226,7 +196,7 @@ def predict_images(run_dir: str | Path, rows: pd.DataFrame, progress: bool = Fal
         rejected_parts.append(excluded)
         if not len(kept):
             continue
-        probabilities = np.mean([member.predict(images) for member in members], axis=0)
+        probabilities = loaded.predict(images)
         kept = kept.copy()
         if loaded.binary:
             kept["probability"] = probabilities.reshape(-1).astype(np.float64)
@@ -367,12 +337,8 @@ def write_adaptation_manifest(adapt: Any, seed: int | None = None) -> pd.DataFra
     rng = np.random.default_rng(spec_seed if seed is None else seed)
     rows = task_rows(point.recipe)
     scored_class = positive_class(point.recipe)
-    run_manifest = _fit_rows(point.run_dir)
-    used = [run_manifest[run_manifest["split"].isin(["train", "val"])]]
-    if point.pretrain is not None:
-        stage_one = _fit_rows(point.pretrain.run_dir)
-        used.append(stage_one[stage_one["split"].isin(["train", "val"])])
-    rows = rows[~linked_to(rows, used)]
+    seen = RunDir(point.run_dir).seen(also=[point.pretrain.run_dir] if point.pretrain is not None else [])
+    rows = rows[~seen.linked(rows)]
     chosen = []
     pools = []
     for spec, is_positive in ((spec_positives, True), (spec_negatives, False)):
@@ -409,12 +375,14 @@ def _adapt_spec(adapt: Any) -> tuple[Any, Any, float, int]:
     return spec.positives, spec.negatives, spec.val_fraction, spec.seed
 
 
-def before_after(before: pd.DataFrame, after: pd.DataFrame, threshold: float = 0.5) -> dict[str, Any]:
+def before_after(before: pd.DataFrame, after: pd.DataFrame, threshold: float | tuple[float, float] = 0.5) -> dict[str, Any]:
     """Table 4 of Ben Ahmed et al.: per class and source, accuracy before and after adaptation, on the same images.
 
     Args:
         before: the point's scored test images (`predict_images`).
         after: the adapted model's scored test images.
+        threshold: one threshold for both models, or ``(before's, after's)``: each
+            model's own operating point.
 
     Returns:
         ``{"rows": [{source, class, n, before, after}], "mcnemar": {...}, "delong": {...}}``:
@@ -426,7 +394,8 @@ def before_after(before: pd.DataFrame, after: pd.DataFrame, threshold: float = 0
 
     merged = before[["image", "source", "positive", "probability"]].merge(after[["image", "probability"]], on="image", suffixes=("_before", "_after"))
     y = merged["positive"].to_numpy().astype(np.int64)
-    decided = {name: (merged[f"probability_{name}"].to_numpy() >= threshold).astype(np.int64) for name in ("before", "after")}
+    thresholds = dict(zip(("before", "after"), threshold if isinstance(threshold, tuple) else (threshold, threshold)))
+    decided = {name: (merged[f"probability_{name}"].to_numpy() >= thresholds[name]).astype(np.int64) for name in ("before", "after")}
     rows = []
     for (source, positive), part in merged.groupby(["source", "positive"], sort=True):
         index = part.index.to_numpy()

@@ -62,6 +62,7 @@ from covidcxr.preprocess.lungs import (
     SegmenterConfig,
     build_unet,
     evaluate_segmenter,
+    load_model,
     mask_convention,
     prepare_image,
     prepare_mask,
@@ -93,6 +94,15 @@ class TrainSettings:
         threads: torch intra-op threads (None: torch's default, one per core). On a CPU
             shared with other jobs, 1 thread can be 2-5x faster than 2: oversubscribed
             OpenMP threads wait for each other at every operation.
+        opacity_prob: probability of pasting synthetic opacities into a training image's
+            lungs (`covidcxr.preprocess.lung_augment.RandLungOpacityd`); 0 turns it off.
+        site_prob: probability of each site-imitating transform (down-up sampling, JPEG,
+            Poisson noise, collimation; `lung_augment.site_transforms`); 0 turns them off.
+        loss: ``"dice_ce"`` (MONAI DiceCELoss) or ``"tversky_ce"`` (the recall-weighted
+            Tversky loss, alpha 0.3 / beta 0.7, + cross-entropy; Salehi et al. 2017): a
+            missed lung pixel costs more than a spurious one.
+        init_weights: start from these U-Net weights (e.g. the shipped ``lung_unet.pt``,
+            trained on the same split) instead of a random initialisation: fine-tuning.
     """
 
     epochs: int = 150
@@ -110,6 +120,10 @@ class TrainSettings:
     val_size: float = 0.2
     fast: bool = True
     threads: int | None = None
+    opacity_prob: float = 0.0
+    site_prob: float = 0.0
+    loss: str = "dice_ce"
+    init_weights: str | None = None
 
     def segmenter_config(self) -> SegmenterConfig:
         channels = tuple(self.channels) if self.channels else tuple(self.width * 2**i for i in range(5))
@@ -124,7 +138,13 @@ class TrainSettings:
     def identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it resumes."""
         keys = ("size", "seed", "batch_size", "width", "channels", "num_res_units", "test_size", "val_size")
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keys}
+        identity = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keys}
+        # options left at their defaults stay out, so runs started before they existed still resume
+        defaults = TrainSettings()
+        for key in ("opacity_prob", "site_prob", "loss", "init_weights"):
+            if getattr(self, key) != getattr(defaults, key):
+                identity[key] = getattr(self, key)
+        return identity
 
 
 # ---------------------------------------------------------------- split and data
@@ -214,8 +234,12 @@ def decode_rows(rows: pd.DataFrame, config: SegmenterConfig, show_progress: bool
     return SegmentationArrays(images, labels, has)
 
 
-def build_augmentation(size: int, seed: int = 0):
+def build_augmentation(size: int, seed: int = 0, opacity_prob: float = 0.0, site_prob: float = 0.0):
     """MONAI dictionary transforms: rigid (±10°, ±7 % shift, ±12 % scale) + intensity.
+
+    With ``opacity_prob`` > 0, synthetic opacities are pasted into the (transformed) lungs
+    right after the rigid transform; with ``site_prob`` > 0 the site-imitating transforms
+    follow the intensity ones (`covidcxr.preprocess.lung_augment`).
 
     No flips (left/right lungs differ: the heart is on the patient's left) and no elastic
     deformation (it would change the anatomy the masks describe). Intensity augmentation
@@ -232,6 +256,8 @@ def build_augmentation(size: int, seed: int = 0):
         RandShiftIntensityd,
     )
 
+    from covidcxr.preprocess.lung_augment import RandLungOpacityd, site_transforms
+
     transform = Compose(
         [
             RandAffined(
@@ -243,11 +269,13 @@ def build_augmentation(size: int, seed: int = 0):
                 mode=("bilinear", "nearest"),
                 padding_mode="zeros",
             ),
+            *([RandLungOpacityd(prob=opacity_prob)] if opacity_prob > 0 else []),
             RandAdjustContrastd(keys="image", prob=0.5, gamma=(0.6, 1.6)),
             RandScaleIntensityd(keys="image", factors=0.2, prob=0.3),
             RandShiftIntensityd(keys="image", offsets=0.1, prob=0.3),
             RandGaussianSmoothd(keys="image", sigma_x=(0.3, 1.2), sigma_y=(0.3, 1.2), prob=0.2),
             RandGaussianNoised(keys="image", prob=0.3, mean=0.0, std=0.03),
+            *(site_transforms(site_prob) if site_prob > 0 else []),
         ]
     )
     transform.set_random_state(seed=seed)
@@ -294,6 +322,25 @@ def partial_dice_ce(loss_fn, logits: torch.Tensor, labels: torch.Tensor, has: to
     return torch.stack(terms).mean()
 
 
+def make_loss(name: str):
+    """``"dice_ce"``: MONAI ``DiceCELoss(sigmoid=True)``; ``"tversky_ce"``: recall-weighted.
+
+    The Tversky index (Salehi et al. 2017, "Tversky loss function for image segmentation
+    using 3D fully convolutional deep networks", MLMI) weighs false negatives by beta and
+    false positives by alpha; alpha 0.3 / beta 0.7 makes a lung pixel cut away cost more
+    than one added, the error that removes opacities. Cross-entropy is added as in DiceCE.
+    """
+    from monai.losses import DiceCELoss, TverskyLoss
+
+    if name == "dice_ce":
+        return DiceCELoss(sigmoid=True)
+    if name == "tversky_ce":
+        tversky = TverskyLoss(sigmoid=True, alpha=0.3, beta=0.7)
+        bce = torch.nn.BCEWithLogitsLoss()
+        return lambda logits, target: tversky(logits, target) + bce(logits, target)
+    raise CovidCXRError(f"unknown segmentation loss {name!r}: expected dice_ce or tversky_ce")
+
+
 class LungSegmentationModule(L.LightningModule):
     """The U-Net, its partial-label Dice+CE loss and per-convention validation Dice.
 
@@ -305,14 +352,12 @@ class LungSegmentationModule(L.LightningModule):
         channels_last: keep the network and its inputs in channels-last memory format.
     """
 
-    def __init__(self, config: dict[str, Any], lr: float = 2e-3, weight_decay: float = 1e-4, channels_last: bool = True):
+    def __init__(self, config: dict[str, Any], lr: float = 2e-3, weight_decay: float = 1e-4, channels_last: bool = True, loss: str = "dice_ce"):
         super().__init__()
         self.save_hyperparameters()
-        from monai.losses import DiceCELoss
-
         self.config = SegmenterConfig.from_dict(config)
         self.net = build_unet(self.config)
-        self.loss_fn = DiceCELoss(sigmoid=True)
+        self.loss_fn = make_loss(loss)
         self.channels_last = channels_last
         self._val_dice: list[torch.Tensor] = []
         self._val_has: list[torch.Tensor] = []
@@ -495,14 +540,21 @@ def train_segmenter(
     arrays = decode_rows(fit_rows, config, show_progress=show_progress)
     train_index = np.flatnonzero(fit_rows["split"].to_numpy() == "train")
     val_index = np.flatnonzero(fit_rows["split"].to_numpy() == "val")
-    train_set = SegmentationDataset(arrays, train_index, build_augmentation(settings.size, settings.seed))
+    train_set = SegmentationDataset(arrays, train_index, build_augmentation(settings.size, settings.seed, settings.opacity_prob, settings.site_prob))
     val_set = SegmentationDataset(arrays, val_index)
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=settings.batch_size, sampler=_make_sampler(fit_rows.iloc[train_index], settings.seed), drop_last=True, num_workers=0
     )
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=16, shuffle=False, num_workers=0)
 
-    module = LungSegmentationModule(config.to_dict(), lr=settings.lr, weight_decay=settings.weight_decay, channels_last=settings.fast)
+    module = LungSegmentationModule(config.to_dict(), lr=settings.lr, weight_decay=settings.weight_decay, channels_last=settings.fast, loss=settings.loss)
+    if settings.init_weights and last is None:
+        initial, initial_config, _ = load_model(settings.init_weights)
+        architecture = ("input_size", "channels", "strides", "num_res_units", "norm", "conventions")
+        if any(initial_config.to_dict()[k] != config.to_dict()[k] for k in architecture):
+            raise CovidCXRError(f"--init-weights {settings.init_weights}: its architecture differs from these settings ({initial_config.to_dict()})")
+        module.net.load_state_dict(initial.state_dict())
+        log(f"fine-tuning from {settings.init_weights}")
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor="val_dice", mode="max", save_last=True, save_top_k=1, enable_version_counter=False
     )
@@ -574,11 +626,15 @@ def train_segmenter(
             "best_val_dice": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
             "fit_minutes": round(fit_minutes, 2),
             "total_minutes": round((time.perf_counter() - started) / 60, 2),
-            "loss": "MONAI DiceCELoss(sigmoid=True) per convention on the images annotated in it, averaged",
+            "loss": ("MONAI DiceCELoss(sigmoid=True)" if settings.loss == "dice_ce" else "MONAI TverskyLoss(alpha=0.3, beta=0.7) + BCE (recall-weighted)")
+            + " per convention on the images annotated in it, averaged",
+            "init_weights": settings.init_weights,
             "optimizer": f"AdamW(lr={settings.lr}, weight_decay={settings.weight_decay}), 5% warm-up then cosine to lr/100 (per step)",
             "sampler": "with replacement, weight 1/sqrt(size of the image's source/annotator group)",
             "augmentation": "RandAffined(rotate ±10°, translate ±7%, scale ±12%, p=0.9), RandAdjustContrastd(gamma 0.6-1.6), "
-            "RandScaleIntensityd(±20%), RandShiftIntensityd(±0.1), RandGaussianSmoothd(sigma 0.3-1.2), RandGaussianNoised(std 0.03)",
+            "RandScaleIntensityd(±20%), RandShiftIntensityd(±0.1), RandGaussianSmoothd(sigma 0.3-1.2), RandGaussianNoised(std 0.03)"
+            + (f"; RandLungOpacityd(p={settings.opacity_prob}: 1-3 basal-biased opacities pasted into the lungs, mask unchanged)" if settings.opacity_prob else "")
+            + (f"; site transforms (p={settings.site_prob} each: down-up sampling 0.3-0.9, JPEG 25-90, Poisson noise, collimation bands)" if settings.site_prob else ""),
             "precision": "bf16-mixed, channels_last" if settings.fast else "float32",
             "torch": torch.__version__,
             "val_dice_by_epoch": validation_curve(run_dir),

@@ -839,12 +839,14 @@ def _means(frame: pd.DataFrame) -> dict[str, Any]:
         "dice_median": round(float(frame["dice"].median()), 4) if len(frame) else None,
         "iou_mean": round(float(frame["iou"].mean()), 4) if len(frame) else None,
         "hd95_mean": round(float(frame["hd95"].mean()), 2) if len(frame) else None,
+        "recall_mean": round(float(frame["recall"].mean()), 4) if len(frame) and "recall" in frame else None,
         "n": int(len(frame)),
     }
 
 
 def summarize_metrics(per_image: pd.DataFrame, worst: int = 10) -> dict[str, Any]:
-    """Overall, per-source and per-annotator means and the ``worst`` images by Dice."""
+    """Overall, per-source and per-annotator means, the ``worst`` images by Dice and, with
+    ``recall`` and ``label`` columns, the lung recall per label (`lung_coverage.recall_by_label`)."""
     summary = _means(per_image)
     summary["per_source"] = {str(s): _means(g) for s, g in per_image.groupby("source", sort=True)}
     summary["per_mask_source"] = {str(s): _means(g) for s, g in per_image.groupby("mask_source", sort=True)}
@@ -853,6 +855,10 @@ def summarize_metrics(per_image: pd.DataFrame, worst: int = 10) -> dict[str, Any
         {"image": r.image, "source": r.source, "mask_source": r.mask_source, "convention": r.convention, "dice": round(r.dice, 4), "iou": round(r.iou, 4), "hd95": round(r.hd95, 2)}
         for r in rows.itertuples()
     ]
+    if {"recall", "label"} <= set(per_image.columns):
+        from covidcxr.preprocess.lung_coverage import recall_by_label
+
+        summary["recall_by_label"] = recall_by_label(per_image)
     return summary
 
 
@@ -881,13 +887,16 @@ def evaluate_segmenter(
         worst: how many of the lowest-Dice images to list.
 
     Returns:
-        `EvaluationResult`: ``per_image`` (image, source, mask_source, convention, dice,
-        iou, hd95) and ``summary`` (``dice_mean``, ``iou_mean``, ``hd95_mean``, ``n``,
-        ``per_source``, ``per_mask_source``, ``worst``).
+        `EvaluationResult`: ``per_image`` (image, source, label, patient_id, mask_source,
+        convention, dice, iou, hd95, recall — the share of the reference lung the mask
+        covers) and ``summary`` (``dice_mean``, ``iou_mean``, ``hd95_mean``,
+        ``recall_mean``, ``n``, ``per_source``, ``per_mask_source``, ``worst``,
+        ``recall_by_label`` with patient-bootstrap CIs).
     """
     from covidcxr.data.manifest import is_missing
     from covidcxr.io import read_image, read_mask
     from covidcxr.parallel import make_progress
+    from covidcxr.preprocess.lung_coverage import lung_recall
 
     if mask_column not in manifest.columns:
         raise CovidCXRError(f"the manifest has no {mask_column!r} column; nothing to evaluate against")
@@ -919,11 +928,14 @@ def evaluate_segmenter(
                     {
                         "image": rows.at[i, "image"],
                         "source": rows.at[i, "source"],
+                        "label": str(rows.at[i, "label"]) if "label" in rows.columns and not is_missing(rows.at[i, "label"]) else "unknown",
+                        "patient_id": rows.at[i, "patient_id"] if "patient_id" in rows.columns else None,
                         "mask_source": mask_sources.iloc[i] or "unspecified",
                         "convention": conventions[i],
                         "dice": dice_score(predicted, truth),
                         "iou": iou_score(predicted, truth),
                         "hd95": hd95(predicted, truth),
+                        "recall": lung_recall(predicted, truth),
                     }
                 )
             progress.advance(task, stop - start)

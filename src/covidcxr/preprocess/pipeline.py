@@ -356,13 +356,35 @@ def soft_mask(mask: np.ndarray, radius: float) -> np.ndarray:
     return soften_mask(mask, radius=radius)
 
 
-def load_equalized(path: str | Path, config: PreprocessConfig) -> np.ndarray:
+def pixels_from_array(image: np.ndarray) -> np.ndarray:
+    """An image given as an array (not a file) -> ``(H, W)`` float32 grey in [0, 1], as `read_image` gives.
+
+    Raises:
+        CovidCXRError: not a finite 2-D array with values in [0, 1] (the message says what it is).
+    """
+    pixels = np.asarray(image)
+    if pixels.ndim != 2 or min(pixels.shape) < 1 or not np.issubdtype(pixels.dtype, np.number):
+        raise CovidCXRError(f"image array: expected (H, W) grey numbers in [0, 1]; got shape {pixels.shape}, dtype {pixels.dtype}")
+    pixels = pixels.astype(np.float32)
+    if not np.isfinite(pixels).all() or float(pixels.min()) < 0.0 or float(pixels.max()) > 1.0:
+        raise CovidCXRError(
+            f"image array: expected finite values in [0, 1] (divide 8-bit by 255, 16-bit by 65535); "
+            f"got range [{np.nanmin(pixels):.4g}, {np.nanmax(pixels):.4g}]"
+        )
+    return pixels
+
+
+def load_equalized(path: str | Path | np.ndarray, config: PreprocessConfig) -> np.ndarray:
     """Steps 1–3: read, optionally JPEG-harmonise, equalise. ``(H, W)`` float32 in [0, 1].
+
+    ``path`` may also be an image already in memory: an ``(H, W)`` array of grey values in
+    [0, 1] (`pixels_from_array`), e.g. from `covidcxr.train.inference.LoadedRun.predict_array`.
 
     Raises:
         ImageReadError: the file cannot be read (naming it and why).
+        CovidCXRError: an array that is not ``(H, W)`` in [0, 1].
     """
-    pixels = read_image(path).pixels
+    pixels = pixels_from_array(path) if isinstance(path, np.ndarray) else read_image(path).pixels
     if config.jpeg_quality is not None:
         pixels = harmonize_jpeg(pixels, config.jpeg_quality)
     return equalize(pixels, config.equalization)
@@ -461,7 +483,7 @@ def mask_origin(config: PreprocessConfig, manifest_mask: MaskPath) -> str:
 
 
 def preprocess_batch(
-    items: Sequence[tuple[str | Path, MaskPath]],
+    items: Sequence[tuple[str | Path | np.ndarray, MaskPath]],
     config: PreprocessConfig,
     segmenter: Segmenter | None = None,
     screen: bool = False,
@@ -469,8 +491,9 @@ def preprocess_batch(
     """Preprocess several images, segmenting those that need the U-Net in one batch.
 
     Args:
-        items: ``(image path, manifest mask)`` pairs; the mask is a path, a bool array of
-            the image's shape, or None.
+        items: ``(image, manifest mask)`` pairs; the image is a file or an ``(H, W)`` array in
+            [0, 1] (`load_equalized`); the mask is a path, a bool array of the image's
+            shape, or None.
         config: the pipeline settings.
         segmenter: a loaded segmenter (anything with ``segment_batch``); None loads the
             configured one when an image needs it (`load_segmenter`).
@@ -491,7 +514,7 @@ def preprocess_batch(
     for position, (path, manifest_mask) in enumerate(items):
         try:
             origin = mask_origin(config, manifest_mask)
-            if screen:
+            if screen and not isinstance(path, np.ndarray):  # an array has no file header to screen
                 inspect_input(path, DEFAULT_MAX_PIXELS)
             equalized = load_equalized(path, config)
             if screen:

@@ -5,7 +5,13 @@ source whose masks are systematically smaller are all shortcuts in waiting; the 
 reliable check is to look. `write_qc` writes, under ``CACHE/<hash16>/qc/``:
 
 * ``qc.csv`` — one row per image: image, source, label, mask_area_fraction,
-  left_right_balance, rejected_reason, cache (hit/miss/error), cache_key, mask_used.
+  left_right_balance, rejected_reason, cache (hit/miss/error), cache_key, mask_used,
+  lung_height_ratio (shorter lung / taller lung) and possible_opacity_cut (the mask's
+  shorter lung below `OPACITY_CUT_HEIGHT_RATIO` of the taller one: it may have cut away
+  a consolidation; `covidcxr.preprocess.screening.opacity_cut_warnings`, the rule predict uses).
+* ``findings.json`` — the share of images flagged ``possible_opacity_cut`` per source ×
+  label: a flag that fires more on COVID/pneumonia images than on normals of the same
+  source means masking removes disease from the classifier's input.
 * ``contact_sheet.png`` — for a sample stratified over source × label (rejected images
   first in line, since they are the ones to check), one row per image: the equalised
   original | its lung mask (red) and crop box (yellow) | the model input as cached,
@@ -14,6 +20,7 @@ reliable check is to look. `write_qc` writes, under ``CACHE/<hash16>/qc/``:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +29,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from covidcxr.data.manifest import is_missing
 from covidcxr.io import atomic_path
+from covidcxr.io.atomic import atomic_write_text
 from covidcxr.preprocess.cache import CacheMiss, read_entry
+from covidcxr.preprocess.screening import OPACITY_CUT_HEIGHT_RATIO, opacity_cut_warnings
 
 QC_COLUMNS: tuple[str, ...] = (
     "image",
@@ -34,6 +43,8 @@ QC_COLUMNS: tuple[str, ...] = (
     "cache",
     "cache_key",
     "mask_used",
+    "lung_height_ratio",
+    "possible_opacity_cut",
 )
 
 _TILE = 192
@@ -46,6 +57,39 @@ def qc_table(index: pd.DataFrame) -> pd.DataFrame:
     """The ``qc.csv`` columns from a cache index (``cache`` = the index's ``cache_status``)."""
     table = index.rename(columns={"cache_status": "cache"})
     return table[[c for c in QC_COLUMNS if c in table.columns]].copy()
+
+
+def opacity_cut_flags(index: pd.DataFrame, config_dir: str | Path) -> pd.DataFrame:
+    """``lung_height_ratio`` and ``possible_opacity_cut`` per index row, from each entry's QC mask.
+
+    Rows without a cache file or with a rejected segmentation get NaN / False.
+
+    Returns:
+        A frame aligned with ``index`` (same index) holding the two columns.
+    """
+    from covidcxr.preprocess.lung_coverage import lung_shape
+
+    ratios = []
+    for _, row in index.iterrows():
+        ratio = float("nan")
+        if "cache_file" in row and not is_missing(row["cache_file"]) and is_missing(row.get("rejected_reason")):
+            try:
+                ratio = lung_shape(read_entry(Path(config_dir) / str(row["cache_file"])).qc_mask)["height_ratio"]
+            except CacheMiss:
+                pass
+        ratios.append(ratio)
+    ratio = pd.Series(ratios, index=index.index, dtype=float)
+    return pd.DataFrame({"lung_height_ratio": ratio, "possible_opacity_cut": ratio < OPACITY_CUT_HEIGHT_RATIO}, index=index.index)
+
+
+def opacity_cut_summary(table: pd.DataFrame) -> dict[str, dict[str, float | int]]:
+    """Share of images flagged ``possible_opacity_cut`` per ``source/label`` (images with a height ratio only)."""
+    scored = table.dropna(subset=["lung_height_ratio"])
+    keys = scored["source"].astype(str) + "/" + scored["label"].astype(str)
+    return {
+        str(key): {"n_images": int(len(group)), "flagged": int(group["possible_opacity_cut"].sum()), "share": round(float(group["possible_opacity_cut"].mean()), 4)}
+        for key, group in scored.groupby(keys, sort=True)
+    }
 
 
 def sample_for_qc(index: pd.DataFrame, count: int = 24, seed: int = 0) -> pd.DataFrame:
@@ -151,6 +195,9 @@ def contact_sheet(index: pd.DataFrame, config_dir: str | Path) -> Image.Image:
             f"L/(L+R) {balance:.2f}" if balance is not None else "L/(L+R) n/a",
             f"mask: {meta.get('mask_used')}  cache: {row.get('cache_status', '?')}",
         ]
+        shape_warnings = [] if meta.get("rejected_reason") else opacity_cut_warnings(entry.qc_mask)
+        if shape_warnings:
+            lines.append("POSSIBLE OPACITY CUT")
         draw.multiline_text((x0 + 8, y + 6), "\n".join(lines), fill=(230, 230, 230), font=small, spacing=3)
         reason = meta.get("rejected_reason")
         if reason:
@@ -182,7 +229,7 @@ def write_qc(index: pd.DataFrame, config_dir: str | Path, sample: int = 24, seed
         seed: sampling seed.
 
     Returns:
-        ``{"qc_csv": path, "contact_sheet": path}`` (the sheet only when drawn).
+        ``{"qc_csv": path, "findings": path, "contact_sheet": path}`` (the sheet only when drawn).
 
     Example:
         >>> paths = write_qc(result.index, result.config_dir, sample=24)  # doctest: +SKIP
@@ -190,9 +237,18 @@ def write_qc(index: pd.DataFrame, config_dir: str | Path, sample: int = 24, seed
     folder = Path(config_dir) / "qc"
     folder.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
+    table = qc_table(index.join(opacity_cut_flags(index, config_dir)))
     with atomic_path(folder / "qc.csv") as tmp:
-        qc_table(index).to_csv(tmp, index=False)
+        table.to_csv(tmp, index=False)
     paths["qc_csv"] = folder / "qc.csv"
+    findings = {
+        "possible_opacity_cut": {
+            "rule": f"the mask's shorter lung below {OPACITY_CUT_HEIGHT_RATIO} of the taller one's height",
+            "per_source_label": opacity_cut_summary(table),
+        }
+    }
+    atomic_write_text(folder / "findings.json", json.dumps(findings, indent=2) + "\n")
+    paths["findings"] = folder / "findings.json"
     if sample > 0:
         sheet = contact_sheet(sample_for_qc(index, sample, seed), config_dir)
         with atomic_path(folder / "contact_sheet.png") as tmp:

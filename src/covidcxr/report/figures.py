@@ -529,7 +529,7 @@ def audit_figure(audit: Mapping[str, Any]) -> Any:
 
 
 def embedding_figure(points: Mapping[str, Any] | None, palette: Mapping[str, Any] | None = None, training_sources: Sequence[str] | None = None, title: str = "") -> Any:
-    """The audit's t-SNE map coloured by source and by label, in the report's palette.
+    """The audit's t-SNE (or UMAP) map coloured by source and by label, in the report's palette.
 
     Args:
         points: ``results["runs"][i]["audit"]["embedding_points"]`` (x, y, source, label).
@@ -546,4 +546,5 @@ def embedding_figure(points: Mapping[str, Any] | None, palette: Mapping[str, Any
     colors = _palette(palette, sorted(set(points["source"])), sorted(set(points["label"])))
     with plt.rc_context(_STYLE):
         return draw(np.asarray(points["x"], dtype=float), np.asarray(points["y"], dtype=float), points["source"], points["label"],
-                    source_palette=colors["sources"], label_palette=colors["labels"], training_sources=training_sources, title=title)
+                    source_palette=colors["sources"], label_palette=colors["labels"], training_sources=training_sources, title=title,
+                    method=str(points.get("method") or "tsne"))

@@ -61,6 +61,7 @@ from covidcxr.evaluate.metrics import (
 from covidcxr.evaluate.stats import delong_test, mcnemar_test
 from covidcxr.io.atomic import atomic_write_text
 from covidcxr.report.palette import ROLE_COLORS, label_colors, source_colors
+from covidcxr.rundir import RunDir
 
 __all__ = [
     "REPORT_SCHEMA",
@@ -99,8 +100,11 @@ class RunInputs:
         excluded: ``excluded.csv``, or None.
         evaluation: ``evaluation.json`` or computed; evaluation_origin says which and why.
         audit: ``audit/audit.json``, or None; audit_problem says why it is unusable.
-        operating_point: the threshold and its rule (:func:`run_operating_point`), binary runs.
         notes: anything the report had to work around, in words.
+        operating_point: the run's operating point (`covidcxr.rundir.OperatingPoint.to_dict`
+            plus ``describe``, one sentence).
+        run_warnings: warnings about the run itself (`covidcxr.rundir.RunDir.warnings`, e.g.
+            ``random_frozen_backbone``: a hollow run), for the first screen.
     """
 
     run_dir: Path
@@ -116,8 +120,9 @@ class RunInputs:
     evaluation_origin: str | None = None
     audit: dict[str, Any] | None = None
     audit_problem: str | None = None
-    operating_point: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    operating_point: dict[str, Any] | None = None
+    run_warnings: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def audit_dir(self) -> Path:
@@ -173,7 +178,8 @@ def load_run_inputs(
 
     Args:
         run_dir: a run directory written by ``covidcxr train``.
-        threshold: decision threshold (None: the run's, see :func:`run_operating_point`).
+        threshold: decision threshold (None: the run's operating point,
+            `covidcxr.rundir.RunDir.threshold`; 0.5 for a run that stored none).
         n_boot: bootstrap resamples when the evaluation is computed here; seed: their seed.
         reevaluate: compute the evaluation even when ``evaluation.json`` is usable.
 
@@ -181,10 +187,11 @@ def load_run_inputs(
         CovidCXRError: not a run directory, no or unreadable ``predictions.parquet``,
             unreadable ``config.yaml``/``manifest.parquet``/``excluded.csv``.
     """
-    path = Path(run_dir)
+    rd = RunDir(run_dir)
+    path = rd.path
     if not path.is_dir():
         raise CovidCXRError(f"{path}: not a run directory (expected a folder written by `covidcxr train`)")
-    pred_path = path / "predictions.parquet"
+    pred_path = rd.predictions
     if not pred_path.is_file():
         raise CovidCXRError(f"{path}: no predictions.parquet (expected a finished run of `covidcxr train`)")
     predictions = _read_parquet(pred_path)
@@ -193,7 +200,10 @@ def load_run_inputs(
             raise CovidCXRError(f"{pred_path}: missing column '{column}' (expected the predictions of `covidcxr train`)")
 
     inputs = RunInputs(run_dir=path, name=path.resolve().name, predictions=predictions)
-    config_path = path / "config.yaml"
+    inputs.operating_point = run_operating_point(path, threshold)
+    inputs.run_warnings = rd.warnings()
+    threshold = inputs.operating_point["threshold"] if threshold is None else threshold
+    config_path = rd.config
     if config_path.is_file():
         import yaml
 
@@ -207,16 +217,16 @@ def load_run_inputs(
             inputs.name = str(inputs.config["name"])
     else:
         inputs.notes.append("config.yaml is missing: the run's configuration cannot be shown")
-    metrics, problem = _read_json(path / "metrics.json")
+    metrics, problem = _read_json(rd.metrics)
     inputs.metrics = metrics or {}
     if problem:
         inputs.notes.append(problem)
 
-    if (path / "manifest.parquet").is_file():
-        inputs.manifest = _read_parquet(path / "manifest.parquet")
+    if rd.manifest.is_file():
+        inputs.manifest = _read_parquet(rd.manifest)
         inputs.manifest_origin = "manifest.parquet"
     else:
-        folds = sorted(path.glob("fold-*/manifest.parquet"))
+        folds = [f.manifest for f in rd.folds() if f.manifest.is_file()]
         if folds:
             # each image is tested in exactly one fold: the folds' test rows are every image once,
             # and the "split" column becomes the fold that tested it
@@ -230,24 +240,16 @@ def load_run_inputs(
                 inputs.manifest_origin = f"test rows of {len(parts)} fold manifests (k-fold run; columns are folds)"
         else:
             inputs.notes.append("manifest.parquet is missing: the data composition cannot be shown")
-    if (path / "excluded.csv").is_file():
-        try:
-            inputs.excluded = pd.read_csv(path / "excluded.csv")
-        except Exception as exc:  # noqa: BLE001
-            raise CovidCXRError(f"{path / 'excluded.csv'}: unreadable CSV ({exc})") from None
+    inputs.excluded = rd.read_excluded()
 
     if inputs.binary:
-        stored, problem = _read_json(path / EVALUATION_FILE)
-        if threshold is None:
-            inputs.operating_point = run_operating_point(path, stored)
-        else:
-            inputs.operating_point = {"threshold": float(threshold), "rule": "given to the report (threshold option)", "origin": "report option", "validation": None}
+        stored, problem = _read_json(rd.evaluation)
         why = None
         if stored is None:
             why = problem or f"{EVALUATION_FILE} is missing"
         elif reevaluate:
             why = "--reevaluate was given"
-        elif (path / EVALUATION_FILE).stat().st_mtime < pred_path.stat().st_mtime:
+        elif rd.evaluation.stat().st_mtime < pred_path.stat().st_mtime:
             why = f"{EVALUATION_FILE} is older than predictions.parquet"
         else:
             why = _evaluation_is_usable(stored, inputs.operating_point["threshold"])
@@ -256,7 +258,7 @@ def load_run_inputs(
         else:
             if (predictions["split"] == "test").any():
                 try:
-                    inputs.evaluation = evaluate_run(path, threshold=inputs.operating_point["threshold"], n_boot=n_boot, seed=seed, write=False)
+                    inputs.evaluation = evaluate_run(path, threshold=threshold, n_boot=n_boot, seed=seed, write=False)
                     inputs.evaluation_origin = f"computed by the report ({why}; n_boot={n_boot}, seed={seed})"
                 except CovidCXRError as exc:  # e.g. no manifest or config naming the training sources
                     inputs.notes.append(f"the evaluation cannot be computed: {exc}")
@@ -265,7 +267,7 @@ def load_run_inputs(
         if inputs.evaluation is not None:
             inputs.evaluation["run"] = inputs.name
 
-    audit_path = inputs.audit_dir / "audit.json"
+    audit_path = rd.audit_file
     inputs.audit, inputs.audit_problem = _read_json(audit_path)
     return inputs
 
@@ -280,21 +282,23 @@ def _rounded(values: Sequence[float], digits: int = 4) -> list[float | None]:
 # ----------------------------------------------------------------------------- operating point
 
 
-def run_operating_point(run_dir: Path, evaluation: Mapping[str, Any] | None) -> dict[str, Any]:
+def run_operating_point(run_dir: Path, threshold: float | None = None) -> dict[str, Any]:
     """The run's decision threshold and how it was chosen: the ONE place the report reads it.
 
-    Until the run directory owns it (``RUN/operating_point.json`` through ``covidcxr.rundir``),
-    it is the threshold the stored evaluation used, else 0.5. Replace the body with the
-    run-directory reader once that exists; every threshold the report shows comes from here.
+    It is `covidcxr.rundir.RunDir.operating_point` (``RUN/operating_point.json``; rule
+    ``legacy-0.5`` for a run that stored none), unless ``threshold`` overrides it (the
+    report's ``--threshold``), which the page then says.
 
     Returns:
-        ``{threshold, rule, origin, validation}`` (``validation``: the rule's sensitivity /
-        specificity on validation data when the run recorded them, else None).
+        `covidcxr.rundir.OperatingPoint.to_dict` plus ``describe`` (one sentence) — for a
+        multi-class run ``threshold`` is None.
     """
-    del run_dir  # read by covidcxr.rundir once it owns RUN/operating_point.json
-    if evaluation is not None and evaluation.get("threshold") is not None:
-        return {"threshold": float(evaluation["threshold"]), "rule": "not recorded by the run", "origin": EVALUATION_FILE, "validation": None}
-    return {"threshold": 0.5, "rule": "default 0.5 (the run records no operating point)", "origin": "default", "validation": None}
+    point = RunDir(run_dir).operating_point()
+    out = {**point.to_dict(), "describe": point.describe()}
+    if threshold is not None:
+        out.update(threshold=float(threshold), rule="report-option", rule_means="given to the report (--threshold), not the run's own",
+                   describe=f"threshold {float(threshold):.4g}, given to the report (--threshold) instead of the run's own ({point.describe()})")
+    return out
 
 
 # ----------------------------------------------------------------------------- curves
@@ -785,7 +789,7 @@ def _embedding_points(inputs: RunInputs, audit: Mapping[str, Any]) -> dict[str, 
 def _diagnostics(inputs: RunInputs, evaluation: Mapping[str, Any]) -> dict[str, Any]:
     """Operating point (with its test sensitivity/specificity), ROC, PR, sensitivity at fixed
     specificities and calibration of one binary run."""
-    op = dict(inputs.operating_point or run_operating_point(inputs.run_dir, evaluation))
+    op = dict(inputs.operating_point or run_operating_point(inputs.run_dir))
     op["test"] = _point_of(evaluation.get("overall"), op["threshold"])
     overall = evaluation.get("overall") or {}
     op["n_images"], op["n_patients"] = overall.get("n_images"), overall.get("n_patients")
@@ -796,6 +800,68 @@ def _diagnostics(inputs: RunInputs, evaluation: Mapping[str, Any]) -> dict[str, 
         "sensitivity_at_specificity": _sensitivity_at_specificity(inputs, evaluation),
         "calibration": _calibration(inputs, evaluation),
     }
+
+
+def external_sections(run_dir: Path) -> list[dict[str, Any]]:
+    """One entry per ``RUN/external/<name>/`` (`covidcxr.evaluate.external`): the collection, per-source
+    metrics with intervals, seen/unseen, what was excluded and why, and its audit's verdict and findings."""
+    from covidcxr.evaluate.external import read_external
+
+    sections = []
+    for name, report in read_external(run_dir).items():
+        audit = report.get("audit") or {}
+        sections.append({
+            "name": name,
+            "data": report.get("data"),
+            "training_sources": report.get("training_sources") or [],
+            "per_source": report.get("per_source") or {},
+            "seen_unseen": report.get("seen_unseen") or {},
+            "overall": report.get("overall"),
+            "threshold": report.get("threshold"),
+            "excluded": report.get("excluded") or {},
+            "rejected": {k: v for k, v in (report.get("rejected") or {}).items() if k != "adapter_refused"},
+            "n_candidates": report.get("n_candidates"),
+            "audit": {"verdict": audit.get("verdict"), "findings": [{**f, "origin": "audit"} for f in audit.get("findings") or []]} if audit else None,
+        })
+    return sections
+
+
+def grid_unseen_results(run_dir: Path, db: str | Path | None = None) -> dict[str, Any] | None:
+    """The experiment grid's per-source results of this run (unseen sources included), when it belongs to a grid.
+
+    Looks for the grid's SQLite store (`covidcxr.experiments.store`) at ``db``, else
+    ``experiments.sqlite`` in the run's parent folders (``runs/<grid>/<point>/`` ->
+    ``runs/experiments.sqlite``, the default of ``covidcxr experiment run``). None when
+    there is none or it does not know the run.
+    """
+    from covidcxr.experiments.store import RunStore, runs_table
+
+    candidates = [Path(db)] if db is not None else [parent / "experiments.sqlite" for parent in Path(run_dir).resolve().parents[:3]]
+    target = Path(run_dir).resolve()
+    for file in candidates:
+        if not file.is_file():
+            continue
+        store = RunStore(f"sqlite:///{file}")
+        try:
+            with store.engine.connect() as conn:
+                rows = conn.execute(runs_table.select().with_only_columns(runs_table.c.id, runs_table.c.run_dir)).all()
+            # the store keeps run_dir as the grid wrote it (often relative to where it ran)
+            ids = [int(r.id) for r in rows if Path(r.run_dir).resolve() == target or (file.parent.parent / r.run_dir).resolve() == target]
+            if not ids:
+                continue
+            metrics = store.metrics_frame(ids)
+        finally:
+            store.dispose()
+        per_source = metrics[metrics["scope"] == "source"].sort_values("test_source")
+        return {
+            "store": str(file),
+            "rows": [
+                {"test_source": str(r.test_source), "seen": None if r.seen is None else bool(r.seen), "n_images": r.n_images, "n_patients": r.n_patients,
+                 "auc": {"estimate": r.auc, "low": r.auc_low, "high": r.auc_high}, "note": r.note}
+                for r in per_source.itertuples()
+            ],
+        }
+    return None
 
 
 def collect_run(inputs: RunInputs) -> dict[str, Any]:
@@ -810,11 +876,14 @@ def collect_run(inputs: RunInputs) -> dict[str, Any]:
         "config": inputs.config,
         "composition": data_composition(inputs.manifest, inputs.excluded, _tested_elsewhere(inputs)),
         "audit": _audit_section(inputs),
+        "external": external_sections(inputs.run_dir),
+        "grid_unseen": grid_unseen_results(inputs.run_dir),
         "notes": list(inputs.notes),
-        # flags shown on the first screen, inside the verdict box: {"id", "text"} each.
-        # HOLLOW-RUN FLAG: a run trained with an explicit opt-in despite a frozen random
-        # backbone (covidcxr.rundir / train) is to be appended here.
-        "first_screen_flags": [],
+        "operating_point": inputs.operating_point,
+        "run_warnings": list(inputs.run_warnings),
+        # flags shown on the first screen, inside the verdict box: {"id", "text"} each — the
+        # run's own warnings (e.g. random_frozen_backbone: a hollow run trained by opt-in)
+        "first_screen_flags": [{"id": str(w["id"]), "text": str(w.get("text", w["id"]))} for w in inputs.run_warnings],
         "evaluation": None,
         "headline": None,
         "operating_point": None,

@@ -9,7 +9,10 @@ Routes:
   DICOM, told apart by content); query ``gradcam=true|false`` (default: the service's
   setting). Returns the `covidcxr.serve.predictor.Prediction` as JSON, overlays as
   ``data:image/png;base64`` URIs;
-* ``GET /model`` — the model card (`covidcxr.serve.model_card`);
+* ``GET /model`` — the model card (`covidcxr.serve.model_card`), with ``summary`` in words
+  (what it was trained on, seen/unseen metrics with intervals, audit verdict, operating
+  point, what it must not be used for) and ``abstention`` (its rules, and whether every
+  prediction abstains);
 * ``GET /health`` — liveness and what is being served.
 
 Safety, for any upload:

@@ -11,8 +11,12 @@ and whose ``run`` is the same run directory, and predicts only the others: a cra
 at most the files since the last flush.
 
 Columns (`CSV_COLUMNS`): ``image`` (the path as found), ``status`` (``predicted`` or
-``refused``), ``probability``, ``threshold``, ``decision``, ``warnings`` (codes, ``;``
-separated), ``error`` (refusal code), ``detail`` (the reason), ``file_sha1``, ``run``.
+``refused``), ``probability``, ``threshold``, ``decision`` (``abstain`` when the predictor
+abstained: then the probability is not to be acted on), ``model_decision`` (the class at the
+threshold), ``abstain_reasons`` (codes, ``;`` separated), ``abstain_detail`` (their sentences,
+`` | `` separated), ``abstention`` (``on``/``off``), ``warnings`` (codes, ``;`` separated),
+``error`` (refusal code), ``detail`` (the reason), ``file_sha1``, ``run``. Rows are reused only
+when ``abstention`` matches too; a CSV from before the abstention columns is re-predicted.
 No DICOM identifier is ever read (`covidcxr.io.dicom`), so none can reach the CSV.
 
 Example:
@@ -34,7 +38,12 @@ from covidcxr.data.manifest import file_sha1
 from covidcxr.errors import CovidCXRError
 from covidcxr.io.atomic import atomic_path
 
-CSV_COLUMNS = ("image", "status", "probability", "threshold", "decision", "warnings", "error", "detail", "file_sha1", "run")
+CSV_COLUMNS = (
+    "image", "status", "probability", "threshold", "decision", "model_decision", "abstain_reasons", "abstain_detail",
+    "abstention", "warnings", "error", "detail", "file_sha1", "run",
+)
+#: The columns every predictions CSV has had; a CSV lacking only the newer ones is re-predicted, not refused.
+_BASE_COLUMNS = ("image", "status", "probability", "threshold", "decision", "warnings", "error", "detail", "file_sha1", "run")
 FLUSH_EVERY = 25
 
 
@@ -59,18 +68,20 @@ def expand_inputs(paths: Iterable[Path]) -> list[Path]:
     return found
 
 
-def _read_previous(csv_path: Path, run_dir: str) -> dict[tuple[str, str], dict[str, Any]]:
-    """Rows of an earlier CSV for this run, keyed by ``(image, file_sha1)``."""
+def _read_previous(csv_path: Path, run_dir: str, abstention: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """Rows of an earlier CSV for this run and abstention setting, keyed by ``(image, file_sha1)``."""
     if not csv_path.is_file():
         return {}
     try:
         frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise CovidCXRError(f"{csv_path}: not a readable predictions CSV ({exc}); move it away or choose another --csv") from None
-    missing = [c for c in CSV_COLUMNS if c not in frame.columns]
+    missing = [c for c in _BASE_COLUMNS if c not in frame.columns]
     if missing:
         raise CovidCXRError(f"{csv_path}: lacks columns {missing}; it is not a covidcxr predictions CSV (choose another --csv)")
-    frame = frame[frame["run"] == run_dir]
+    if any(c not in frame.columns for c in CSV_COLUMNS):
+        return {}  # written before abstention existed: its decisions were never checked, predict again
+    frame = frame[(frame["run"] == run_dir) & (frame["abstention"].isin([abstention, ""]))]
     return {(row["image"], row["file_sha1"]): row for row in frame.to_dict("records")}
 
 
@@ -112,7 +123,8 @@ def predict_to_csv(
         CovidCXRError: an existing ``csv_path`` that is not a predictions CSV.
     """
     run_dir = str(Path(predictor.run.run_dir).resolve())
-    previous = _read_previous(csv_path, run_dir)  # rows not reached yet are kept at every flush
+    abstention = "on" if getattr(predictor, "abstain", True) else "off"
+    previous = _read_previous(csv_path, run_dir, abstention)  # rows not reached yet are kept at every flush
     rows: list[dict[str, Any]] = []
     reused = since_flush = 0
     for path in expand_inputs(paths):
@@ -136,6 +148,10 @@ def predict_to_csv(
                 probability=round(float(prediction.probability), 6),
                 threshold=prediction.threshold,
                 decision=prediction.decision,
+                model_decision=prediction.model_decision,
+                abstain_reasons=";".join(w.code for w in prediction.abstain_reasons),
+                abstain_detail=" | ".join(w.message for w in prediction.abstain_reasons),
+                abstention=prediction.abstention,
                 warnings=";".join(w.code for w in prediction.warnings),
             )
         rows.append(row)

@@ -21,9 +21,11 @@ from covidcxr.preprocess.screening import (  # noqa: F401 (re-exported names)
     MAX_LEVELS_GRAPHIC,
     MIN_SIDE_REFUSE,
     MIN_SIDE_WARN,
+    OPACITY_CUT_HEIGHT_RATIO,
     RADIOGRAPH_MODALITIES,
     colour_fraction,
     inspect_input,
+    opacity_cut_warnings,
     screen_pixels,
     segmentation_warnings,
 )

@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from covidcxr import MEDICAL_USE_BANNER, __version__
-from covidcxr.audit import AUDIT_DIR, AUDIT_FILE
+from covidcxr.rundir import RunDir
 
 if TYPE_CHECKING:
     from covidcxr.train.inference import LoadedRun
 
-__all__ = ["build_model_card"]
+__all__ = ["NOT_FOR", "build_model_card", "human_card", "one_line_summary"]
 
 _METRIC_KEYS = ("n", "n_patients", "auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "tp", "fp", "tn", "fn")
 
@@ -52,11 +52,28 @@ def _read_json(path: Path, notes: list[str], what: str) -> dict[str, Any] | None
     return data
 
 
-def _split_counts(run_dir: Path, notes: list[str]) -> tuple[dict[str, Any], list[str]]:
-    path = run_dir / "manifest.parquet"
+#: What no covidcxr model may be used for, whatever its numbers (shown on every card).
+NOT_FOR = (
+    "diagnosing, triaging or ruling out COVID-19 or pneumonia in a patient: it is a research tool, not a medical device",
+    "any decision about a patient's care, isolation or testing",
+    "images unlike its training data (other hospitals, devices, lateral or paediatric views) without a new evaluation there",
+)
+
+
+def _trained_on(frame: pd.DataFrame) -> dict[str, dict[str, int | None]]:
+    """Images and patients per source of the train + validation splits (what the model was fitted on)."""
+    fitted = frame[frame["split"].isin(["train", "val"])] if "split" in frame else frame
+    out: dict[str, dict[str, int | None]] = {}
+    for source, part in fitted.groupby("source", sort=True):
+        out[str(source)] = {"images": int(len(part)), "patients": int(part["patient_id"].nunique()) if "patient_id" in part else None}
+    return out
+
+
+def _split_counts(run_dir: Path, notes: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    path = RunDir(run_dir).manifest
     if not path.is_file():
         notes.append("no manifest.parquet: images per split and source unknown")
-        return {}, []
+        return {}, {}
     frame = pd.read_parquet(path, columns=None)
     counts: dict[str, Any] = {}
     for split, part in frame.groupby("split", sort=True):
@@ -65,8 +82,7 @@ def _split_counts(run_dir: Path, notes: list[str]) -> tuple[dict[str, Any], list
             "patients": int(part["patient_id"].nunique()) if "patient_id" in part else None,
             "per_source": {str(s): int(n) for s, n in part["source"].value_counts().sort_index().items()},
         }
-    fitted = frame[frame["split"].isin(["train", "val"])] if "split" in frame else frame
-    return counts, sorted(str(s) for s in fitted["source"].dropna().unique())
+    return counts, _trained_on(frame)
 
 
 def _metrics(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -146,18 +162,27 @@ def build_model_card(run: LoadedRun, extra: dict[str, Any] | None = None) -> dic
     notes: list[str] = []
     recipe = run.recipe
     data = recipe.data
-    splits, seen = _split_counts(run.run_dir, notes)
-    metrics = _read_json(run.run_dir / "metrics.json", notes, "training-time metrics")
-    evaluation = _read_json(run.run_dir / "evaluation.json", notes, "per-source and seen/unseen metrics (run `covidcxr evaluate RUN`)")
-    audit = _read_json(run.run_dir / AUDIT_DIR / AUDIT_FILE, notes, "shortcut audit findings (run `covidcxr audit RUN`)")
+    splits, trained_on = _split_counts(run.run_dir, notes)
+    seen = sorted(trained_on)
+    rd = RunDir(run.run_dir)
+    metrics = _read_json(rd.metrics, notes, "training-time metrics")
+    evaluation = _read_json(rd.evaluation, notes, "per-source and seen/unseen metrics (run `covidcxr evaluate RUN`)")
+    audit = _read_json(rd.audit_file, notes, "shortcut audit findings (run `covidcxr audit RUN`)")
+    point = run.operating_point or rd.operating_point()
     card: dict[str, Any] = {
         "name": run.name,
         "banner": MEDICAL_USE_BANNER,
         "task": data.task,
         "classes": list(run.classes),
         "threshold": run.threshold if run.binary else None,
+        "operating_point": {
+            **{k: v for k, v in point.to_dict().items() if k in ("threshold", "rule", "value", "chosen_on", "temperature", "validation")},
+            "describe": point.describe(),
+        },
+        "run_warnings": rd.warnings(),
         "model": {
             "name": recipe.model.name,
+            "weights": run.model_description,
             "input_size": list(run.input_size),
             "in_channels": recipe.model.in_channels,
             "pretrained": recipe.model.pretrained,
@@ -171,13 +196,14 @@ def build_model_card(run: LoadedRun, extra: dict[str, Any] | None = None) -> dic
             "split": data.split.model_dump(mode="json"),
         },
         "sources_seen": seen,
+        "trained_on": trained_on,
         "splits": splits,
         "preprocess": run.preprocess_config.model_dump(mode="json"),
         "metrics": _metrics(metrics),
         "evaluation": _evaluation(evaluation),
         "audit": _audit(audit, notes),
         "provenance": {
-            "checkpoint": run.checkpoint.name,
+            "checkpoint": run.model_description,
             "config_hash": run.info.get("config_hash"),
             "manifest_hash": run.info.get("manifest_hash"),
             "code_version": run.info.get("code_version"),
@@ -186,4 +212,105 @@ def build_model_card(run: LoadedRun, extra: dict[str, Any] | None = None) -> dic
         "notes": notes,
     }
     card.update(extra or {})
+    card["summary"] = human_card(card)
     return card
+
+
+def _interval(metric: Any, digits: int = 2) -> str | None:
+    """``0.91 (95% CI 0.85–0.95)`` from ``{estimate, low, high}``; None without an estimate."""
+    if not isinstance(metric, dict) or metric.get("estimate") is None:
+        return None
+    text = f"{metric['estimate']:.{digits}f}"
+    if metric.get("low") is not None and metric.get("high") is not None:
+        text += f" (95% CI {metric['low']:.{digits}f}–{metric['high']:.{digits}f})"
+    return text
+
+
+def _performance(evaluation: dict[str, Any] | None) -> list[str]:
+    """A sentence per group (seen / unseen sources) of ``evaluation.json``: AUC, sensitivity, specificity, n."""
+    if not evaluation:
+        return ["not evaluated: run `covidcxr evaluate` on the run to measure it on seen and unseen sources"]
+    lines = []
+    for group in ("seen", "unseen"):
+        block = evaluation.get(group)
+        sources = evaluation.get(f"{group}_sources") or []
+        if not isinstance(block, dict) or block.get("n_images") in (None, 0):
+            lines.append(f"{group} sources: no test images" + (f" ({block.get('note')})" if isinstance(block, dict) and block.get("note") else ""))
+            continue
+        parts = [f"{name} {shown}" for name in ("auc", "sensitivity", "specificity") if (shown := _interval(block.get(name))) is not None]
+        where = f" ({', '.join(map(str, sources))})" if sources else ""
+        lines.append(
+            f"{group} sources{where}: " + ("; ".join(parts) or "no metric")
+            + f" — {block.get('n_images')} test images, {block.get('n_patients')} patients"
+        )
+    return lines
+
+
+def _audit_sentence(audit: dict[str, Any] | None) -> str:
+    if audit is None:
+        return "not audited for shortcuts or skill (run `covidcxr audit`): every prediction abstains until it is"
+    verdict = audit.get("verdict")
+    words = {
+        "no_skill": "NO SKILL — its test AUC interval includes 0.5; every prediction abstains",
+        "shortcut": f"SHORTCUT — {audit.get('shortcuts', 0)} finding(s) say it may read the image's source rather than the lungs; every prediction abstains",
+        "warning": f"warning — {audit.get('warnings', 0)} finding(s) to read before trusting it",
+        "ok": "ok — no shortcut found by the audit's checks",
+    }
+    return words.get(str(verdict), f"verdict {verdict!r}")
+
+
+def human_card(card: dict[str, Any]) -> dict[str, Any]:
+    """The model card in words, for people: what it was trained on, how well it did, what not to use it for.
+
+    Args:
+        card: the dict `build_model_card` builds (before ``summary`` is added).
+
+    Returns:
+        ``{"trained_on", "performance" (a sentence per seen / unseen group, with 95% intervals
+        and n images / n patients), "audit", "operating_point", "not_for" (a list), "one_line"}``.
+
+    Example:
+        >>> human_card(card)["trained_on"]    # doctest: +SKIP
+        'synthetic phantoms — demo only: 315 images of 212 patients from site_a, site_b (no real radiograph)'
+    """
+    data = card.get("data") or {}
+    trained = card.get("trained_on") or {}
+    images = sum(v["images"] for v in trained.values())
+    patients = sum(v["patients"] or 0 for v in trained.values()) if all(v.get("patients") is not None for v in trained.values()) else None
+    counts = f"{images} images" + (f" of {patients} patients" if patients is not None else "")
+    if data.get("synthetic") is not None:
+        trained_on = f"synthetic phantoms — demo only: {counts} from {', '.join(trained) or 'unknown sites'} (no real radiograph)"
+    elif trained:
+        per = "; ".join(f"{s}: {v['images']} images" + (f", {v['patients']} patients" if v.get("patients") is not None else "") for s, v in trained.items())
+        trained_on = f"{counts} (train + validation) from {len(trained)} source(s) — {per}"
+    else:
+        trained_on = "unknown (the run has no manifest)"
+    point = card.get("operating_point") or {}
+    summary = {
+        "trained_on": trained_on,
+        "performance": _performance(card.get("evaluation")),
+        "audit": _audit_sentence(card.get("audit")),
+        "operating_point": point.get("describe") or "unknown",
+        "not_for": list(NOT_FOR),
+    }
+    summary["one_line"] = one_line_summary(card, summary)
+    return summary
+
+
+def one_line_summary(card: dict[str, Any], summary: dict[str, Any] | None = None) -> str:
+    """One line for the CLI: name, model, what it was trained on, unseen AUC, audit verdict.
+
+    Example:
+        >>> one_line_summary(card)   # doctest: +SKIP
+        'model demo (resnet18): synthetic phantoms — demo only ...; unseen AUC 0.71 (95% CI 0.60–0.81); audit: shortcut'
+    """
+    summary = summary or card.get("summary") or {}
+    model = (card.get("model") or {}).get("name", "?")
+    text = f"model {card.get('name')} ({model}, {card.get('task')}): trained on {summary.get('trained_on', 'unknown')}"
+    evaluation = card.get("evaluation") or {}
+    for group in ("seen", "unseen"):
+        shown = _interval((evaluation.get(group) or {}).get("auc"))
+        if shown:
+            text += f"; {group}-source AUC {shown}"
+    audit = card.get("audit")
+    return text + f"; audit: {audit.get('verdict') if audit else 'never audited'}"

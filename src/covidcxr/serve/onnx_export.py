@@ -3,7 +3,10 @@
 What is exported (``torch.onnx.export`` with the dynamo exporter, opset 18, one
 self-contained file each, a dynamic batch dimension):
 
-* ``RUN/export/classifier.onnx``: `covidcxr.serve.engines.ClassifierOutputs` — input
+* ``RUN/export/classifier.onnx``: `covidcxr.serve.engines.ClassifierOutputs` of the run's
+  model (`covidcxr.train.inference.load_run`: a snapshot-ensemble run exports the whole
+  ensemble, `covidcxr.models.ensemble.SnapshotEnsemble`, as one graph; a temperature-
+  calibrated run has its temperature in the graph) — input
   ``image`` ``(N, 1, H, W)`` float32 in [0, 1] (the preprocessing's output), outputs
   ``probability`` (``(N,)`` binary, ``(N, K)`` otherwise) and ``stage_embeddings``
   ``(N, D_1 + ... + D_S)`` (pooled output of every backbone stage);
@@ -12,7 +15,7 @@ self-contained file each, a dynamic batch dimension):
   recipe names others) followed by its sigmoid — input ``image`` ``(N, 1, S, S)`` (the
   prepared square, `covidcxr.preprocess.lungs.prepare_image`), output ``probability``
   ``(N, C, S, S)``, one channel per annotation convention.
-* ``RUN/export/export.json``: the files, shapes, versions, the SHA-1 of the checkpoint and
+* ``RUN/export/export.json``: the files, shapes, versions, the SHA-1 of the checkpoint(s) and
   of the segmenter weights they came from (a retrained run makes the export stale, and the
   ONNX engine refuses it), and the **measured agreement** with PyTorch float32 on sample
   inputs (training images of the run where its inference reference exists, plus seeded
@@ -45,11 +48,12 @@ import torch
 from covidcxr.data.manifest import file_sha1
 from covidcxr.errors import CovidCXRError
 from covidcxr.io.atomic import atomic_path, atomic_write_text
+from covidcxr.rundir import RunDir
 from covidcxr.serve.errors import EngineUnavailable
 
 __all__ = ["EXPORT_DIR", "TOLERANCE", "SegmenterProbabilities", "export_onnx", "measure_agreement", "read_export", "segmenter_sha1"]
 
-EXPORT_DIR = "export"
+EXPORT_DIR = RunDir.EXPORT
 EXPORT_FILE = "export.json"
 CLASSIFIER_FILE = "classifier.onnx"
 SEGMENTER_FILE = "lung_unet.onnx"
@@ -255,8 +259,10 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path | None = None, toleranc
         "tolerance": tolerance,
         "tolerance_means": "max |ONNX - PyTorch float32| of probabilities on the samples",
         **agreement,
-        "checkpoint": run.checkpoint.name,
-        "checkpoint_sha1": file_sha1(run.checkpoint),
+        "checkpoint": run.model_description,
+        "checkpoint_sha1": run.weights_fingerprint,
+        "threshold": run.threshold if run.binary else None,
+        "temperature": run.temperature,
         "segmenter_weights": weights,
         "segmenter_sha1": segmenter_sha1(weights),
         "opset": OPSET,
@@ -269,18 +275,20 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path | None = None, toleranc
     return summary
 
 
-def read_export(run_dir: str | Path, checkpoint: Path | None = None) -> tuple[Path, dict[str, Any]]:
+def read_export(run_dir: str | Path, checkpoint: Path | str | None = None) -> tuple[Path, dict[str, Any]]:
     """The export folder of a run and its ``export.json``, checked to be current.
 
     Args:
         run_dir: the run directory.
-        checkpoint: the checkpoint being served (its SHA-1 must match the export's).
+        checkpoint: the model being served: its weights fingerprint
+            (`covidcxr.train.inference.LoadedRun.weights_fingerprint`), or one checkpoint
+            file (its SHA-1); it must match the export's.
 
     Raises:
         EngineUnavailable: no export, or one made from another checkpoint or other
             segmenter weights (the message says to re-export).
     """
-    folder = Path(run_dir) / EXPORT_DIR
+    folder = RunDir(run_dir).export_dir
     path = folder / EXPORT_FILE
     if not path.is_file():
         raise EngineUnavailable(f"run {run_dir} has no ONNX export ({path} is missing); run `covidcxr export {run_dir} --onnx` first")
@@ -288,8 +296,9 @@ def read_export(run_dir: str | Path, checkpoint: Path | None = None) -> tuple[Pa
         summary = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise EngineUnavailable(f"{path} is unreadable ({exc}); run `covidcxr export {run_dir} --onnx` again") from None
-    if checkpoint is not None and summary.get("checkpoint_sha1") != file_sha1(checkpoint):
-        raise EngineUnavailable(f"the ONNX export in {folder} was made from another checkpoint than {checkpoint}; run `covidcxr export {run_dir} --onnx` again")
+    wanted = file_sha1(checkpoint) if isinstance(checkpoint, Path) else checkpoint
+    if wanted is not None and summary.get("checkpoint_sha1") != wanted:
+        raise EngineUnavailable(f"the ONNX export in {folder} was made from another checkpoint than the run's model now (its weights changed); run `covidcxr export {run_dir} --onnx` again")
     try:
         current = segmenter_sha1(summary.get("segmenter_weights"))
     except CovidCXRError:

@@ -16,8 +16,12 @@ the client never chooses):
    and its lung-focus fraction;
 5. **judge**: warnings for a rejected or implausible segmentation, a lateral view, an
    image far from the training distribution (`covidcxr.serve.reference`), saliency
-   concentrated outside the lungs, and — on every prediction — a model whose shortcut
-   audit (``RUN/audit/audit.json``) found shortcuts; overlays as PNG.
+   concentrated outside the lungs, and — on every prediction — a model whose audit
+   (``RUN/audit/audit.json``) found no skill or shortcuts, or that was never audited; overlays as PNG;
+6. **abstain**: the decision is ``"abstain"`` when one of those warnings is in `ABSTAIN_CODES`
+   (out of distribution, lateral view, segmentation rejected or implausible, model with no
+   skill / a shortcut / no audit); the probability and ``model_decision`` stay in the answer,
+   marked not to be acted on. ``abstain=False`` (``--no-abstain``) is for research only.
 
 Which run: the one named, else the newest run directory (holding ``config.yaml`` and
 ``checkpoints/best.ckpt`` or ``last.ckpt``) under `DEFAULT_RUN_ROOTS` — ``runs/`` then
@@ -26,8 +30,8 @@ Which run: the one named, else the newest run directory (holding ``config.yaml``
 Example:
     >>> predictor = Predictor.load("runs/demo")                              # doctest: +SKIP
     >>> result = predictor.predict_file("cxr.png")                           # doctest: +SKIP
-    >>> result.probability, result.decision, [w.code for w in result.warnings]  # doctest: +SKIP
-    (0.91, 'covid', ['out_of_distribution'])
+    >>> result.probability, result.decision, [w.code for w in result.abstain_reasons]  # doctest: +SKIP
+    (0.79, 'abstain', ['model_shortcut', 'out_of_distribution'])
 """
 
 from __future__ import annotations
@@ -52,17 +56,20 @@ from covidcxr.serve.checks import (
     InputInfo,
     InputWarning,
     inspect_input,
+    opacity_cut_warnings,
     segmentation_warnings,
 )
 from covidcxr.serve.errors import EmptyUpload, ServeError, UnreadableImage
 from covidcxr.train.inference import LoadedRun, latest_run, load_run
 
-__all__ = ["DEFAULT_RUN_ROOTS", "Prediction", "Predictor", "default_run"]
+__all__ = ["ABSTAIN", "ABSTAIN_CODES", "DEFAULT_RUN_ROOTS", "Prediction", "Predictor", "abstain_reasons", "audit_warnings", "default_run"]
 
 #: Requests screened (header parsed, colour files decoded at reduced size) at the same time.
 SCREENING_SLOTS = 2
 #: Where a run is looked for when none is named, in order, relative to the current directory.
 DEFAULT_RUN_ROOTS: tuple[str, ...] = ("runs", "demo")
+#: The decision of a prediction that must not be acted on (`abstain_reasons` says why).
+ABSTAIN = "abstain"
 
 
 def default_run(roots: tuple[str | Path, ...] = DEFAULT_RUN_ROOTS) -> Path:
@@ -74,25 +81,50 @@ def default_run(roots: tuple[str | Path, ...] = DEFAULT_RUN_ROOTS) -> Path:
     return latest_run(*roots)
 
 
+#: Warning codes that make a prediction abstain (`abstain_reasons`): the image is not what the
+#: model was made for, or the model itself has not earned trust. Others stay warnings.
+IMAGE_ABSTAIN_CODES = ("out_of_distribution", "lateral_view", "segmentation_rejected", "implausible_segmentation")
+MODEL_ABSTAIN_CODES = ("model_no_skill", "model_shortcut", "model_not_audited")
+ABSTAIN_CODES = IMAGE_ABSTAIN_CODES + MODEL_ABSTAIN_CODES
+
+
 def audit_warnings(run_dir: Path) -> list[InputWarning]:
-    """A warning for every prediction of a run whose shortcut audit (``RUN/audit/audit.json``) says ``shortcut``.
+    """The shortcut audit's word on the *model* (``RUN/audit/audit.json``), attached to every prediction.
 
-    The audit (``covidcxr audit``) is the evidence about the *model*, whatever the image:
-    when it finds that the model separates sources rather than diagnoses, no single
-    prediction should be read without that. A missing or unreadable audit gives nothing
-    here (the model card says it is missing).
+    * verdict ``no_skill`` → ``model_no_skill`` (its test AUC interval includes 0.5: no
+      decision of it is better than chance);
+    * verdict ``shortcut`` (or any ``shortcut`` finding) → ``model_shortcut``;
+    * no audit, or an unreadable one → ``model_not_audited``. Deliberately a reason to
+      abstain: the skill gate lives in the audit, so an unaudited model has never been shown
+      to beat chance or to look at the lungs rather than the source (``covidcxr audit RUN``
+      fixes it in minutes; `covidcxr demo` runs it).
+
+    ``warning`` and ``ok`` verdicts give nothing here (the model card shows them).
     """
-    import json
-
-    from covidcxr.audit import AUDIT_DIR, AUDIT_FILE
+    from covidcxr.rundir import RunDir
 
     try:
-        audit = json.loads((Path(run_dir) / AUDIT_DIR / AUDIT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
+        audit = RunDir(run_dir).read_audit()
+    except CovidCXRError:
+        audit = None
     findings = audit.get("findings") if isinstance(audit, dict) else None
     if not isinstance(findings, list):
-        return []
+        return [
+            InputWarning(
+                "model_not_audited",
+                "this model was never audited (or its audit is unreadable): nobody has checked that it beats chance "
+                "or that it reads the lungs rather than the image's source — run `covidcxr audit` on the run",
+            )
+        ]
+    if audit.get("verdict") == "no_skill":
+        gate = next((f for f in findings if isinstance(f, dict) and f.get("severity") == "no_skill"), {})
+        return [
+            InputWarning(
+                "model_no_skill",
+                "the audit found no skill: the model's test AUC interval includes 0.5, so its probabilities are no better "
+                "than chance" + (f" — {gate.get('text')}" if gate.get("text") else ""),
+            )
+        ]
     shortcuts = [f for f in findings if isinstance(f, dict) and f.get("severity") == "shortcut"]
     if audit.get("verdict") != "shortcut" and not shortcuts:
         return []
@@ -106,6 +138,37 @@ def audit_warnings(run_dir: Path) -> list[InputWarning]:
     ]
 
 
+def abstain_reasons(warnings: list[InputWarning]) -> list[InputWarning]:
+    """The warnings that make a prediction abstain (`ABSTAIN_CODES`), in their order, one per code.
+
+    Example:
+        >>> [w.code for w in abstain_reasons([InputWarning("low_resolution", "..."), InputWarning("lateral_view", "...")])]
+        ['lateral_view']
+    """
+    seen: set[str] = set()
+    found = []
+    for warning in warnings:
+        if warning.code in ABSTAIN_CODES and warning.code not in seen:
+            seen.add(warning.code)
+            found.append(warning)
+    return found
+
+
+def hollow_run_warnings(run_dir: Path) -> list[InputWarning]:
+    """A warning for every prediction of a hollow run (`covidcxr.rundir.RunDir.warnings`, severity ``warning``).
+
+    E.g. ``random_frozen_backbone``: the run was trained with frozen random backbone layers
+    (``model.allow_random_frozen: true``), so its features were never learned.
+    """
+    from covidcxr.rundir import RunDir
+
+    try:
+        found = RunDir(run_dir).warnings()
+    except CovidCXRError:
+        return []
+    return [InputWarning(f"model_{w['id']}", f"this model is a hollow run: {w.get('text', '')}") for w in found if w.get("severity") == "warning"]
+
+
 def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
@@ -117,7 +180,8 @@ class Prediction:
     Attributes:
         probability: positive-class probability (binary run) or the top class's.
         probabilities: class name -> probability.
-        decision: the class decided (binary: positive iff ``probability >= threshold``).
+        decision: the answer: ``"abstain"`` when `abstain_reasons` is non-empty and abstention
+            is on, else `model_decision`.
         threshold: the run's decision threshold (None for multi-class runs: argmax).
         warnings: reasons not to trust the result as it stands.
         input: `InputInfo` (format, size, view; never identifiers).
@@ -128,6 +192,11 @@ class Prediction:
         overlays: name -> PNG bytes (``input``, ``lung_mask``, ``gradcam``).
         timings_ms: per stage, milliseconds.
         run: the run's name. engine: ``torch`` or ``onnx``.
+        model_decision: the class the model's probability gives (binary: positive iff
+            ``probability >= threshold``) — with an abstention, not to be acted on.
+        abstain_reasons: the warnings that make it abstain (`ABSTAIN_CODES`); listed even
+            when abstention is off (what it would have abstained for).
+        abstention: ``"on"``, or ``"off"`` (``--no-abstain``: research use only).
     """
 
     probability: float
@@ -143,6 +212,14 @@ class Prediction:
     timings_ms: dict[str, float]
     run: str
     engine: str
+    model_decision: str = ""
+    abstain_reasons: list[InputWarning] = dataclasses.field(default_factory=list)
+    abstention: str = "on"
+
+    @property
+    def abstained(self) -> bool:
+        """True when the answer is ``abstain``."""
+        return self.decision == ABSTAIN
 
     def to_dict(self, overlays: str | dict[str, str] = "data_uri") -> dict[str, Any]:
         """JSON-ready dict.
@@ -164,6 +241,14 @@ class Prediction:
             "probability": round(float(self.probability), 6),
             "probabilities": {k: round(float(v), 6) for k, v in self.probabilities.items()},
             "decision": self.decision,
+            "model_decision": self.model_decision,
+            "abstention": self.abstention,
+            "abstain_reasons": [{"code": w.code, "sentence": w.message} for w in self.abstain_reasons],
+            "probability_note": (
+                "not to be acted on: the service abstained for the reasons listed" if self.abstained
+                else "abstention is off (research use): this decision was not checked against the abstention rules"
+                if self.abstention == "off" else "the model's output at its operating point; not a diagnosis"
+            ),
             "threshold": self.threshold,
             "warnings": [w.to_dict() for w in self.warnings],
             "input": self.input.to_dict(),
@@ -215,6 +300,9 @@ class Predictor:
             process may use. On a CPU shared with other work, 1 is often the fastest: with
             more threads than free cores, PyTorch's and onnxruntime's worker threads wait on
             each other (``benchmarks/bench_serve.py`` measures both).
+        abstain: answer ``"abstain"`` when a reason in `ABSTAIN_CODES` applies (default).
+            False is for research use only: the class decided at the threshold is returned
+            whatever the reasons, and the answer says ``abstention: "off"``.
 
     The networks run one request at a time (a lock): MONAI's Grad-CAM keeps hooks and
     activations on the shared model, and on a few CPU cores parallel forward passes only
@@ -230,6 +318,7 @@ class Predictor:
         max_pixels: int = DEFAULT_SERVICE_MAX_PIXELS,
         progress: bool = False,
         threads: int | None = None,
+        abstain: bool = True,
     ):
         from covidcxr.preprocess.pipeline import load_segmenter
         from covidcxr.serve.engines import ENGINES, OnnxClassifier, OnnxLungSegmenter, TorchClassifier
@@ -243,6 +332,7 @@ class Predictor:
         self.run = run
         self.engine = engine
         self.threads = threads
+        self.abstain = bool(abstain)
         self.max_pixels = int(max_pixels)
         # The run's preprocessing with the U-Net as mask source (module docstring, step 2).
         self.config = run.preprocess_config.model_copy(update={"mask_source": "model"})
@@ -254,7 +344,7 @@ class Predictor:
         if engine == "onnx":
             from covidcxr.serve.onnx_export import CLASSIFIER_FILE, SEGMENTER_FILE, read_export
 
-            folder, self.export_summary = read_export(run.run_dir, run.checkpoint)
+            folder, self.export_summary = read_export(run.run_dir, run.weights_fingerprint)
             self.classifier: Any = OnnxClassifier(folder / CLASSIFIER_FILE, threads=threads)
             self.segmenter: Any = OnnxLungSegmenter(folder / SEGMENTER_FILE, self.config.segmenter_weights, threads=threads)
         else:
@@ -273,7 +363,7 @@ class Predictor:
                 self.reference_problem = None
             except CovidCXRError as exc:
                 self.reference_problem = str(exc)
-        self.model_warnings = audit_warnings(run.run_dir)
+        self.model_warnings = audit_warnings(run.run_dir) + hollow_run_warnings(run.run_dir)
         self._lock = threading.Lock()
         self._screening = threading.BoundedSemaphore(SCREENING_SLOTS)
 
@@ -299,6 +389,21 @@ class Predictor:
             self.run,
             extra={
                 "engine": self.engine,
+                "abstention": {
+                    "enabled": self.abstain,
+                    "abstains_when": {
+                        "out_of_distribution": "the image is unlike the training images (distance check below)",
+                        "lateral_view": "the DICOM says lateral view (the model saw frontal views only)",
+                        "segmentation_rejected": "the lung segmentation failed",
+                        "implausible_segmentation": "lung area or left/right balance outside the plausible range (e.g. a lateral view)",
+                        "model_no_skill": "the audit found no skill (test AUC interval includes 0.5)",
+                        "model_shortcut": "the audit found a shortcut",
+                        "model_not_audited": "the run was never audited: no skill gate, no shortcut check",
+                    },
+                    "every_prediction_abstains_because": [
+                        {"code": w.code, "sentence": w.message} for w in abstain_reasons(self.model_warnings)
+                    ],
+                },
                 "onnx_export": self.export_summary,
                 "out_of_distribution": ood,
                 "inference_preprocess": "the run's preprocessing with mask_source=model (the lung U-Net), the code path of training",
@@ -309,6 +414,7 @@ class Predictor:
                     "colour_fraction_warned_above": checks.COLOUR_WARN,
                     "lung_area_plausible": list(checks.LUNG_AREA_PLAUSIBLE),
                     "lung_balance_plausible": list(checks.LUNG_BALANCE_PLAUSIBLE),
+                    "possible_opacity_cut": f"the mask's shorter lung below {checks.OPACITY_CUT_HEIGHT_RATIO} of the taller one's height",
                     "lateral_view": "DICOM View Position = lateral; otherwise an extreme left/right lung balance",
                     "saliency_outside_lungs": "Grad-CAM lung-focus fraction below the lung-area fraction (less than a uniform map)",
                     "max_pixels": self.max_pixels,
@@ -378,6 +484,8 @@ class Predictor:
         step = time.perf_counter()
         warnings = list(self.model_warnings) + list(info.warnings)
         warnings += segmentation_warnings(result.mask_area_fraction, result.left_right_balance, result.rejected_reason)
+        if result.rejected_reason is None:
+            warnings += opacity_cut_warnings(result.original_mask)
         ood = self._out_of_distribution(embeddings, warnings)
         saliency = None
         decision = self._decide(probabilities[0])
@@ -401,6 +509,7 @@ class Predictor:
                 )
 
         probability, label, threshold, by_class = decision
+        reasons = abstain_reasons(warnings)
 
         overlays = {"input": input_png(result.image), "lung_mask": lung_mask_overlay(result.image, result.lung_mask)}
         if saliency_map is not None:
@@ -410,7 +519,10 @@ class Predictor:
         return Prediction(
             probability=probability,
             probabilities=by_class,
-            decision=label,
+            decision=ABSTAIN if reasons and self.abstain else label,
+            model_decision=label,
+            abstain_reasons=reasons,
+            abstention="on" if self.abstain else "off",
             threshold=threshold,
             warnings=warnings,
             input=info,

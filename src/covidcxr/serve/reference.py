@@ -61,16 +61,16 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import pandas as pd
 
-from covidcxr.data.manifest import file_sha1
 from covidcxr.errors import CovidCXRError
 from covidcxr.io.atomic import atomic_path
+from covidcxr.rundir import RunDir
 
 if TYPE_CHECKING:
     from covidcxr.train.inference import LoadedRun
 
 __all__ = ["EmbeddingReference", "REFERENCE_FILE", "build_reference", "inference_recipe", "knn_scores", "load_or_build_reference"]
 
-REFERENCE_FILE = Path("inference") / "reference.npz"
+REFERENCE_FILE = Path(RunDir.INFERENCE) / "reference.npz"
 K_NEIGHBOURS = 5
 PERCENTILE = 99.0
 # Up to this many training model inputs are kept (uint8) as realistic samples for the
@@ -232,9 +232,9 @@ def inference_recipe(run: LoadedRun):
 
 
 def reference_key(run: LoadedRun) -> str:
-    """Checkpoint SHA-1 + the inference preprocessing's config hash."""
+    """The model's weights fingerprint (`LoadedRun.weights_fingerprint`: every checkpoint of an ensemble) + the inference preprocessing's config hash."""
     config = inference_recipe(run).preprocess.to_config()
-    return json.dumps({"checkpoint_sha1": file_sha1(run.checkpoint), "preprocess": config.config_hash()}, sort_keys=True)
+    return json.dumps({"checkpoint_sha1": run.weights_fingerprint, "preprocess": config.config_hash()}, sort_keys=True)
 
 
 def build_reference(run: LoadedRun, embed: EmbedFn, stage_sizes: list[int], progress: bool = False) -> EmbeddingReference:
@@ -251,7 +251,7 @@ def build_reference(run: LoadedRun, embed: EmbedFn, stage_sizes: list[int], prog
     """
     from covidcxr.train.inference import cached_inputs
 
-    manifest_path = run.run_dir / "manifest.parquet"
+    manifest_path = RunDir(run.run_dir).manifest
     if not manifest_path.is_file():
         raise CovidCXRError(f"run {run.run_dir} has no manifest.parquet: the training images are unknown")
     manifest = pd.read_parquet(manifest_path)

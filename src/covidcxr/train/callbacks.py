@@ -10,7 +10,13 @@
   is exactly that of the checkpoint it resumed from, continued.
 * `SnapshotCallback`: Hall et al. (2020)'s snapshot ensemble: ``count`` checkpoints
   ``gap_epochs`` apart, from the first epoch whose metric passes a threshold (or the
-  last epochs), saved as ``snapshot-<k>.ckpt``.
+  last epochs), saved weights-only as ``snapshot-<k>.ckpt``.
+* `keep_checkpoints`: the ``output.keep`` policy, applied once a run is finished.
+
+**What each checkpoint holds.** ``best.ckpt`` and ``snapshot-<k>.ckpt`` are weights-only
+(Lightning's ``save_weights_only``: the network, the loop counters, the hyper-parameters and
+the run's provenance — no optimizer, scheduler or callback state); only ``last.ckpt``
+carries what a resume needs (Adam's two moment buffers double the size of the weights).
 """
 
 from __future__ import annotations
@@ -19,16 +25,20 @@ import csv
 import io
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from covidcxr.errors import CovidCXRError
 from covidcxr.io.atomic import atomic_path, atomic_write_text, clean_stale_temps
+from covidcxr.rundir import RunDir
 from covidcxr.train.recipe import SnapshotSection
 
-__all__ = ["AtomicCheckpointIO", "SnapshotCallback", "TrainLogCallback", "clean_partial_checkpoints"]
+__all__ = ["AtomicCheckpointIO", "SnapshotCallback", "TrainLogCallback", "clean_partial_checkpoints", "keep_checkpoints"]
+
+Keep = Literal["all", "best", "last"]
 
 LOG_COLUMNS = (
     "epoch",
@@ -176,7 +186,7 @@ class SnapshotCallback(L.Callback):
         if due:
             k = len(self.taken)
             self.taken.append([k, epoch])
-            trainer.save_checkpoint(self.path(k))
+            trainer.save_checkpoint(self.path(k), weights_only=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"started_at": self.started_at, "taken": [list(t) for t in self.taken]}
@@ -184,3 +194,46 @@ class SnapshotCallback(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.started_at = state_dict.get("started_at")
         self.taken = [list(t) for t in state_dict.get("taken", [])]
+
+
+def keep_checkpoints(run_dir: str | Path, keep: Keep) -> list[Path]:
+    """Apply the ``output.keep`` policy to a *finished* run's ``checkpoints/``; returns the files removed.
+
+    * ``all``: nothing is removed.
+    * ``best``: ``last.ckpt`` goes (the optimizer state); ``best.ckpt`` and the snapshots — the
+      run's model (`RunDir.weights`) — stay. The run can no longer be trained further.
+    * ``last``: only ``last.ckpt`` stays; the run can be trained further (raise
+      ``train.epochs``), but the model its metrics describe is gone (`load_run` says so).
+
+    The policy is recorded in ``metrics.json`` (``checkpoints``: ``keep``, ``removed``) so a
+    later attempt to train the run further is refused with the reason (`train_recipe`).
+
+    Args:
+        run_dir: one run directory (a k-fold run: one ``fold-k``).
+        keep: ``all``, ``best`` or ``last``.
+
+    Raises:
+        CovidCXRError: the run is not finished (``metrics.json`` status is not ``complete``):
+            its ``last.ckpt`` is still what a resume needs.
+
+    Example:
+        >>> keep_checkpoints("runs/grid/point-3", "best")          # doctest: +SKIP
+        [PosixPath('runs/grid/point-3/checkpoints/last.ckpt')]
+    """
+    if keep not in ("all", "best", "last"):
+        raise CovidCXRError(f"output.keep must be all, best or last; got {keep!r}")
+    rd = RunDir(run_dir)
+    metrics = rd.read_metrics() or {}
+    if metrics.get("status") != "complete":
+        raise CovidCXRError(f"run {rd.path} is not finished (metrics.json status {metrics.get('status')!r}): its checkpoints are kept until it is")
+    if keep == "all":
+        return []
+    files = [rd.best_checkpoint, rd.last_checkpoint, *rd.snapshot_checkpoints()]
+    kept = {rd.last_checkpoint} if keep == "last" else set(files) - {rd.last_checkpoint}
+    removed = [path for path in files if path not in kept and path.is_file()]
+    for path in removed:
+        path.unlink()
+    before = metrics.get("checkpoints") or {}
+    metrics["checkpoints"] = {"keep": keep, "removed": sorted({*before.get("removed", []), *(p.name for p in removed)})}
+    rd.write_metrics(metrics)
+    return removed

@@ -37,13 +37,14 @@ def classification_metrics(probabilities: np.ndarray, targets: np.ndarray, num_c
         probabilities: (N,) positive-class probabilities (binary) or (N, K).
         targets: (N,) integer targets.
         num_classes: K (2 for a binary task).
-        threshold: binary decision threshold on the positive probability (0.5, as
-            Tartaglione et al. report every metric but AUC).
+        threshold: binary decision threshold on the positive probability (training passes
+            the run's operating point, `covidcxr.rundir.OperatingPoint`).
 
     Returns:
         ``n``, ``auc`` (binary ROC AUC; multi-class: macro one-vs-rest; None when only
         one class is present), ``accuracy``, ``balanced_accuracy``, and for binary tasks
-        ``sensitivity``, ``specificity`` and the confusion counts ``tp``/``fp``/``tn``/``fn``.
+        ``sensitivity``, ``specificity``, the confusion counts ``tp``/``fp``/``tn``/``fn``
+        and the ``threshold`` they were counted at.
     """
     targets = np.asarray(targets, dtype=np.int64).reshape(-1)
     p = probabilities_matrix(probabilities, num_classes)
@@ -73,5 +74,5 @@ def classification_metrics(probabilities: np.ndarray, targets: np.ndarray, num_c
         fn = int(((predicted == 0) & (targets == 1)).sum())
         out["sensitivity"] = tp / (tp + fn) if tp + fn else None
         out["specificity"] = tn / (tn + fp) if tn + fp else None
-        out.update(tp=tp, fp=fp, tn=tn, fn=fn)
+        out.update(tp=tp, fp=fp, tn=tn, fn=fn, threshold=float(threshold))
     return out

@@ -378,7 +378,7 @@ class CXRClassifierModule(L.LightningModule):
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         images, _, rows = batch
         logits = self.model(self._inputs(images, augment=False))
-        return {"probabilities": self._probabilities(logits).detach().cpu(), "rows": rows.detach().cpu()}
+        return {"probabilities": self._probabilities(logits).detach().cpu(), "logits": logits.detach().float().cpu(), "rows": rows.detach().cpu()}
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:

@@ -24,6 +24,7 @@ A recipe has these sections (every field has a default except the data location;
                    acquisition: {prob: 0.5, gamma: [0.7, 1.5], contrast: [0.75, 1.25], blur_sigma: [0.25, 1.5], ...}}
     domain: {adversarial: {weight: 1.0, schedule: ganin}, group_dro: {eta: 0.01}}   # source-invariance
     snapshots: {count: 0, gap_epochs: 10, start: threshold, metric: val_accuracy, threshold: 0.8}
+    operating_point: {rule: fixed | youden | sensitivity | specificity, value: 0.5, calibrate: none | temperature}
     engine: {accelerator: auto, devices: auto, num_nodes: 1, strategy: auto, precision: auto, channels_last: true, ...}
     output: {runs_dir: runs, run_dir: null}
 
@@ -64,6 +65,7 @@ __all__ = [
     "EarlyStoppingSection",
     "EngineSection",
     "ModelSection",
+    "OperatingPointSection",
     "OptimizerSection",
     "OutputSection",
     "PreprocessSection",
@@ -248,6 +250,9 @@ class ModelSection(_Section):
     freeze: str | dict[str, Any] = "none"
     normalize_mean: float = 0.449
     normalize_std: Annotated[float, Field(gt=0.0)] = 0.226
+    #: train anyway when ``freeze`` keeps backbone weights that are random (no ``pretrained``):
+    #: the run is recorded as hollow (`covidcxr.rundir.RunDir.warnings`, id ``random_frozen_backbone``)
+    allow_random_frozen: bool = False
 
     @field_validator("name")
     @classmethod
@@ -504,6 +509,42 @@ class SnapshotSection(_Section):
     start_epoch: Annotated[int, Field(ge=0)] = 0
 
 
+class OperatingPointSection(_Section):
+    """The decision threshold, chosen on the validation split only at the end of training.
+
+    rule: ``fixed`` (``value``, default 0.5), ``youden`` (Youden's J maximised; Youden
+    1950), ``sensitivity`` (the highest threshold whose validation sensitivity reaches
+    ``value``, default 0.9: the best specificity there) or ``specificity`` (the lowest
+    threshold whose validation specificity reaches ``value``, default 0.9). calibrate
+    ``temperature``: one temperature fitted on the validation logits (Guo et al. 2017,
+    "On calibration of modern neural networks"); the stored probabilities are then the
+    calibrated ones and inference divides the logit by the same temperature. Stored in
+    ``RUN/operating_point.json`` (`covidcxr.rundir.OperatingPoint`) and used by evaluate,
+    audit, report, predict and serve alike.
+    """
+
+    rule: Literal["fixed", "youden", "sensitivity", "specificity"] = "fixed"
+    value: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    calibrate: Literal["none", "temperature"] = "none"
+
+    @model_validator(mode="after")
+    def _value_fits_rule(self) -> OperatingPointSection:
+        if self.rule == "youden" and self.value is not None:
+            raise ValueError("operating_point.value: rule 'youden' takes no value")
+        if self.rule in ("sensitivity", "specificity") and self.value is not None and self.value <= 0.0:
+            raise ValueError(f"operating_point.value: a target {self.rule} must be in (0, 1]")
+        return self
+
+    @property
+    def target(self) -> float | None:
+        """The value the rule uses: the fixed threshold (0.5) or the target (0.9); None for Youden."""
+        if self.rule == "youden":
+            return None
+        if self.value is not None:
+            return float(self.value)
+        return 0.5 if self.rule == "fixed" else 0.9
+
+
 class EngineSection(_Section):
     """Hardware: Lightning Trainer flags, so the same recipe runs on a laptop or a GPU cluster.
 
@@ -533,10 +574,27 @@ class EngineSection(_Section):
 
 
 class OutputSection(_Section):
-    """Where the run directory goes: ``run_dir``, else ``runs_dir/<name>``."""
+    """Where the run directory goes (``run_dir``, else ``runs_dir/<name>``), what it keeps, where it is logged.
+
+    None of these fields is part of the experiment's identity (`TrainRecipe.identity`).
+
+    Attributes:
+        keep: which checkpoints survive once the run is finished (`covidcxr.train.callbacks.keep_checkpoints`):
+            ``all``; ``best`` (the model — ``best.ckpt`` and any snapshots — without
+            ``last.ckpt``, so the run can no longer be trained further); ``last`` (only
+            ``last.ckpt``: the run can be trained further, but its evaluated model is gone).
+        tensorboard: also log to TensorBoard event files in ``RUN/tensorboard/`` (needs the
+            ``tensorboard`` package: ``pip install covidcxr[tracking]``; absent, the run
+            refuses to start and says so).
+        mlflow: an MLflow tracking URI (``file:/path/mlruns``, ``http://host:5000``...) to log
+            the run's parameters and metrics to (needs ``mlflow``: ``covidcxr[tracking]``).
+    """
 
     runs_dir: str = "runs"
     run_dir: str | None = None
+    keep: Literal["all", "best", "last"] = "all"
+    tensorboard: bool = False
+    mlflow: str | None = None
 
 
 class TrainRecipe(_Section):
@@ -554,12 +612,13 @@ class TrainRecipe(_Section):
     augmentation: AugmentationSection = Field(default_factory=AugmentationSection)
     domain: DomainSection = Field(default_factory=DomainSection)
     snapshots: SnapshotSection = Field(default_factory=SnapshotSection)
+    operating_point: OperatingPointSection = Field(default_factory=OperatingPointSection)
     engine: EngineSection = Field(default_factory=EngineSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> TrainRecipe:
-        has_val = self.data.split.val_size > 0 or self.data.split.kind == "given"
+        has_val = has_validation_split = self.data.split.val_size > 0 or self.data.split.kind == "given"
         if not has_val:
             if self.train.monitor != "none":
                 raise ValueError("train.monitor: there is no validation split (data.split.val_size=0); set train.monitor=none")
@@ -580,6 +639,14 @@ class TrainRecipe(_Section):
             base = self.schedule.base_lr or self.optimizer.lr
             if self.schedule.max_lr is not None and self.schedule.max_lr <= base:
                 raise ValueError(f"schedule.max_lr: {self.schedule.max_lr} must exceed base_lr ({base})")
+        chooses = self.operating_point.rule != "fixed" or self.operating_point.calibrate != "none"
+        if chooses and not has_validation_split:
+            raise ValueError(
+                f"operating_point.rule: '{self.operating_point.rule}' (calibrate '{self.operating_point.calibrate}') is chosen on "
+                "the validation split, and there is none (data.split.val_size=0); use rule fixed, calibrate none"
+            )
+        if self.operating_point.rule != "fixed" and len(TASKS[self.data.task]) > 2:
+            raise ValueError(f"operating_point.rule: a {len(TASKS[self.data.task])}-class task decides by the most probable class; use rule fixed")
         if self.data.task == "kermany3" and self.data.negatives_from:
             raise ValueError("data.negatives_from: kermany3 (normal/bacterial/viral) borrows no negatives")
         return self
@@ -624,6 +691,12 @@ class TrainRecipe(_Section):
             data["augmentation"].pop("acquisition", None)
         if not self.domain.enabled:
             data.pop("domain", None)
+        # Fields added after runs existed enter the identity only when set, so the hash
+        # of every earlier run (and experiment-grid point) is unchanged.
+        if data.get("operating_point") == OperatingPointSection().model_dump(mode="json"):
+            data.pop("operating_point")
+        if not data["model"].get("allow_random_frozen"):
+            data["model"].pop("allow_random_frozen", None)
         return data
 
     def config_hash(self) -> str:

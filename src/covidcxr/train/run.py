@@ -8,13 +8,30 @@ every fold into ``RUN/fold-<k>/`` and pools the out-of-fold predictions)::
       manifest.parquet     the exact records used: manifest columns + split, fold, target,
                            class_name, role, cache_key, file_sha1
       excluded.csv         rows the preprocessing rejected, with the reason (if any)
-      checkpoints/         best.ckpt (by train.monitor), last.ckpt (every epoch and every
-                           train.checkpoint_every_n_steps steps), snapshot-<k>.ckpt
+      checkpoints/         best.ckpt (by train.monitor; weights only), last.ckpt (every
+                           epoch and every train.checkpoint_every_n_steps steps; the only
+                           one with optimizer state), snapshot-<k>.ckpt (weights only);
+                           once finished, output.keep says which stay
+      operating_point.json the decision threshold chosen on validation by the recipe's
+                           operating_point rule (+ temperature), `covidcxr.rundir.OperatingPoint`
       predictions.parquet  val and test images: run, split, source, patient_id, label,
-                           target, probability (per-class prob_<class> for multi-class);
-                           test uses best.ckpt (or the snapshot ensemble's average)
-      metrics.json         status, val/test AUC, accuracy..., provenance, timing
+                           target, probability (per-class prob_<class> for multi-class),
+                           predicted (at the operating point); from the model that is
+                           deployed: best.ckpt or the snapshot ensemble's average
+      metrics.json         status, val/test metrics at the operating point, ``weights`` (the
+                           checkpoint(s) that are the model), ``warnings`` (a hollow run),
+                           provenance, timing
       train_log.csv        one row per epoch
+      lightning_logs/      Lightning's CSVLogger: metrics.csv (every logged step), hparams.yaml
+      tensorboard/         TensorBoard event files (output.tensorboard / --tensorboard)
+
+Every path comes from `covidcxr.rundir.RunDir`, which the readers of a run use too.
+
+**No hollow runs.** A recipe whose freeze policy keeps backbone weights frozen while
+``model.pretrained`` is null would train a head on random features; `check_not_hollow`
+refuses it (naming the fields and how to supply weights) unless
+``model.allow_random_frozen: true``, which the run records as a warning
+(``random_frozen_backbone`` in ``metrics.json``, `RunDir.warnings`).
 
 **Resume.** Re-running the same recipe on a run directory that holds ``last.ckpt``
 continues from it (the optimizer, schedule, sampler position, early-stopping and
@@ -24,6 +41,10 @@ refused unless ``force_new``, which moves the old directory aside. A finished ru
 (``metrics.json`` complete for this hash and epoch count) is not retrained; raising
 ``train.epochs`` trains it further.
 
+**Loggers** (`_loggers`): Lightning's CSVLogger always; TensorBoard and MLflow
+(``output.mlflow`` / ``--mlflow URI``) on request. Each receives the resolved recipe as
+hyper-parameters and every metric the module logs.
+
 **Provenance** in every checkpoint (``checkpoint["covidcxr"]``): config hash, manifest
 hash, split ids, code version (package version + git commit), classes, pretrained source.
 """
@@ -31,6 +52,7 @@ hash, split ids, code version (package version + git commit), classes, pretraine
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -47,12 +69,12 @@ import torch
 
 from covidcxr import __version__
 from covidcxr.errors import CovidCXRError
-from covidcxr.io.atomic import atomic_path, atomic_write_text
-from covidcxr.train.recipe import TrainRecipe, load_recipe
+from covidcxr.rundir import OperatingPoint, RunDir
+from covidcxr.train.recipe import RecipeError, TrainRecipe, load_recipe
 
-__all__ = ["RunConflictError", "RunResult", "code_version", "read_provenance", "resolve_engine", "split_metrics", "train_recipe"]
+__all__ = ["RunConflictError", "RunResult", "check_not_hollow", "code_version", "read_provenance", "resolve_engine", "split_metrics", "train_recipe"]
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = RunDir.CHECKPOINTS
 
 
 class RunConflictError(CovidCXRError):
@@ -78,7 +100,7 @@ class RunResult:
 
     @property
     def predictions_path(self) -> Path:
-        return self.run_dir / "predictions.parquet"
+        return RunDir(self.run_dir).predictions
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -173,22 +195,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return None if np.isnan(value) else float(value)
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)
-
-
 def _move_aside(run_dir: Path, say: Callable[[str], None]) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
@@ -221,8 +227,9 @@ def _existing_state(recipe: TrainRecipe, run_dir: Path, force_new: bool, say: Ca
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return "new"
     wanted = recipe.config_hash()
-    last = run_dir / CHECKPOINTS / "last.ckpt"
-    metrics = _read_json(run_dir / "metrics.json") or {}
+    rd = RunDir(run_dir)
+    last = rd.last_checkpoint
+    metrics = _read_json(rd.metrics) or {}
     found: str | None = None
     where = ""
     if last.is_file():
@@ -232,12 +239,12 @@ def _existing_state(recipe: TrainRecipe, run_dir: Path, force_new: bool, say: Ca
             if not force_new:
                 raise RunConflictError(f"{last} cannot be read ({exc}); re-run with --force-new to start over") from None
     elif metrics.get("config_hash"):
-        found, where = metrics["config_hash"], str(run_dir / "metrics.json")
-    elif (run_dir / "config.yaml").is_file():
+        found, where = metrics["config_hash"], str(rd.metrics)
+    elif rd.config.is_file():
         try:
-            found, where = load_recipe(run_dir / "config.yaml").config_hash(), str(run_dir / "config.yaml")
+            found, where = load_recipe(rd.config).config_hash(), str(rd.config)
         except CovidCXRError:
-            found, where = "unreadable", str(run_dir / "config.yaml")
+            found, where = "unreadable", str(rd.config)
     if found is not None and found != wanted:
         if force_new:
             _move_aside(run_dir, say)
@@ -251,6 +258,12 @@ def _existing_state(recipe: TrainRecipe, run_dir: Path, force_new: bool, say: Ca
         return "new"
     if metrics.get("status") == "complete" and metrics.get("config_hash") == wanted and metrics.get("epochs_requested") == recipe.train.epochs:
         return "finished"
+    pruned = (metrics.get("checkpoints") or {}).get("keep")
+    if metrics.get("status") == "complete" and pruned == "best" and not last.is_file():
+        raise RunConflictError(
+            f"run {run_dir} finished with output.keep=best, which removed last.ckpt: it cannot be trained "
+            f"to {recipe.train.epochs} epochs from where it stopped; --force-new retrains it from scratch"
+        )
     if last.is_file():
         return "resume"
     return "new"
@@ -273,14 +286,16 @@ def _pretrained_source(recipe: TrainRecipe, say: Callable[[str], None], progress
         result = train_recipe(stage_one, progress=progress, say=say)
         path = result.run_dir
     if path.is_dir():
-        if not (path / CHECKPOINTS).is_dir() and any(path.glob("fold-*")):
+        stage_one = RunDir(path)
+        if stage_one.is_kfold_root:
             raise CovidCXRError(f"model.pretrained: {path} is a k-fold run; name one fold's directory ({path}/fold-0)")
-        checkpoint = path / CHECKPOINTS / "best.ckpt"
+        # The encoder comes from one checkpoint (an ensemble has no single encoder): best, else last.
+        checkpoint = stage_one.best_checkpoint
         if not checkpoint.is_file():
-            checkpoint = path / CHECKPOINTS / "last.ckpt"
+            checkpoint = stage_one.last_checkpoint
         if not checkpoint.is_file():
             raise CovidCXRError(f"model.pretrained: run directory {path} has no checkpoints/best.ckpt or last.ckpt")
-        config = path / "config.yaml"
+        config = stage_one.config
         if config.is_file():
             theirs = load_recipe(config).model
             if theirs.name.split(".")[0] != recipe.model.name.split(".")[0] or theirs.in_channels != recipe.model.in_channels:
@@ -310,22 +325,79 @@ def initialize_pretrained(model: torch.nn.Module, recipe: TrainRecipe, say: Call
     return {"source": str(path), "kind": kind, "loaded": len(report.loaded), "skipped_head": len(report.skipped_head), "adapted": list(report.adapted)}
 
 
+# ---------------------------------------------------------------------------------- hollow runs
+
+
+def check_not_hollow(recipe: TrainRecipe) -> list[dict[str, Any]]:
+    """Refuse a run whose frozen backbone would be random; the warnings a run must carry.
+
+    A freeze policy keeps backbone weights as they were loaded; with ``model.pretrained``
+    null they are random, so the frozen layers compute random features and only the rest
+    learns — a hollow run, whatever its numbers say (Hall, Ben Ahmed and Apostolopoulos
+    froze *ImageNet* layers).
+
+    Returns:
+        The run's warnings (``{"id", "severity", "text"}``): ``random_frozen_backbone``
+        when ``model.allow_random_frozen`` lets such a run train; ``paper_weights_missing``
+        when the model's paper fine-tuned pretrained weights (its recipe freezes) and this
+        run trains every layer from random weights instead.
+
+    Raises:
+        RecipeError: frozen random backbone weights without ``model.allow_random_frozen``;
+            the message names the fields and how to supply weights.
+    """
+    from covidcxr.models import get_model_cfg
+    from covidcxr.train.module import build_model
+
+    spec = recipe.model
+    if spec.pretrained:
+        return []
+    model = build_model(recipe)
+    backbone = list(model.backbone_named_parameters())
+    frozen = sum(p.numel() for _, p in backbone if not p.requires_grad)
+    total = sum(p.numel() for _, p in backbone)
+    cfg = get_model_cfg(spec.name)
+    policy = cfg.get("freeze_policy", "none") if spec.freeze == "default" else spec.freeze
+    out: list[dict[str, Any]] = []
+    if frozen:
+        text = (
+            f"model.freeze {policy!r} keeps {frozen:,} of {total:,} backbone parameters of {spec.name} frozen, and "
+            "model.pretrained is null, so they stay at their random initial values: the run trains on random features"
+        )
+        if not spec.allow_random_frozen:
+            raise RecipeError(
+                f"recipe field 'model.pretrained': {text}. Supply weights with --set model.pretrained=PATH (a torchvision-named "
+                "ImageNet state dict you downloaded yourself — covidcxr never downloads —, a run directory, or a pretraining "
+                "recipe), or train every layer with --set model.freeze=none, or set model.allow_random_frozen=true to train it "
+                "anyway (the run is then flagged as hollow in its metrics and report)",
+                ["model.pretrained", "model.freeze", "model.allow_random_frozen"],
+            )
+        out.append({"id": "random_frozen_backbone", "severity": "warning", "text": text + " (model.allow_random_frozen: true)."})
+    elif cfg.get("paper") and cfg.get("freeze_policy", "none") != "none":
+        citation = str(cfg.get("citation") or cfg["paper"]).split(".")[0]
+        out.append({
+            "id": "paper_weights_missing",
+            "severity": "info",
+            "text": f"{citation} fine-tuned pretrained {cfg['name']} weights; this run trains every layer from random weights, so its numbers are not the paper's.",
+        })
+    return out
+
+
 # ---------------------------------------------------------------------------------- one run
 
 
 def _write_prepared(run_dir: Path, prepared: Any, notes: list[str], rejected: Sequence[Any]) -> None:
-    with atomic_path(run_dir / "manifest.parquet") as tmp:
-        prepared.records.to_parquet(tmp, index=False)
+    rd = RunDir(run_dir)
+    rd.write_manifest(prepared.records)
     excluded = prepared.excluded
     extra = pd.DataFrame([{"image": r.path, "split": "", "source": "", "reason": r.reason} for r in rejected])
     table = pd.concat([excluded, extra], ignore_index=True) if len(extra) else excluded
     if len(table):
-        with atomic_path(run_dir / "excluded.csv") as tmp:
-            table.to_csv(tmp, index=False)
+        rd.write_excluded(table)
 
 
-def _predict(trainer: Any, module: Any, datamodule: Any, checkpoint: Path, splits: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{split: (rows into records, probabilities)} from one checkpoint."""
+def _predict(trainer: Any, module: Any, datamodule: Any, checkpoint: Path, splits: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """{split: (rows into records, probabilities, logits)} from one checkpoint."""
     loaders = [datamodule.eval_dataloader(s) for s in splits]
     outputs = trainer.predict(module, dataloaders=loaders, ckpt_path=str(checkpoint), weights_only=True)
     if len(splits) == 1:
@@ -335,21 +407,33 @@ def _predict(trainer: Any, module: Any, datamodule: Any, checkpoint: Path, split
         dataset = datamodule.datasets[split]
         positions = torch.cat([b["rows"] for b in batches]).numpy()
         probabilities = torch.cat([b["probabilities"] for b in batches]).float().numpy()
-        result[split] = (np.asarray(dataset.rows)[positions], probabilities)
+        logits = torch.cat([b["logits"] for b in batches]).float().numpy()
+        result[split] = (np.asarray(dataset.rows)[positions], probabilities, logits)
     return result
 
 
-def _prediction_frame(recipe: TrainRecipe, records: pd.DataFrame, per_split: dict[str, tuple[np.ndarray, np.ndarray]], best: dict[str, tuple[np.ndarray, np.ndarray]] | None) -> pd.DataFrame:
+def _ensemble(runs: list[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]], binary: bool) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The snapshot members' average probability (Hall et al.) and its logit (`average_logits`), per split."""
+    from covidcxr.models.ensemble import average_logits
+
+    out = {}
+    for split in runs[0]:
+        logits = average_logits([torch.from_numpy(r[split][2]) for r in runs], binary).numpy()
+        out[split] = (runs[0][split][0], np.mean([r[split][1] for r in runs], axis=0), logits)
+    return out
+
+
+def _prediction_frame(recipe: TrainRecipe, records: pd.DataFrame, per_split: dict[str, tuple[np.ndarray, ...]], best: dict[str, tuple[np.ndarray, ...]] | None, threshold: float = 0.5) -> pd.DataFrame:
     classes = list(recipe.classes)
     frames = []
     keep = [c for c in ("image", "split", "fold", "source", "patient_id", "label", "finding", "view", "class_name", "target", "role", "shortcut", "cache_key", "file_sha1") if c in records.columns]
-    for split, (rows, probabilities) in per_split.items():
+    for split, (rows, probabilities, *_) in per_split.items():
         part = records.iloc[rows][keep].copy()
         if recipe.num_outputs == 1:
             part["probability"] = probabilities.reshape(-1).astype(np.float64)
-            part["predicted"] = (part["probability"] >= 0.5).astype(np.int64)
+            part["predicted"] = (part["probability"] >= threshold).astype(np.int64)
             if best is not None:
-                b_rows, b_prob = best[split]
+                b_rows, b_prob, *_ = best[split]
                 lookup = dict(zip(b_rows.tolist(), b_prob.reshape(-1).tolist()))
                 part["probability_best"] = [lookup[r] for r in rows.tolist()]
         else:
@@ -363,7 +447,7 @@ def _prediction_frame(recipe: TrainRecipe, records: pd.DataFrame, per_split: dic
     return frame
 
 
-def _split_metrics(recipe: TrainRecipe, predictions: pd.DataFrame, column: str = "probability") -> dict[str, Any]:
+def _split_metrics(recipe: TrainRecipe, predictions: pd.DataFrame, column: str = "probability", threshold: float = 0.5) -> dict[str, Any]:
     from covidcxr.train.metrics import classification_metrics
 
     out = {}
@@ -372,7 +456,7 @@ def _split_metrics(recipe: TrainRecipe, predictions: pd.DataFrame, column: str =
             probabilities = part[column].to_numpy()
         else:
             probabilities = part[[f"prob_{c}" for c in recipe.classes]].to_numpy()
-        metrics = classification_metrics(probabilities, part["target"].to_numpy(), num_classes=len(recipe.classes))
+        metrics = classification_metrics(probabilities, part["target"].to_numpy(), num_classes=len(recipe.classes), threshold=threshold)
         metrics["n_patients"] = int(part["patient_id"].nunique())
         metrics["per_source"] = {
             str(source): {"n": int(len(rows)), "positives": int((rows["target"] > 0).sum())} for source, rows in part.groupby("source")
@@ -383,6 +467,89 @@ def _split_metrics(recipe: TrainRecipe, predictions: pd.DataFrame, column: str =
 
 #: metrics.json's per-split metrics of a predictions frame (also used by `covidcxr.adapt` for runs it writes).
 split_metrics = _split_metrics
+
+
+def _calibrate_and_choose(recipe: TrainRecipe, records: pd.DataFrame, deployed: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[OperatingPoint, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """The operating point from the deployed model's validation predictions (temperature first, if asked).
+
+    Returns:
+        ``(point, deployed)``: with ``calibrate: temperature`` the probabilities of every
+        split are replaced by the calibrated ones (``sigmoid(logit / T)``).
+    """
+    from covidcxr.train.operating_point import choose_operating_point
+
+    binary = recipe.num_outputs == 1
+    spec = recipe.operating_point
+    temperature = None
+    if spec.calibrate == "temperature" and "val" in deployed:
+        from covidcxr.evaluate.calibration import apply_temperature, fit_temperature
+
+        rows, _, logits = deployed["val"]
+        targets = records.iloc[rows]["target"].to_numpy()
+        if len(np.unique(targets)) < 2:
+            raise CovidCXRError(
+                f"operating_point.calibrate: a temperature is fitted on validation images of more than one class; the validation split has "
+                f"only class {sorted(set(targets.tolist()))} ({len(targets)} images): enlarge data.split.val_size, or use calibrate none"
+            )
+        flat = (lambda z: z.reshape(-1)) if binary else (lambda z: z)  # noqa: E731 - binary logits (N, 1) -> (N,)
+        temperature = float(fit_temperature(flat(logits), targets.astype(np.int64)))
+        deployed = {s: (r, apply_temperature(flat(z), temperature), z) for s, (r, _, z) in deployed.items()}
+    if not binary:
+        return OperatingPoint(threshold=None, rule="argmax", chosen_on="nothing", temperature=temperature), deployed
+    if "val" not in deployed:
+        return OperatingPoint(threshold=spec.target, rule="fixed", value=spec.target, chosen_on="the recipe (no validation split)"), deployed
+    rows, probability, _ = deployed["val"]
+    part = records.iloc[rows]
+    point = choose_operating_point(spec, part["target"].to_numpy(), probability.reshape(-1), part["patient_id"].astype(str).to_numpy(), temperature, seed=recipe.seed)
+    return point, deployed
+
+
+def check_tracking(recipe: TrainRecipe) -> None:
+    """Refuse, before anything is trained, a recipe asking for TensorBoard or MLflow when the package is absent.
+
+    Raises:
+        CovidCXRError: naming the field and the extra that installs it (``covidcxr[tracking]``).
+    """
+    for package, wanted in (("tensorboard", recipe.output.tensorboard), ("mlflow", recipe.output.mlflow is not None)):
+        if wanted and importlib.util.find_spec(package) is None:
+            raise CovidCXRError(
+                f"output.{package}: logging to {package} needs the '{package}' package, which is not installed; "
+                f"pip install 'covidcxr[tracking]', or turn output.{package} off"
+            )
+
+
+def _loggers(recipe: TrainRecipe, run_dir: Path) -> list[Any]:
+    """Lightning loggers: CSV into ``RUN/lightning_logs/`` always, TensorBoard and MLflow when the recipe asks.
+
+    ``train_log.csv`` (`TrainLogCallback`) stays the run's own per-epoch table; these carry
+    the same numbers to the tools researchers already use. A resumed run appends to the
+    same CSV and TensorBoard folder and starts a new MLflow run (named after the folder).
+
+    Raises:
+        CovidCXRError: TensorBoard or MLflow requested but not installed.
+    """
+    check_tracking(recipe)
+    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
+
+    loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="lightning_logs", version="")]
+    if recipe.output.tensorboard:
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False))
+    if recipe.output.mlflow is not None:
+        try:
+            loggers.append(MLFlowLogger(experiment_name=recipe.name or run_dir.name, run_name=run_dir.name, tracking_uri=recipe.output.mlflow))
+        except Exception as exc:  # noqa: BLE001 - MLflow's own refusal (a bad URI, a file store it no longer accepts)
+            raise CovidCXRError(f"output.mlflow: MLflow cannot use tracking URI {recipe.output.mlflow!r}: {exc}") from None
+    return loggers
+
+
+def _keep_checkpoints(result: RunResult, keep: str, say: Callable[[str], None]) -> None:
+    """Apply ``output.keep`` to a finished run (each fold of a k-fold run): `keep_checkpoints`."""
+    from covidcxr.train.callbacks import keep_checkpoints
+
+    for run in result.folds or [result]:
+        removed = keep_checkpoints(run.run_dir, keep)  # type: ignore[arg-type]
+        if removed:
+            say(f"output.keep={keep}: removed {', '.join(p.name for p in removed)} from {run.run_dir}")
 
 
 def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bool, say: Callable[[str], None], extra_callbacks: Sequence[Any]) -> RunResult:
@@ -397,13 +564,15 @@ def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bo
     run_dir = run_dir.resolve()
     recipe = recipe.with_updates({"output.run_dir": str(run_dir), "name": recipe.name or run_dir.name})
     state = _existing_state(recipe, run_dir, force_new, say)
+    rd = RunDir(run_dir)
     if state == "finished":
-        metrics = _read_json(run_dir / "metrics.json") or {}
+        metrics = _read_json(rd.metrics) or {}
         say(f"{run_dir}: finished already (config {recipe.config_hash()[:12]}, {metrics.get('epochs_trained')} epochs); not retrained")
         return RunResult(run_dir, "finished", metrics)
-    ckpt_dir = run_dir / CHECKPOINTS
-    last = ckpt_dir / "last.ckpt"
+    ckpt_dir = rd.checkpoints
+    last = rd.last_checkpoint
     resume = state == "resume"
+    hollow = check_not_hollow(recipe)
 
     if recipe.engine.threads:
         torch.set_num_threads(recipe.engine.threads)
@@ -413,7 +582,7 @@ def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bo
     rank_zero = _is_rank_zero()
     if rank_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", recipe.to_yaml())
+        rd.write_config(recipe)
 
     provenance: dict[str, Any] = {
         "run": recipe.name,
@@ -438,7 +607,7 @@ def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bo
     )
     monitor = recipe.train.monitor
     mode = "min" if monitor == "val_loss" else "max"
-    callbacks: list[Any] = [TrainLogCallback(run_dir / "train_log.csv")]
+    callbacks: list[Any] = [TrainLogCallback(rd.train_log)]
     if recipe.snapshots.count:
         callbacks.append(SnapshotCallback(recipe.snapshots, ckpt_dir, recipe.train.epochs))
     if recipe.early_stopping.enabled:
@@ -455,6 +624,7 @@ def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bo
     best_cb = ModelCheckpoint(
         dirpath=ckpt_dir,
         filename="best",
+        save_weights_only=True,  # the model only: the optimizer state lives in last.ckpt
         monitor=None if monitor == "none" else monitor,
         mode=mode,
         save_top_k=1,
@@ -490,7 +660,7 @@ def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bo
             **engine,
             max_epochs=recipe.train.epochs,
             callbacks=callbacks,
-            logger=False,
+            logger=_loggers(recipe, run_dir),
             plugins=[AtomicCheckpointIO()],
             use_distributed_sampler=False,
             num_sanity_val_steps=0,
@@ -514,7 +684,7 @@ def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bo
         return RunResult(run_dir, "interrupted")
 
     # ------------------------------------------------------------------ predictions
-    best = ckpt_dir / "best.ckpt"
+    best = rd.best_checkpoint
     if not best.is_file():
         best = last
     splits = [s for s in ("val", "test") if s in datamodule.datasets]
@@ -524,18 +694,22 @@ def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bo
         snapshot_files: list[Path] = []
         ensemble = None
         if recipe.snapshots.count:
-            snapshot_files = sorted(ckpt_dir.glob("snapshot-*.ckpt"), key=lambda p: int(p.stem.split("-")[1]))
+            snapshot_files = rd.snapshot_checkpoints()
             if snapshot_files and splits:
                 runs = [_predict(trainer, module, datamodule, path, splits) for path in snapshot_files]
-                ensemble = {s: (runs[0][s][0], np.mean([r[s][1] for r in runs], axis=0)) for s in splits}
+                ensemble = _ensemble(runs, recipe.num_outputs == 1)
     if not trainer.is_global_zero:
         return RunResult(run_dir, "resumed" if resume else "trained")
 
+    # The deployed model is the evaluated one: the ensemble when there is one (`RunDir.weights`).
     records_used = datamodule.prepared.records
-    predictions = _prediction_frame(recipe, records_used, ensemble or from_best, from_best if ensemble else None) if splits else pd.DataFrame()
+    point, deployed = _calibrate_and_choose(recipe, records_used, ensemble or from_best)
+    threshold = 0.5 if point.threshold is None else float(point.threshold)
+    predictions = _prediction_frame(recipe, records_used, deployed, from_best if ensemble else None, threshold) if splits else pd.DataFrame()
     if len(predictions):
-        with atomic_path(run_dir / "predictions.parquet") as tmp:
-            predictions.to_parquet(tmp, index=False)
+        rd.write_predictions(predictions)
+    rd.write_operating_point(point)
+    say(f"operating point: {point.describe()}")
     log_rows = next((c.rows for c in callbacks if isinstance(c, TrainLogCallback)), [])
     speeds = [r["train_images_per_second"] for r in log_rows if r.get("train_images_per_second")]
     best_info = read_provenance(best) if best.is_file() else {}
@@ -576,8 +750,13 @@ def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bo
             "adapter_or_split": len(rejected),
         },
         "notes": notes,
+        "threshold": point.threshold,
+        "operating_point": point.to_dict(),
+        "weights": {"kind": "snapshot_ensemble" if ensemble is not None else "checkpoint", "checkpoints": [p.name for p in (snapshot_files if ensemble is not None else [best])]},
+        "warnings": list(hollow),
     }
-    metrics.update(_split_metrics(recipe, predictions, "probability_best" if ensemble and recipe.num_outputs == 1 else "probability") if len(predictions) else {})
+    # val/test metrics of the deployed model at its operating point
+    metrics.update(_split_metrics(recipe, predictions, "probability", threshold) if len(predictions) else {})
     if recipe.snapshots.count:
         metrics["snapshots"] = {
             "requested": recipe.snapshots.count,
@@ -585,19 +764,52 @@ def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bo
             "files": [p.name for p in snapshot_files],
         }
         if ensemble is not None:
-            metrics["snapshots"]["ensemble"] = _split_metrics(recipe, predictions, "probability") if recipe.num_outputs == 1 else _split_metrics(recipe, predictions)
-            metrics["snapshots"]["predictions"] = "probability = the ensemble's average; probability_best = best.ckpt"
-    _write_json(run_dir / "metrics.json", metrics)
+            metrics["snapshots"]["ensemble"] = _split_metrics(recipe, predictions, "probability", threshold)
+            if recipe.num_outputs == 1:
+                metrics["snapshots"]["best_checkpoint"] = _split_metrics(recipe, predictions, "probability_best", threshold)
+            metrics["snapshots"]["predictions"] = (
+                "probability = the ensemble's average (the deployed model; calibrated when operating_point.calibrate is set); "
+                "probability_best = best.ckpt alone, uncalibrated"
+            )
+    rd.write_metrics(metrics)
     return RunResult(run_dir, "resumed" if resume else "trained", metrics)
 
 
 # ---------------------------------------------------------------------------------- k-fold
 
 
+def _kfold_operating_point(recipe: TrainRecipe, folds: Sequence[RunResult], pooled_val: pd.DataFrame) -> OperatingPoint:
+    """A k-fold root's threshold for its pooled out-of-fold predictions.
+
+    Each fold's model keeps its own operating point (``fold-k/operating_point.json``,
+    chosen on that fold's validation split). The pooled out-of-fold test predictions
+    come from k models, so the root applies the same rule to the pooled validation
+    predictions of the k folds (never a test image), and lists the folds' own points.
+    """
+    from covidcxr.train.operating_point import choose_operating_point
+
+    per_fold = [{"fold": k, **RunDir(f.run_dir).operating_point().to_dict()} for k, f in enumerate(folds)]
+    if recipe.num_outputs != 1:
+        return OperatingPoint(threshold=None, rule="argmax", chosen_on="nothing", per_fold=per_fold)
+    spec = recipe.operating_point
+    if not len(pooled_val):
+        return OperatingPoint(threshold=spec.target, rule="fixed", value=spec.target, chosen_on="the recipe (no validation split)", per_fold=per_fold)
+    point = choose_operating_point(
+        spec,
+        pooled_val["target"].to_numpy(),
+        pooled_val["probability"].to_numpy(),
+        pooled_val["patient_id"].astype(str).to_numpy(),
+        seed=recipe.seed,
+        chosen_on=f"the pooled validation splits of {len(folds)} folds",
+    )
+    return OperatingPoint(**{**point.__dict__, "per_fold": per_fold})
+
+
 def _train_kfold(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bool, say: Callable[[str], None], extra_callbacks: Sequence[Any]) -> RunResult:
     run_dir = run_dir.resolve()
     recipe = recipe.with_updates({"output.run_dir": str(run_dir), "name": recipe.name or run_dir.name})
-    config = run_dir / "config.yaml"
+    rd = RunDir(run_dir)
+    config = rd.config
     if config.is_file():
         try:
             previous = load_recipe(config).config_hash()
@@ -616,29 +828,34 @@ def _train_kfold(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: 
         _move_aside(run_dir, say)
     if _is_rank_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(config, recipe.to_yaml())
+        rd.write_config(recipe)
     folds = []
     for k in range(recipe.data.split.folds):
         fold_recipe = recipe.with_updates(
-            {"data.split.fold": k, "name": f"{recipe.name}-fold-{k}", "output.run_dir": str(run_dir / f"fold-{k}")}
+            {"data.split.fold": k, "name": f"{recipe.name}-fold-{k}", "output.run_dir": str(rd.fold(k).path)}
         )
-        say(f"fold {k + 1}/{recipe.data.split.folds} -> {run_dir / f'fold-{k}'}")
-        folds.append(_train_one(fold_recipe, run_dir / f"fold-{k}", False, progress, say, extra_callbacks))
+        say(f"fold {k + 1}/{recipe.data.split.folds} -> {rd.fold(k).path}")
+        folds.append(_train_one(fold_recipe, rd.fold(k).path, False, progress, say, extra_callbacks))
     if not _is_rank_zero():
         return RunResult(run_dir, "trained", folds=folds)
-    frames = []
+    frames, val_frames = [], []
     for k, fold in enumerate(folds):
-        path = fold.run_dir / "predictions.parquet"
+        path = RunDir(fold.run_dir).predictions
         if path.is_file():
             frame = pd.read_parquet(path)
+            val_frames.append(frame[frame["split"] == "val"])
             frame = frame[frame["split"] == "test"].copy()
             frame["fold"] = k
             frames.append(frame)
     pooled = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     pooled["run"] = recipe.name
+    point = _kfold_operating_point(recipe, folds, pd.concat(val_frames, ignore_index=True) if val_frames else pd.DataFrame())
+    threshold = 0.5 if point.threshold is None else float(point.threshold)
+    if len(pooled) and recipe.num_outputs == 1:
+        pooled["predicted"] = (pooled["probability"] >= threshold).astype(np.int64)
     if len(pooled):
-        with atomic_path(run_dir / "predictions.parquet") as tmp:
-            pooled.to_parquet(tmp, index=False)
+        rd.write_predictions(pooled)
+    rd.write_operating_point(point)
     per_fold = [fold.metrics.get("test", {}) for fold in folds]
     aucs = [m.get("auc") for m in per_fold if m.get("auc") is not None]
     metrics = {
@@ -650,13 +867,16 @@ def _train_kfold(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: 
         "classes": list(recipe.classes),
         "config_hash": recipe.config_hash(),
         "epochs_requested": recipe.train.epochs,
-        "out_of_fold": _split_metrics(recipe, pooled.assign(split="test")).get("test", {}) if len(pooled) else {},
+        "threshold": point.threshold,
+        "operating_point": point.to_dict(),
+        "warnings": list({w["id"]: w for fold in folds for w in fold.metrics.get("warnings") or []}.values()),
+        "out_of_fold": _split_metrics(recipe, pooled.assign(split="test"), threshold=threshold).get("test", {}) if len(pooled) else {},
         "per_fold_test_auc": [m.get("auc") for m in per_fold],
         "test_auc_mean": float(np.mean(aucs)) if aucs else None,
         "test_auc_sd": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else None,
         "fold_dirs": [str(f.run_dir) for f in folds],
     }
-    _write_json(run_dir / "metrics.json", metrics)
+    rd.write_metrics(metrics)
     status = "finished" if all(f.status == "finished" for f in folds) else "trained"
     return RunResult(run_dir, status, metrics, folds)
 
@@ -694,6 +914,8 @@ def train_recipe(
     speak = say or _say_default
     say = lambda message: speak(message) if _is_rank_zero() else None  # noqa: E731 - one voice under DDP
     target = Path(run_dir) if run_dir is not None else recipe.run_dir()
+    check_not_hollow(recipe)  # before anything is written or preprocessed
+    check_tracking(recipe)
     from covidcxr.io.lock import RunLock
     from covidcxr.train.callbacks import clean_partial_checkpoints
 
@@ -702,5 +924,9 @@ def train_recipe(
         for stale in clean_partial_checkpoints(target) if _is_rank_zero() else []:
             say(f"removed {stale}, a partial checkpoint left by an interrupted run")
         if recipe.data.split.kind == "kfold" and recipe.data.split.fold is None:
-            return _train_kfold(recipe, target, force_new, progress, say, extra_callbacks)
-        return _train_one(recipe, target, force_new, progress, say, extra_callbacks)
+            result = _train_kfold(recipe, target, force_new, progress, say, extra_callbacks)
+        else:
+            result = _train_one(recipe, target, force_new, progress, say, extra_callbacks)
+        if _is_rank_zero() and result.metrics.get("status") == "complete":
+            _keep_checkpoints(result, recipe.output.keep, say)
+        return result

@@ -42,15 +42,69 @@ async function loadModelCard() {
       text += "; not audited for shortcuts";
     }
     $("model-summary").textContent = text + ". Engine: " + card.engine + ".";
+    renderModelFacts(card);
     $("model-card-json").textContent = JSON.stringify(card, null, 2);
   } catch (err) {
     $("model-summary").textContent = "Model card unavailable: " + err;
   }
 }
 
+function fillList(id, items) {
+  const list = $(id);
+  list.replaceChildren();
+  for (const item of items) {
+    const li = document.createElement("li");
+    li.textContent = item;
+    list.appendChild(li);
+  }
+}
+
+function renderModelFacts(card) {
+  const summary = card.summary;
+  if (!summary) { return; }
+  $("card-trained-on").textContent = summary.trained_on;
+  fillList("card-performance", summary.performance || []);
+  $("card-audit").textContent = summary.audit;
+  $("card-operating-point").textContent = summary.operating_point;
+  fillList("card-not-for", summary.not_for || []);
+  const abstention = card.abstention || {};
+  const always = abstention.every_prediction_abstains_because || [];
+  const note = $("model-abstains");
+  if (abstention.enabled === false) {
+    note.textContent = "Abstention is OFF on this service (research use only): decisions are given even for images and models that fail the checks.";
+    note.hidden = false;
+  } else if (always.length) {
+    note.textContent = "Every prediction of this model abstains: " + always.map((r) => r.sentence.replace(/\.$/, "")).join("; ") + ".";
+    note.hidden = false;
+  }
+  $("model-facts").hidden = false;
+}
+
+function renderAbstention(result) {
+  const abstained = result.decision === "abstain";
+  const box = $("abstain-box");
+  const list = $("abstain-reasons");
+  list.replaceChildren();
+  for (const reason of result.abstain_reasons || []) {
+    const li = document.createElement("li");
+    li.dataset.code = reason.code;
+    const strong = document.createElement("strong");
+    strong.textContent = reason.code.replace(/_/g, " ") + ": ";
+    li.append(strong, document.createTextNode(reason.sentence));
+    list.appendChild(li);
+  }
+  box.hidden = !abstained;
+  $("abstention-off").hidden = result.abstention !== "off";
+  $("decision").classList.toggle("abstained", abstained);
+  $("probability-note").textContent = abstained ? "— not to be acted on (the model alone would say " + result.model_decision + ")" : "";
+  $("decision-note").textContent = abstained ? "— do not act on this result"
+    : (result.abstention === "off" && (result.abstain_reasons || []).length ? "(abstention off: it would have abstained)" : "");
+}
+
 function render(result) {
   $("probability").textContent = fmt(result.probability, 3);
   $("decision").textContent = result.decision;
+  renderAbstention(result);
   $("threshold").textContent = result.threshold === null ? "argmax (multi-class)" : fmt(result.threshold, 3);
   const info = result.input;
   $("input-info").textContent = info.format.toUpperCase() + " " + info.width + "×" + info.height + (info.view !== "unknown" ? ", view " + info.view : "");
@@ -62,13 +116,16 @@ function render(result) {
   $("saliency-info").textContent = sal ? (fmt(100 * sal.lung_focus, 0) + "% of the Grad-CAM map inside the lungs (lungs are " + fmt(100 * sal.lung_area, 0) + "% of the input); explains " + sal.explains) : "not computed";
   const list = $("warnings");
   list.replaceChildren();
-  if (result.warnings.length === 0) {
+  // a reason to abstain is shown once, in the abstention box; with abstention off they stay warnings here
+  const reasons = new Set(result.decision === "abstain" ? (result.abstain_reasons || []).map((r) => r.code) : []);
+  const others = result.warnings.filter((w) => !reasons.has(w.code));
+  if (others.length === 0) {
     const li = document.createElement("li");
     li.className = "none";
-    li.textContent = "No warnings.";
+    li.textContent = reasons.size ? "No other warnings." : "No warnings.";
     list.appendChild(li);
   }
-  for (const warning of result.warnings) {
+  for (const warning of others) {
     const li = document.createElement("li");
     li.dataset.code = warning.code;
     li.textContent = warning.message;

@@ -1,0 +1,372 @@
+"""A trained run scored on a new collection: ``covidcxr evaluate RUN --data DIR``.
+
+A radiology team's first question is "does this model work on *our* images?". The answer
+must not be flattered by images the model already knows, so (the rule of
+`covidcxr.experiments.testsets`, applied to any collection):
+
+1. the collection is read by a source adapter (`covidcxr.data.sources.load_source`: any
+   layout, a hospital's folder / CSV / DICOM layout included); a layout that lists no
+   duplicates gets its copies and near-duplicates linked from the pixels
+   (`covidcxr.data.splits.link_duplicates`, which also refuses copies filed under
+   different labels);
+2. the images that fit the run's task are kept (`covidcxr.train.data.select_task`), the
+   others listed with their label;
+3. every image **linked** to what the run trained or validated on (`RunDir.seen`) is
+   excluded and listed with the reason: the same patient, the same file (path, declared
+   ``sha1`` or the hash of the bytes on disk), or a near-duplicate of a training/validation
+   image (perceptual hash + thumbnail correlation, `covidcxr.data.dedup`, computed across
+   both sets: a collection's own ``dup_group`` names mean nothing to another's) — and,
+   with it, every image of the same patient or copy group in the new collection;
+4. the rest go through the run's own preprocessing and model (`load_run`: the weights
+   `RunDir.weights` designates) in chunks; each chunk's predictions are flushed atomically,
+   so a rerun skips the images already scored (and those the preprocessing refused);
+5. per-source metrics with intervals, seen vs unseen
+   (`covidcxr.evaluate.cross_source.evaluate_predictions`, the body of every evaluation).
+
+Layout of ``RUN/external/<name>/``: ``predictions.parquet`` (``image, source, label,
+patient_id, probability`` ...), ``rejected.csv`` (refused by the preprocessing, with the
+reason), ``excluded.csv`` (linked or outside the task, with the reason), ``evaluation.json``
+(written last).
+
+Example::
+
+    >>> report = evaluate_external("runs/small_shared", "../shared/data/cxr")   # doctest: +SKIP
+    >>> report["per_source"]["nih"]["auc"]                                       # doctest: +SKIP
+    {'estimate': 0.61, 'low': 0.55, 'high': 0.66, ...}
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from covidcxr.data.manifest import is_missing
+from covidcxr.errors import CovidCXRError
+from covidcxr.evaluate.cross_source import evaluate_predictions, json_ready
+from covidcxr.io.atomic import atomic_path, atomic_write_text
+from covidcxr.rundir import RunDir, SeenData
+
+__all__ = ["EXTERNAL_COLUMNS", "collection_rows", "evaluate_external", "external_name", "linked_reasons", "read_external", "score_resumably"]
+
+#: the per-image columns of ``external/<name>/predictions.parquet`` (first the required five).
+EXTERNAL_COLUMNS = ("image", "source", "label", "patient_id", "probability", "class_name", "target", "seen", "view", "sex", "age")
+PREDICTIONS, EVALUATION, EXCLUDED, REJECTED, PROGRESS = "predictions.parquet", "evaluation.json", "excluded.csv", "rejected.csv", "progress.json"
+
+
+def _say_nothing(_message: str) -> None:
+    return None
+
+
+def external_name(data: str | Path) -> str:
+    """The default ``external/<name>``: the collection folder's name."""
+    name = Path(data).resolve().name
+    return name or "external"
+
+
+# ------------------------------------------------------------------------------- the collection
+
+
+def collection_rows(data: str | Path, recipe: Any, adapter: str | None = None, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, list[Any]]:
+    """The collection's images that fit the run's task, those that do not, and what the adapter refused.
+
+    Args:
+        data: the collection folder (any layout a source adapter reads).
+        recipe: the run's `TrainRecipe` (its task; its sources are *not* a filter here).
+        adapter: the adapter's name (default: detected from the layout).
+
+    Returns:
+        ``(rows, outside, rejected)``: manifest rows with ``class_name``/``target``; rows whose
+        label the task does not use (with ``reason``); the adapter's and decoder's
+        `Rejection` items.
+
+    Raises:
+        CovidCXRError: no folder, no known layout, copies filed under different labels.
+    """
+    from covidcxr.data.dedup import default_fingerprint_cache
+    from covidcxr.data.sources import detect_source, load_source
+    from covidcxr.data.splits import link_duplicates
+    from covidcxr.train.data import select_task
+
+    folder = Path(data)
+    if not folder.is_dir():
+        raise CovidCXRError(f"--data {folder}: not a folder (expected a collection a source adapter reads; see `covidcxr data sources`)")
+    adapter = adapter or detect_source(folder)
+    table = load_source(folder, adapter)
+    manifest, rejected = table.manifest, list(table.rejected)
+    if adapter != "collection":  # a raw layout lists no duplicates: link them from the pixels
+        manifest, unreadable = link_duplicates(manifest, show_progress=progress, cache=default_fingerprint_cache())
+        rejected += unreadable
+    every_source = recipe.model_copy(deep=True)
+    every_source.data.sources, every_source.data.negatives_from = [], []
+    if every_source.data.split.kind == "loso":
+        every_source.data.split.kind = "holdout"
+    try:
+        rows, _ = select_task(manifest, every_source)
+    except CovidCXRError as exc:
+        raise CovidCXRError(f"--data {folder}: {exc}") from None
+    outside = manifest[~manifest["image"].astype(str).isin(set(rows["image"].astype(str)))].copy()
+    outside["reason"] = [f"label {label!r} is outside the run's task {recipe.data.task}" for label in outside["label"]]
+    return rows, outside, rejected
+
+
+# ------------------------------------------------------------------------------- what the run saw
+
+
+def _file_hashes(paths: list[str]) -> list[str | None]:
+    """sha1 of each file's bytes through the fingerprint cache (unchanged files are not re-read)."""
+    from covidcxr.data.dedup import FingerprintCache, default_fingerprint_cache
+
+    cache = FingerprintCache(default_fingerprint_cache())
+    out: list[str | None] = []
+    for path in paths:
+        try:
+            out.append(cache.sha1(path))
+        except OSError:
+            out.append(None)
+    cache.flush()
+    return out
+
+
+def _near_duplicates_of_seen(rows: pd.DataFrame, seen: pd.DataFrame, progress: bool) -> dict[int, str]:
+    """Row index -> the training/validation image it is a near-duplicate of (fingerprints of both sets)."""
+    from covidcxr.data.dedup import Fingerprints, default_fingerprint_cache, fingerprint_images, near_duplicate_pairs
+
+    seen_paths = [p for p in seen["image"].astype(str).unique() if Path(p).is_file()]
+    if not len(rows) or not seen_paths:
+        return {}
+    paths = [*rows["image"].astype(str), *seen_paths]
+    prints, _ = fingerprint_images(paths, show_progress=progress, cache=default_fingerprint_cache())
+    pairs = near_duplicate_pairs(Fingerprints(prints.hashes, prints.thumbnails, prints.valid))
+    n = len(rows)
+    found: dict[int, str] = {}
+    for i, j in zip(pairs["i"].to_numpy(dtype=int), pairs["j"].to_numpy(dtype=int)):
+        if (i < n) != (j < n):  # one new image, one the run saw
+            new, old = (i, j) if i < n else (j, i)
+            found.setdefault(new, paths[old])
+    return found
+
+
+def linked_reasons(rows: pd.DataFrame, seen: SeenData, same_collection: bool = False, progress: bool = False) -> pd.Series:
+    """Why each row is linked to what a run trained or validated on ("" when it is not).
+
+    Direct links: the same patient, the same file path, the same file hash (``sha1`` or
+    ``file_sha1``, declared or computed from the bytes), the same ``dup_group`` (only when
+    ``same_collection``: group names are a collection's own), a near-duplicate of a seen
+    image. Then each linked row's patient and copy group in ``rows``
+    (`covidcxr.data.splits.linked_groups`) goes with it.
+
+    Args:
+        rows: ``(N,)`` manifest rows of the new collection.
+        seen: `RunDir.seen()` of the run.
+        same_collection: whether ``rows`` come from the run's own collection.
+
+    Returns:
+        ``(N,)`` strings aligned with ``rows``.
+    """
+    from covidcxr.data.splits import linked_groups
+
+    rows = rows.reset_index(drop=True)
+    reasons = pd.Series([""] * len(rows), dtype=object)
+
+    def mark(mask: np.ndarray, text: str) -> None:
+        free = (reasons == "").to_numpy() & mask
+        reasons[free] = text
+
+    links = seen.links()
+    mark(rows["patient_id"].astype(str).isin(links["patient_id"]).to_numpy(), "same patient as a training/validation image")
+    mark(rows["image"].astype(str).isin(links["image"]).to_numpy(), "the same file as a training/validation image")
+    seen_hashes = set(links["sha1"]) | set(h for h in _file_hashes(seen.rows["image"].astype(str).unique().tolist()) if h)
+    if "file_sha1" in seen.rows.columns:
+        seen_hashes |= set(seen.rows["file_sha1"].dropna().astype(str))
+    for column in ("sha1", "file_sha1"):
+        if column in rows.columns:
+            mark(rows[column].astype(str).isin(seen_hashes).to_numpy() & ~rows[column].map(is_missing).to_numpy(), "byte-identical copy of a training/validation image")
+    own = np.array([h in seen_hashes for h in _file_hashes(rows["image"].astype(str).tolist())], dtype=bool)
+    mark(own, "byte-identical copy of a training/validation image")
+    if same_collection and "dup_group" in rows.columns:
+        mark(rows["dup_group"].astype(str).isin(links["dup_group"]).to_numpy() & ~rows["dup_group"].map(is_missing).to_numpy(), "same near-duplicate group as a training/validation image")
+    for index, other in _near_duplicates_of_seen(rows, seen.rows, progress).items():
+        if reasons[index] == "":
+            reasons[index] = f"near-duplicate of training/validation image {Path(other).name}"
+    direct = (reasons != "").to_numpy()
+    if direct.any():
+        groups = linked_groups(rows)
+        tainted = np.isin(groups, groups[direct]) & ~direct
+        reasons[tainted] = "same patient or copy group as an excluded image"
+    return reasons
+
+
+# ------------------------------------------------------------------------------- scoring, resumable
+
+
+def _read_done(out: Path, fingerprint: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """What an earlier pass of the same model already scored / saw refused (nothing if the model changed)."""
+    progress_file = out / PROGRESS
+    if progress_file.is_file() and json.loads(progress_file.read_text()).get("weights") == fingerprint:
+        scored = pd.read_parquet(out / PREDICTIONS) if (out / PREDICTIONS).is_file() else pd.DataFrame()
+        rejected = pd.read_csv(out / REJECTED) if (out / REJECTED).is_file() else pd.DataFrame()
+        return scored, rejected
+    return pd.DataFrame(), pd.DataFrame()
+
+
+def score_resumably(run_dir: str | Path, rows: pd.DataFrame, out: Path, chunk: int = 512, progress: bool = False, say: Callable[[str], None] = _say_nothing) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Score ``rows`` with the run's model, ``chunk`` images at a time, each chunk flushed atomically.
+
+    Images already in ``out/predictions.parquet`` (or refused in ``out/rejected.csv``) by the
+    same weights (`ModelWeights.fingerprint`, kept in ``out/progress.json``) are skipped, so an
+    interrupted evaluation resumes where it stopped.
+
+    Returns:
+        ``(scored, rejected)``: one row per scored image (`EXTERNAL_COLUMNS` that exist, plus
+        ``positive``), one row per refused image with ``reason``.
+    """
+    from covidcxr.experiments.testsets import predict_images
+
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = RunDir(run_dir).weights().fingerprint()
+    scored, rejected = _read_done(out, fingerprint)
+    atomic_write_text(out / PROGRESS, json.dumps({"weights": fingerprint}) + "\n")
+    done = set(scored["image"].astype(str)) if len(scored) else set()
+    done |= set(rejected["image"].astype(str)) if len(rejected) else set()
+    todo = rows[~rows["image"].astype(str).isin(done)].reset_index(drop=True)
+    say(f"{len(rows) - len(todo)} images already scored by these weights; {len(todo)} to score")
+    for start in range(0, len(todo), chunk):
+        part, refused = predict_images(run_dir, todo.iloc[start : start + chunk], progress=progress)
+        part = part.assign(target=part["positive"])
+        keep = [c for c in (*EXTERNAL_COLUMNS, "mask", "dup_group", "file_sha1", "sha1") if c in part.columns]
+        scored = pd.concat([scored, part[keep]], ignore_index=True) if len(scored) else part[keep].reset_index(drop=True)
+        if len(refused):
+            refused = refused[[c for c in ("image", "source", "reason") if c in refused.columns]]
+            rejected = pd.concat([rejected, refused], ignore_index=True) if len(rejected) else refused.reset_index(drop=True)
+        with atomic_path(out / PREDICTIONS) as tmp:
+            scored.to_parquet(tmp, index=False)
+        with atomic_path(out / REJECTED) as tmp:
+            rejected.reindex(columns=["image", "source", "reason"]).to_csv(tmp, index=False)
+        say(f"scored {min(start + chunk, len(todo))}/{len(todo)}")
+    return scored, rejected.reindex(columns=["image", "source", "reason"])
+
+
+# ------------------------------------------------------------------------------- the whole step
+
+
+def _same_collection(recipe: Any, data: Path) -> bool:
+    folder = getattr(recipe.data, "collection", None)
+    return bool(folder) and Path(folder).resolve() == data.resolve()
+
+
+def evaluate_external(
+    run_dir: str | Path,
+    data: str | Path,
+    name: str | None = None,
+    adapter: str | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    chunk: int = 512,
+    progress: bool = False,
+    say: Callable[[str], None] = _say_nothing,
+) -> dict[str, Any]:
+    """Score a run on a collection, leakage excluded, and write ``RUN/external/<name>/``.
+
+    Args:
+        run_dir: a binary or multi-class run (multi-class: the positive class' probability,
+            `covidcxr.experiments.testsets.positive_class`).
+        data: the collection folder.
+        name: the ``external/<name>`` folder (default: the collection folder's name).
+        adapter: the source adapter (default: detected).
+        n_boot, seed: the bootstrap behind the within-source and source-only intervals.
+        chunk: images per flushed chunk.
+
+    Returns:
+        The ``evaluation.json`` content: ``run``, ``data``, ``name``, ``predictions``
+        (the file name), ``per_source`` ({source: {n_images, n_patients, auc: {estimate, low,
+        high}, sensitivity, ...}}), ``seen_unseen``, ``overall``, ``within_source``,
+        ``source_only``, ``threshold``, ``operating_point``, ``excluded`` (counts by reason,
+        the file), ``rejected`` (count, the file), ``seconds``.
+
+    Raises:
+        CovidCXRError: not a run, not a collection, nothing left to score.
+    """
+    started = time.perf_counter()
+    run = RunDir(run_dir)
+    recipe = run.read_recipe()
+    data = Path(data)
+    name = name or external_name(data)
+    out = run.external(name)
+    say(f"reading {data} and linking its copies")
+    rows, outside, refused = collection_rows(data, recipe, adapter, progress)
+    seen = run.seen()
+    say(f"{len(rows)} images fit the task; checking links to the run's {len(seen.rows)} training/validation images")
+    reasons = linked_reasons(rows, seen, same_collection=_same_collection(recipe, data), progress=progress)
+    linked = (reasons != "").to_numpy()
+    excluded = pd.concat([rows[linked].assign(reason=reasons[linked].to_numpy()), outside], ignore_index=True)
+    excluded = excluded.reindex(columns=["image", "source", "label", "patient_id", "reason"])
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / EXCLUDED) as tmp:
+        excluded.to_csv(tmp, index=False)
+    candidates = rows[~linked].reset_index(drop=True).assign(split="external")
+    if candidates.empty:
+        raise CovidCXRError(f"--data {data}: every image of the task is linked to the run's training/validation data (see {out / EXCLUDED})")
+    scored, rejected = score_resumably(run.path, candidates, out, chunk=chunk, progress=progress, say=say)
+    # the file holds exactly this pass' images (an earlier pass on other data under the same name
+    # may have left others), with whether each image's source is one the run trained on
+    scored = scored[scored["image"].astype(str).isin(set(candidates["image"].astype(str)))].reset_index(drop=True)
+    if scored.empty:
+        raise CovidCXRError(f"--data {data}: the preprocessing refused every image (see {out / REJECTED})")
+    scored["seen"] = scored["source"].astype(str).isin(seen.sources)
+    with atomic_path(out / PREDICTIONS) as tmp:
+        scored.to_parquet(tmp, index=False)
+    train_rows = run.read_manifest()
+    train_rows = train_rows[train_rows["split"] == "train"].assign(target=lambda f: (f["class_name"].astype(str) == _positive(recipe)).astype(np.int64))
+    point = run.operating_point()
+    report = {
+        "run": run.name,
+        "run_dir": str(run.path),
+        "data": str(data),
+        "name": name,
+        "adapter": adapter,
+        "model": run.weights().describe(),
+        "predictions": PREDICTIONS,
+        **evaluate_predictions(scored, train_rows, seen.sources, run.threshold, n_boot, seed),
+        "operating_point": {**point.to_dict(), "describe": point.describe()},
+        "n_candidates": int(len(rows) + len(outside)),
+        "excluded": {"file": EXCLUDED, "n": int(len(excluded)), "by_reason": excluded["reason"].map(_reason_kind).value_counts().to_dict()},
+        "rejected": {"file": REJECTED, "n": int(len(rejected)), "adapter_refused": [{"path": str(r.path), "reason": str(r.reason)} for r in refused]},
+        "n_boot": int(n_boot),
+        "seed": int(seed),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    report = json_ready(report)
+    atomic_write_text(out / EVALUATION, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    return report
+
+
+def _positive(recipe: Any) -> str:
+    from covidcxr.experiments.testsets import positive_class
+
+    return positive_class(recipe)
+
+
+def _reason_kind(reason: str) -> str:
+    """The reason without its particulars (an image's name), for counting."""
+    return reason.split(" image ")[0] if reason.startswith("near-duplicate") else reason
+
+
+def read_external(run_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Every ``RUN/external/<name>/evaluation.json`` (and its ``audit/audit.json`` as ``audit``), by name."""
+    root = RunDir(run_dir).path / RunDir.EXTERNAL
+    found: dict[str, dict[str, Any]] = {}
+    for folder in sorted(root.glob("*/")) if root.is_dir() else []:
+        file = folder / EVALUATION
+        if file.is_file():
+            report = json.loads(file.read_text())
+            audit = folder / "audit" / "audit.json"
+            if audit.is_file():
+                report["audit"] = json.loads(audit.read_text())
+            found[folder.name] = report
+    return found
