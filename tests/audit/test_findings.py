@@ -33,6 +33,19 @@ def test_no_outside_lung_signal_is_ok_and_wide_intervals_do_not_alarm():
     assert found["lungs_only"]["severity"] == "ok"
 
 
+def test_a_lungs_only_drop_contradicted_by_the_blanked_ablation_is_info():
+    # a clean phantom model: lungs-only inputs are unlike its training images, so its AUC falls,
+    # but with the lungs blanked it is at chance: nothing usable lies outside the lungs
+    ablation = {
+        "original": {"auc": ci(0.79, 0.68, 0.88)},
+        "lungs_blanked": {"auc": ci(0.52, 0.41, 0.64), "within_source_auc": ci(0.52, 0.41, 0.64)},
+        "lungs_only": {"auc": ci(0.47, 0.36, 0.58)},
+    }
+    found = by_id(derive_findings({}, ablation, {}, {}, "none"))
+    assert found["outside_lung_signal"]["severity"] == "ok"
+    assert found["lungs_only"]["severity"] == "info" and "0.47 [0.36, 0.58]" in found["lungs_only"]["text"]
+
+
 def test_masked_runs_get_an_info_instead_of_the_blanking_test():
     ablation = {"original": {"auc": ci(0.9, 0.85, 0.95)}, "lungs_blanked": {"skipped": "masked"}, "lungs_only": {"auc": ci(0.9, 0.85, 0.95)}}
     found = by_id(derive_findings({}, ablation, {}, {}, "mask"))
@@ -126,7 +139,23 @@ def test_saliency_mostly_outside_the_lungs_is_never_ok():
     # the issue's case: focus above the lung area's share, yet most maps mostly outside the lungs
     saliency = {"overall": {"lung_focus_median": 0.35, "lung_area_median": 0.25, "share_mostly_outside": 0.92, "n": 50, "n_empty": 0}}
     found = by_id(derive_findings(SKILLED, {}, {}, saliency))["saliency_outside_lungs"]
-    assert found["severity"] == "warning" and "92%" in found["text"] and "weak evidence" in found["text"]
+    assert found["severity"] == "warning" and "92% [81%, 97%]" in found["text"] and "weak evidence" in found["text"]
+
+
+def test_saliency_warns_only_when_clear_and_not_contradicted_by_the_ablation():
+    mostly_out = {"overall": {"lung_focus_median": 0.35, "lung_area_median": 0.25, "share_mostly_outside": 0.92, "n": 50, "n_empty": 0}}
+    # with the lungs blanked the model is at chance: the maps' spill-over is contradicted
+    at_chance = {"original": {"auc": ci(0.80, 0.70, 0.88)}, "lungs_blanked": {"auc": ci(0.52, 0.42, 0.62), "n_images": 50}}
+    found = by_id(derive_findings(SKILLED, at_chance, {}, mostly_out))
+    assert found["outside_lung_signal"]["severity"] == "ok"
+    assert found["saliency_outside_lungs"]["severity"] == "info" and "contradicts" in found["saliency_outside_lungs"]["text"]
+    # 7 of 12 maps outside: 58% [32%, 81%] is not clearly a majority
+    few = {"overall": {"lung_focus_median": 0.45, "lung_area_median": 0.25, "share_mostly_outside": 7 / 12, "n": 12, "n_empty": 0}}
+    found = by_id(derive_findings(SKILLED, {}, {}, few))["saliency_outside_lungs"]
+    assert found["severity"] == "info" and "58% [32%, 81%]" in found["text"] and "not clearly more than half" in found["text"]
+    # lungs masked by the preprocessing: nothing outside them reaches the model
+    found = by_id(derive_findings(SKILLED, {}, {}, mostly_out, lungs_mode="mask"))["saliency_outside_lungs"]
+    assert found["severity"] == "info" and "masks the lungs" in found["text"]
 
 
 def test_confounder_findings_metadata_and_view():

@@ -329,3 +329,19 @@ def test_view_shortcut_confounds_the_projection_with_the_label_and_adds_no_pixel
     assert np.abs(ap.image - pa.image).mean() > 0.01
     with pytest.raises(ValueError, match="shortcut kind"):
         ShortcutSpec("stripes")
+
+
+def test_finding_scale_strengthens_only_the_finding(tmp_path):
+    base = synthesize(tmp_path / "x1", n_images=12, size=32, seed=4)
+    strong = synthesize(tmp_path / "x2", n_images=12, size=32, seed=4, finding_scale=2.0)
+    assert list(base["label"]) == list(strong["label"])
+    ill = (base["severity"] > 0).to_numpy()
+    assert ill.any() and (~ill).any()
+    np.testing.assert_allclose(strong["severity"][ill], 2 * base["severity"][ill], rtol=1e-4)
+    for a, b, sick in zip(base["image"], strong["image"], ill):
+        same = np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+        assert same != sick  # normal films are byte-identical; only the finding changes
+    assert json.loads((tmp_path / "x2" / "synth_config.json").read_text())["finding_scale"] == 2.0
+    assert "finding_scale" not in json.loads((tmp_path / "x1" / "synth_config.json").read_text())
+    with pytest.raises(ValueError, match="finding_scale"):
+        synthesize(tmp_path / "x3", n_images=12, size=32, finding_scale=0.0)

@@ -1,7 +1,7 @@
 """Shortcut audit of a trained run: does the model read the lungs, or the hospital?
 
 Modules: `probe` (source predictability from embeddings), `ablation` (lungs blanked /
-lungs only), `intensity` (global intensity-window perturbation), `saliency` (Grad-CAM lung
+lungs only), `intensity` (intensity-window perturbation outside the lungs), `saliency` (Grad-CAM lung
 focus), `embedding` (t-SNE), `findings` (plain-language findings and the verdict:
 ``no_skill``, ``shortcut``, ``warning`` or ``ok``), `run` (`audit_run`, what
 ``covidcxr audit RUN`` calls). Confounders beyond the source (view, sex, age band) live in

@@ -12,8 +12,15 @@ score moves:
   windowed copy from the original (pairs formed within a label only; 0.5: the window does
   not move the score; 1.0 or 0.0: it moves every image's score past every other's).
 
-Both with a patient-bootstrap 95% CI. A model reading the lungs keeps its ranking under a
-mild monotone window; one that learned "bright and flat means COVID" does not. Which
+Both with a patient-bootstrap 95% CI. The window is applied OUTSIDE the lungs only (the lung
+pixels are left as they were) when the lung masks are given — as the audit gives them: a
+global window also brightens the lungs, and on a model that reads the lungs a brighter lung
+*is* more opacity — the disease's own sign — so a global window moves a clean model's score
+too (measured on a clean phantom model: 42–48% of decisions flipped, called a shortcut). With
+the lungs held fixed, only the acquisition's look (background, soft tissue, bones) changes: a
+model that learned "bright and flat means COVID" follows it, one that reads the lungs does
+not. A run that masks the lungs (``preprocess.lungs: mask``) shows the model nothing outside
+them, so the test is skipped there. Which
 windows: a brighter, flatter one (the planted phantom window of `covidcxr.data.synth`) and
 its inverse (darker, steeper, clipped). The windows act on what the model sees — its
 preprocessed input — and only for runs without histogram equalisation: equalisation maps a
@@ -85,16 +92,18 @@ def _window_effect(original: np.ndarray, windowed: np.ndarray, rows: pd.DataFram
     }
 
 
-def intensity_perturbation(run: LoadedRun, images: np.ndarray, rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def intensity_perturbation(run: LoadedRun, images: np.ndarray, rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0, lung_masks: np.ndarray | None = None) -> dict[str, Any]:
     """The score's dependence on a global intensity window, per window of `WINDOWS`.
 
     Args:
         run: a loaded binary run (its ``predict`` and ``threshold``).
         images: ``(N, H, W)`` model inputs in [0, 1] (the run's preprocessing output).
         rows: row-aligned table with ``target`` and ``patient_id``.
+        lung_masks: ``(N, H, W)`` bool lung masks: the window then changes only the pixels
+            outside the lungs (see the module docstring); None windows the whole image.
 
     Returns:
-        ``{"threshold", "windows": {name: {description, flip_rate, shift_auc,
+        ``{"threshold", "region", "windows": {name: {description, flip_rate, shift_auc,
         mean_probability_change, n_images, n_patients}}}`` (``flip_rate``/``shift_auc``:
         ``{estimate, low, high}``), or ``{"skipped": reason}`` with fewer than 2 images.
     """
@@ -107,9 +116,17 @@ def intensity_perturbation(run: LoadedRun, images: np.ndarray, rows: pd.DataFram
         # the window acts before equalisation in an acquisition: after it, the model's input is
         # (nearly) unchanged, and windowing the equalised input would test images the model never sees
         return {"skipped": f"the run equalises histograms (preprocess.equalization: {equalization}), which cancels a global monotone window before the model sees it"}
+    if lung_masks is not None and str(getattr(run.recipe.preprocess, "lungs", "none")) == "mask":
+        return {"skipped": "the run masks the lungs (preprocess.lungs: mask): nothing outside them reaches the model, and a window on the lungs alone is confounded with the disease's own opacity"}
+    if lung_masks is not None and np.shape(lung_masks) != np.shape(images):
+        raise ValueError(f"intensity perturbation: lung masks {np.shape(lung_masks)} for images {np.shape(images)}")
     original = np.asarray(run.predict(images), dtype=np.float64)
-    out: dict[str, Any] = {"threshold": float(run.threshold), "windows": {}}
+    region = "whole image" if lung_masks is None else "outside the lungs (lung pixels unchanged)"
+    out: dict[str, Any] = {"threshold": float(run.threshold), "region": region, "windows": {}}
     for name, (low, high, description) in WINDOWS.items():
-        windowed = np.asarray(run.predict(apply_window(images, low, high)), dtype=np.float64)
+        perturbed = apply_window(images, low, high)
+        if lung_masks is not None:
+            perturbed = np.where(np.asarray(lung_masks, dtype=bool), np.asarray(images, dtype=np.float32), perturbed)
+        windowed = np.asarray(run.predict(perturbed), dtype=np.float64)
         out["windows"][name] = {"description": description, **_window_effect(original, windowed, rows, run.threshold, n_boot, seed)}
     return json_ready(out)

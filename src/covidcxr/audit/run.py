@@ -219,7 +219,7 @@ def audit_run(
 
     say(f"lung ablation and intensity-window perturbation on {int(seen_test.sum())} test images of the training sources")
     ablation = lung_ablation(run, images[seen_test], lung_masks[seen_test], seen_rows, n_boot=n_boot, seed=seed)
-    intensity = intensity_perturbation(run, images[seen_test], seen_rows, n_boot=n_boot, seed=seed)
+    intensity = intensity_perturbation(run, images[seen_test], seen_rows, n_boot=n_boot, seed=seed, lung_masks=lung_masks[seen_test])
 
     say("confounders beyond the source: view, sex, age band; metadata-only baseline; view dependence within a label")
     confounders = subgroups.confounders(seen_rows, train_rows, threshold=run.threshold, n_boot=n_boot, seed=seed)

@@ -81,6 +81,8 @@ def synthetic_dir(recipe: TrainRecipe) -> Path:
     params = recipe.data.synthetic.model_dump(mode="json") if recipe.data.synthetic else {}
     if params.get("label_mix") is None:
         params.pop("label_mix", None)  # folders made before the option existed keep their name
+    if params.get("finding_scale") == 1.0:
+        params.pop("finding_scale", None)
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     return Path(recipe.preprocess.cache_dir) / f"phantoms-{digest}"
 
@@ -118,6 +120,7 @@ def load_records(recipe: TrainRecipe, progress: bool = False) -> tuple[pd.DataFr
                 shortcut=shortcut,
                 seed=spec.seed,
                 images_per_patient=tuple(spec.images_per_patient),
+                finding_scale=spec.finding_scale,
             )
         except FileExistsError as exc:
             raise CovidCXRError(f"data.collection {folder}: {exc}") from None

@@ -145,6 +145,8 @@ class SyntheticSection(_Section):
     #: one label mix for every site (e.g. {normal: 0.5, covid: 0.5}); None keeps each site's
     #: own mix — the default sites differ (site_c is COVID-rich), so the site is a shortcut
     label_mix: dict[Literal["covid", "pneumonia", "normal", "other"], Annotated[float, Field(ge=0.0)]] | None = None
+    #: multiplies every finding's severity (`covidcxr.data.synth.synthesize`); 1.0: the default ranges
+    finding_scale: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
 
     @model_validator(mode="after")
     def _mix_sums_to_one(self) -> SyntheticSection:
