@@ -124,7 +124,7 @@ def _median_ms(run, repeats: int = 5) -> float:
     return round(1000 * float(np.median(times)), 1)
 
 
-def bench_lung15_unet(context) -> dict:
+def bench_unet_share_of_predict(context) -> dict:
     """The U-Net in predict's path and in training: per-image latency, its share of preprocessing, s per training step.
 
     * ``unet_ms`` (1 image, as predict calls it): the network alone at 256 px, and
@@ -150,11 +150,11 @@ def bench_lung15_unet(context) -> dict:
 
     load_before = round(os.getloadavg()[0], 2)
     segmenter = LungSegmenter.load(batch_size=1)
-    folder = context.scratch / "lung15_phantoms"
+    folder = context.scratch / "unet_phantoms"
     synthesize(folder, n_images=2, size=1024, seed=0)
     manifest = load_source(folder).manifest
     big = str(manifest["image"].iloc[0])
-    small_path = context.scratch / "lung15_320.png"
+    small_path = context.scratch / "unet_320.png"
     from PIL import Image
 
     with Image.open(big) as image:
@@ -208,4 +208,4 @@ def bench_lung15_unet(context) -> dict:
     return figures
 
 
-BENCHMARKS = [bench_segment_256, bench_lung15_unet]
+BENCHMARKS = [bench_segment_256, bench_unet_share_of_predict]

@@ -124,7 +124,7 @@ def bench_predict_latency(context) -> dict:
 BENCHMARKS = [bench_predict_latency]
 
 
-# ---------------------------------------------------------------- hostile clients, load and soak (serve13)
+# ---------------------------------------------------------------- hostile clients, load and soak 
 
 _SERVER_SCRIPT = '''
 import sys
@@ -281,7 +281,7 @@ def _requests(url: str, payloads: list[bytes], total: int, clients: int, pid: in
     }
 
 
-def bench_serve13_hostile_load_soak(context) -> dict:
+def bench_hostile_load_soak(context) -> dict:
     """The service under hostile and sustained load, stack before (main's uvicorn settings) vs after (deadlines, admission, tamed malloc).
 
     A server process per stack (same app, same run, 1 torch thread): 100 stalled
@@ -311,4 +311,4 @@ def bench_serve13_hostile_load_soak(context) -> dict:
     return figures
 
 
-BENCHMARKS.append(bench_serve13_hostile_load_soak)
+BENCHMARKS.append(bench_hostile_load_soak)

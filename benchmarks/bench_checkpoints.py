@@ -1,13 +1,13 @@
 """What a run keeps on disk, and new images through a run's preprocessing (issue 16, "fit the ecosystem").
 
-* ``eco16.checkpoint_sizes_resnet18``: one ResNet-18 run (MONAI ``resnet18``, Adam; 1 epoch on
+* ``checkpoints.checkpoint_sizes_resnet18``: one ResNet-18 run (MONAI ``resnet18``, Adam; 1 epoch on
   48 64-px phantoms — the file sizes do not depend on the data) and the size of each
   checkpoint. ``best.ckpt`` is now weights-only; before this change it held the same full
   state as ``last.ckpt`` (weights + Adam's two moment buffers + callback state), so
   ``before_per_run_mb`` is twice the full checkpoint. Then the disk per run under each
   ``output.keep`` policy (`covidcxr.train.callbacks.keep_checkpoints`, applied to copies of
   the run) and what a 100-run grid needs.
-* ``eco16.predict_files``: images per second of `LoadedRun.predict_files` (screen, read,
+* ``checkpoints.predict_files``: images per second of `LoadedRun.predict_files` (screen, read,
   equalise, lung U-Net, resize, classify) for 32 PNGs with a 64-px conv8 run, one thread —
   the preprocessing dominates.
 """

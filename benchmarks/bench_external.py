@@ -34,18 +34,18 @@ def _cli(args: list[str], env: dict[str, str]) -> tuple[float, int, str]:
     return seconds, int(max(peak, before) / 1024), proc.stdout
 
 
-def bench_external12_evaluate_data(context) -> dict:
+def bench_evaluate_data(context) -> dict:
     if context.shared_collection is None:
         return {"skipped": "the shared collection is absent"}
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
-           "COVIDCXR_CACHE_DIR": str(context.scratch / "external12-cache")}
+           "COVIDCXR_CACHE_DIR": str(context.scratch / "external-cache")}
     run = os.environ.get("COVIDCXR_BENCH_EXTERNAL_RUN")
     if not run:
-        runs = context.scratch / "external12-runs"
+        runs = context.scratch / "external-runs"
         _cli(["train", "recipes/small_shared.yaml", "--set", "train.epochs=2", "--set", "preprocess.size=64",
-              "--set", f"preprocess.cache_dir={context.scratch / 'external12-cache'}", "--set", f"output.runs_dir={runs}"], env)
+              "--set", f"preprocess.cache_dir={context.scratch / 'external-cache'}", "--set", f"output.runs_dir={runs}"], env)
         run = str(runs / "small_shared")
-    args = ["evaluate", run, "--data", str(context.shared_collection), "--name", "bench-external12", "--json", "--n-boot", "200"]
+    args = ["evaluate", run, "--data", str(context.shared_collection), "--name", "bench-external", "--json", "--n-boot", "200"]
     first, peak, stdout = _cli(args, env)
     report = json.loads(stdout)
     scored = sum(m["n_images"] for m in report["per_source"].values())
@@ -64,4 +64,4 @@ def bench_external12_evaluate_data(context) -> dict:
     }
 
 
-BENCHMARKS = [bench_external12_evaluate_data]
+BENCHMARKS = [bench_evaluate_data]
