@@ -63,6 +63,7 @@ def audit(
     name: Annotated[Optional[str], typer.Option("--name", help="With RUN --data: the folder RUN/external/NAME/ (default: the collection folder's name).")] = None,
     positive_label: Annotated[str, typer.Option("--positive-label", help="With --predictions: the label the probability is of; every other label is negative.")] = "covid",
     threshold: Annotated[float, typer.Option("--threshold", help="With --predictions: the decision threshold.")] = 0.5,
+    embedding: Annotated[str, typer.Option("--embedding", help="The embedding map of the run-based audit: tsne, or umap (umap-learn, from covidcxr[tracking]).")] = "tsne",
 ) -> None:
     """Audit a run for shortcut learning: source probe, lung ablation, Grad-CAM lung focus, t-SNE.
 
@@ -83,7 +84,7 @@ def audit(
     elif run is None:
         raise CovidCXRError("covidcxr audit: give a run directory, or --predictions PRED.csv --data DIR")
     else:
-        report = audit_run(run, n_boot=n_boot, seed=seed, max_images=max_images, progress=progress and not as_json, say=say)
+        report = audit_run(run, n_boot=n_boot, seed=seed, max_images=max_images, progress=progress and not as_json, say=say, embedding=embedding)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:

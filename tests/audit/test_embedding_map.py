@@ -60,3 +60,13 @@ def test_unknown_method_is_refused_and_the_figure_names_the_method() -> None:
     figure = embedding_figure(x[:, 0], x[:, 1], ["a"] * 5 + ["b"] * 5, ["covid" if g else "other" for g in groups], method="umap")
     assert [axis.get_title() for axis in figure.axes[:2]] == ["UMAP coloured by source", "UMAP coloured by label"]
     assert embedding_module.EMBEDDING_METHODS["tsne"] == "t-SNE"
+
+
+def test_cli_refuses_an_unknown_embedding_method_before_any_work(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from covidcxr.cli import app
+
+    result = CliRunner().invoke(app, ["audit", str(tmp_path), "--embedding", "pca"])
+    assert result.exit_code != 0
+    assert "embedding must be one of ['tsne', 'umap']" in str(result.exception) + result.output
