@@ -299,6 +299,18 @@ def youden_threshold(y_true: Any, y_score: Any) -> float:
     return float(thr[int(np.argmax(j))])
 
 
+def _roc_for_target(y_true: Any, y_score: Any, value: Any, name: str) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, np.ndarray, np.ndarray]:
+    """Validated labels, scores and target in (0, 1], and the full ROC curve ``(fpr, tpr, thresholds)``."""
+    y = _labels(y_true, "y_true")
+    s = _scores(y_score, "y_score", y.size)
+    target = _threshold(value, name)
+    if not 0.0 < target <= 1.0:
+        raise MetricInputError(name, f"expected a value in (0, 1], got {value!r}")
+    _both_classes(y, why="a ROC curve")
+    fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
+    return y, s, target, fpr, tpr, thr
+
+
 def threshold_at_sensitivity(y_true: Any, y_score: Any, sensitivity: float = 0.9) -> float:
     """The highest threshold whose sensitivity reaches ``sensitivity`` (best specificity there).
 
@@ -316,13 +328,7 @@ def threshold_at_sensitivity(y_true: Any, y_score: Any, sensitivity: float = 0.9
         >>> threshold_at_sensitivity([0, 0, 1, 1], [0.1, 0.3, 0.2, 0.8], sensitivity=1.0)
         0.2
     """
-    y = _labels(y_true, "y_true")
-    s = _scores(y_score, "y_score", y.size)
-    target = _threshold(sensitivity, "sensitivity")
-    if not 0.0 < target <= 1.0:
-        raise MetricInputError("sensitivity", f"expected a value in (0, 1], got {sensitivity!r}")
-    _both_classes(y, why="a ROC curve")
-    _, tpr, thr = roc_curve(y, s, drop_intermediate=False)
+    _, _, target, _, tpr, thr = _roc_for_target(y_true, y_score, sensitivity, "sensitivity")
     ok = np.flatnonzero((tpr >= target - 1e-12) & np.isfinite(thr))
     return float(thr[ok[0]])
 
@@ -345,13 +351,7 @@ def threshold_at_specificity(y_true: Any, y_score: Any, specificity: float = 0.9
         >>> threshold_at_specificity([0, 0, 1, 1], [0.1, 0.3, 0.2, 0.8], specificity=1.0)
         0.8
     """
-    y = _labels(y_true, "y_true")
-    s = _scores(y_score, "y_score", y.size)
-    target = _threshold(specificity, "specificity")
-    if not 0.0 < target <= 1.0:
-        raise MetricInputError("specificity", f"expected a value in (0, 1], got {specificity!r}")
-    _both_classes(y, why="a ROC curve")
-    fpr, _, thr = roc_curve(y, s, drop_intermediate=False)
+    y, s, target, fpr, _, thr = _roc_for_target(y_true, y_score, specificity, "specificity")
     ok = np.flatnonzero((1.0 - fpr >= target - 1e-12) & np.isfinite(thr))
     if len(ok) == 0:
         return float(np.nextafter(s[y == 0].max(), np.inf))
