@@ -84,7 +84,9 @@ from covidcxr.serve.server import release_free_memory
 from covidcxr.serve.errors import (
     EmptyUpload,
     MissingUpload,
+    RequestTimeout,
     ServeError,
+    ServiceBusy,
     Unauthorized,
     UploadTooLarge,
 )
@@ -152,20 +154,6 @@ class ServeSettings:
     retry_after: int = 2
 
 
-
-
-class ServiceBusy(ServeError):
-    """Every prediction slot (or the pixel budget) is taken and the queue is full or too slow: try again later."""
-
-    status_code = 503
-    code = "busy"
-
-
-class RequestTimeout(ServeError):
-    """The request body did not arrive within the service's deadline."""
-
-    status_code = 408
-    code = "request_timeout"
 
 
 # ------------------------------------------------------------------ no server paths in responses

@@ -12,6 +12,8 @@ from covidcxr.errors import CovidCXRError
 
 __all__ = [
     "ServeError",
+    "ServiceBusy",
+    "RequestTimeout",
     "EmptyUpload",
     "MissingUpload",
     "UploadTooLarge",
@@ -106,3 +108,17 @@ class Unauthorized(ServeError):
 
 class EngineUnavailable(CovidCXRError):
     """The requested inference engine cannot run this run (e.g. no ONNX export yet)."""
+
+
+class ServiceBusy(ServeError):
+    """Every prediction slot (or the pixel budget) is taken and the queue is full or too slow: try again later."""
+
+    status_code = 503
+    code = "busy"
+
+
+class RequestTimeout(ServeError):
+    """The request body did not arrive within the service's deadline."""
+
+    status_code = 408
+    code = "request_timeout"
