@@ -7,7 +7,8 @@ the client never chooses):
    before decoding, refusal of what is plainly not a chest radiograph, early warnings;
 2. **preprocess** with the run's own `PreprocessConfig` through
    `covidcxr.preprocess.pipeline.preprocess_batch` — the code path training used (read →
-   equalise → segment → mask/crop → resize). One change: ``mask_source`` is ``"model"``,
+   downscale to the working resolution → equalise → segment → mask/crop → resize; a
+   2,000-px film costs about what a 256-px one does). One change: ``mask_source`` is ``"model"``,
    because an upload has no manifest mask (a run trained on the phantoms' exact masks
    gets the U-Net's here; the out-of-distribution reference is built the same way);
 3. **classify**: probabilities and the pooled embedding from one forward pass, on
