@@ -539,3 +539,65 @@ def json_cache_dir(run_dir: Path) -> str:
 
 
 BENCHMARKS.append(bench_evaluate_speed)
+
+
+def bench_network_settings(context) -> dict:
+    """CPU ms per image of the two networks under each setting, 1 thread, interleaved (what `LungSegmenter` and `load_run` choose).
+
+    U-Net (shipped weights, 256 px, batch 1): float32 contiguous, float32 channels-last, bf16
+    autocast channels-last. ResNet-18 (224 px, 1 -> 3 channels as the runs have it; random
+    weights: the cost does not depend on their values) at batch 1 and 32: contiguous vs
+    channels-last. ``time.process_time`` medians over interleaved rounds (the load moves
+    less of it than wall time). ``bf16_pays`` is what the library decides on this CPU.
+    """
+    from contextlib import nullcontext
+
+    import torch
+
+    from covidcxr.models import create_model
+    from covidcxr.preprocess.lungs import bf16_pays, load_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rounds = 5
+
+    def cpu_ms(module, x, fmt, bf16=False) -> float:
+        module.to(memory_format=fmt)
+        x = x.contiguous(memory_format=fmt)
+        context = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+        with torch.inference_mode(), context:
+            module(x)  # warm-up (kernel selection)
+            start = time.process_time()
+            module(x)
+        return (time.process_time() - start) * 1000 / len(x)
+
+    try:
+        unet = load_model(None)[0].eval()
+        resnet = create_model("resnet18", num_classes=1, in_channels=1, head="linear").eval()
+        cases = {
+            "unet_256_batch1/fp32_contiguous": (unet, (1, 1, 256, 256), torch.contiguous_format, False),
+            "unet_256_batch1/fp32_channels_last": (unet, (1, 1, 256, 256), torch.channels_last, False),
+            "unet_256_batch1/bf16_channels_last": (unet, (1, 1, 256, 256), torch.channels_last, True),
+            "resnet18_224_batch1/fp32_contiguous": (resnet, (1, 1, 224, 224), torch.contiguous_format, False),
+            "resnet18_224_batch1/fp32_channels_last": (resnet, (1, 1, 224, 224), torch.channels_last, False),
+            "resnet18_224_batch32/fp32_contiguous": (resnet, (32, 1, 224, 224), torch.contiguous_format, False),
+            "resnet18_224_batch32/fp32_channels_last": (resnet, (32, 1, 224, 224), torch.channels_last, False),
+        }
+        samples: dict[str, list[float]] = {name: [] for name in cases}
+        for round_ in range(rounds):
+            names = list(cases) if round_ % 2 == 0 else list(reversed(cases))
+            for name in names:
+                module, shape, fmt, bf16 = cases[name]
+                samples[name].append(cpu_ms(module, torch.rand(shape), fmt, bf16))
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_pays_here": bf16_pays(),
+        "rounds": rounds,
+        "cpu_ms_per_image_median": {name: round(float(np.median(v)), 1) for name, v in samples.items()},
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+    }
+
+
+BENCHMARKS.append(bench_network_settings)
