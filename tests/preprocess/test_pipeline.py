@@ -336,3 +336,15 @@ def test_manifest_masks_follow_the_image_to_the_working_resolution(tmp_path):
     result = preprocess_image(tmp_path / "i.png", config, manifest_mask=tmp_path / "m.png")
     assert result.mask_area_fraction == pytest.approx(mask.mean(), abs=0.01)
     assert result.input_shape == (600, 600)
+
+
+def test_screening_still_refuses_a_large_graphic_that_downscaling_would_blur():
+    """Area averaging turns a 3,000-px checkerboard's 2 levels into hundreds; screening looks at a strided sample."""
+    from covidcxr.serve.errors import NotAChestXray
+
+    n = 3001
+    checker = ((np.indices((n, n)) // 37).sum(0) % 2).astype(np.float32)
+    noise = np.clip(0.5 + 0.2 * np.random.default_rng(0).standard_normal((n, n)), 0, 1).astype(np.float32)
+    refused, kept = preprocess_batch([(checker, None), (noise, None)], PreprocessConfig(), BoxSegmenter(), screen=True)
+    assert isinstance(refused, NotAChestXray) and "grey levels" in str(refused)
+    assert kept.image.shape == (224, 224)

@@ -442,25 +442,42 @@ def _downscale_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return resize_mask(mask, shape)
 
 
-def load_equalized(path: str | Path | np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray, tuple[int, int]]:
+def load_equalized(path: str | Path | np.ndarray, config: PreprocessConfig, screen: bool = False) -> tuple[np.ndarray, tuple[int, int]]:
     """Steps 1–4: read, optionally JPEG-harmonise, downscale to `working_shape`, equalise.
 
     ``path`` may also be an image already in memory: an ``(H, W)`` array of grey values in
     [0, 1] (`pixels_from_array`), e.g. from `covidcxr.train.inference.LoadedRun.predict_array`.
+
+    Args:
+        screen: refuse a blank image or a synthetic graphic (`covidcxr.preprocess.screening.screen_pixels`).
+            A downscaled image is screened on an equalised *strided* sample of the full-resolution
+            pixels (every k-th pixel, k = the reduction rounded up): area averaging would blend a
+            graphic's few grey levels into many (a 3,000-px checkerboard reaches hundreds), a
+            stride keeps them.
 
     Returns:
         ``(equalised (h, w) float32 in [0, 1] at the working resolution, (H, W) as read)``.
 
     Raises:
         ImageReadError: the file cannot be read (naming it and why).
+        NotAChestXray: ``screen`` and the image is blank or a graphic.
         CovidCXRError: an array that is not ``(H, W)`` in [0, 1].
     """
     pixels = pixels_from_array(path) if isinstance(path, np.ndarray) else read_image(path).pixels
     if config.jpeg_quality is not None:
         pixels = harmonize_jpeg(pixels, config.jpeg_quality)
     native = (int(pixels.shape[0]), int(pixels.shape[1]))
-    pixels = downscale(pixels, working_shape(native, config))
-    return equalize(pixels, config.equalization), native
+    shape = working_shape(native, config)
+    equalized = equalize(downscale(pixels, shape), config.equalization)
+    if screen:
+        from covidcxr.preprocess.screening import screen_pixels
+
+        if shape == native:
+            screen_pixels(equalized)
+        else:
+            step = max(-(-native[0] // shape[0]), -(-native[1] // shape[1]))
+            screen_pixels(equalize(pixels[::step, ::step], config.equalization))
+    return equalized, native
 
 
 def lung_statistics(mask: np.ndarray) -> tuple[float, float]:
@@ -590,7 +607,7 @@ def preprocess_batch(
         screening) — the caller reports it; other exceptions are bugs and propagate.
     """
     from covidcxr.io.image import DEFAULT_MAX_PIXELS
-    from covidcxr.preprocess.screening import inspect_input, screen_pixels
+    from covidcxr.preprocess.screening import inspect_input
 
     results: list[PreprocessedImage | CovidCXRError | None] = [None] * len(items)
     prepared: list[tuple[int, np.ndarray, np.ndarray | None, str, tuple[int, int]]] = []
@@ -599,9 +616,7 @@ def preprocess_batch(
             origin = mask_origin(config, manifest_mask)
             if screen and not isinstance(path, np.ndarray):  # an array has no file header to screen
                 inspect_input(path, DEFAULT_MAX_PIXELS)
-            equalized, native = load_equalized(path, config)
-            if screen:
-                screen_pixels(equalized)
+            equalized, native = load_equalized(path, config, screen=screen)
             mask = None
             if origin == "manifest":
                 if isinstance(manifest_mask, np.ndarray):
