@@ -938,7 +938,7 @@ def _write_reference(run_dir: Path, progress: bool, say: Callable[[str], None]) 
     from covidcxr.serve.reference import write_run_reference
 
     if RunDir(run_dir).is_kfold_root:
-        return  # predict/serve load one fold's run, which has its own reference
+        return  # not one model: a fold named to predict/serve builds its reference at its first load
     try:
         write_run_reference(run_dir, progress=progress, say=say)
     except CovidCXRError as exc:
