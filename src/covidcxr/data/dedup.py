@@ -22,25 +22,27 @@ matching finds. Mirrored copies are not detected. The phantoms of `covidcxr.data
 are more alike than real radiographs: 1 of the 45 000 pairs of different patients among
 300 phantoms is flagged.
 
-Above `ALL_PAIRS_UP_TO` images, the search (`near_duplicate_pairs`) uses two indexes
-instead of comparing all pairs (``method="index"``, faiss-cpu), whose candidates grow with the
-number of images, not with the number of pairs:
+Above `ALL_PAIRS_UP_TO` images, the search (`near_duplicate_pairs`) uses two faiss indexes
+instead of comparing all pairs (``method="index"``):
 
 * **multi-index hashing** (Norouzi, Punjani & Fleet, "Fast Search in Hamming Space with
   Multi-Index Hashing", CVPR 2012; `faiss.IndexBinaryMultiHash`) over the 256-bit hash for
   the first rule: the bits are cut into 13 substrings of interleaved bits; two hashes within
   24 bits differ in at most 1 bit of at least one substring (pigeonhole), so probing each
-  substring's table at radius 1 misses no pair: exact;
-* an **HNSW neighbour graph** (`faiss.IndexHNSWFlat`) over an orthonormal projection of the
-  unit-norm thumbnails for the second rule: correlation ≥ 0.97 means Euclidean distance
-  ≤ √(2·0.03), and an orthonormal projection never lengthens a distance, so every such pair
-  is among each image's projected neighbours within that radius. The graph search is
-  approximate (a neighbour it does not reach is missed); it found every pair of the all-pairs
-  comparison on ../shared/data/cxr and on 10k and 30k synthetic fingerprints with planted copies.
+  substring's table at radius 1 misses no pair: exact. Its candidates are the pairs sharing
+  a substring up to one bit, whose number grows with how alike the collection's hashes are
+  (on the synthetic benchmark, faster than the number of images);
+* an **inverted file** (`faiss.IndexIVFFlat`) over an orthonormal projection of the unit-norm
+  thumbnails for the second rule: correlation ≥ 0.97 means Euclidean distance ≤ √(2·0.03),
+  and an orthonormal projection never lengthens a distance, so every such pair lies within
+  that radius in the projection; each image is compared with the images of its 32 nearest
+  k-means cells (a fixed amount of work per image). This search is approximate (a copy in a
+  cell not probed is missed); it found every pair of the exact search on ../shared/data/cxr
+  and on 10k, 30k and 100k synthetic fingerprints with planted copies.
 
-It replaced a k-d tree over a 16-d projection (exact, but 373 s at 100k synthetic fingerprints,
-23× its 10k time: k-d trees degrade in 16 dimensions) and numpy multi-index hashing (69 s at 100k).
-Figures: the README's scaling table (`benchmarks/bench_data_scale.py`).
+They replaced a k-d tree over a 16-d projection (exact, but 373 s at 100k synthetic fingerprints
+under load, 23× its 10k time: k-d trees degrade in 16 dimensions) and numpy multi-index hashing
+(69 s at 100k). Figures: the README's scaling table (`benchmarks/bench_data_scale.py`).
 Each candidate is then checked with the full rule. Fingerprints are cached on disk
 (`FingerprintCache`, keyed by path, size and modification time) and reused by
 ``data summarize``, ``data manifest`` and ``data split``.
@@ -352,10 +354,10 @@ def near_duplicate_pairs(
         min_correlation: second rule: thumbnails correlating at least this much ...
         max_hash_distance_correlated: ... and hashes within this many bits.
         block: rows per block of the all-pairs comparison.
-        method: ``"index"`` (multi-index hashing + HNSW graph, faiss), ``"all_pairs"``
+        method: ``"index"`` (multi-index hashing + inverted file, faiss), ``"all_pairs"``
             (every pair, O(N²) time; the reference) or ``"auto"``: all pairs up to
             `ALL_PAIRS_UP_TO` images (faster there: ~1 s), the index above. Both return the same pairs
-            on every collection measured (see the module docstring: the graph search is approximate).
+            on every collection measured (see the module docstring: the inverted file is approximate).
 
     Returns:
         A DataFrame with columns ``i, j, hash_distance, correlation`` (row positions into
@@ -413,17 +415,18 @@ def _pair_frame(i: np.ndarray, j: np.ndarray, distance: np.ndarray, correlation:
     )
 
 
-# Thumbnail dimensions kept by the projection the neighbour graph indexes. Measured on 30k synthetic
+# Thumbnail dimensions kept by the projection the inverted file indexes. Measured on 30k synthetic
 # fingerprints: 24k candidate pairs within the radius at 16 dimensions, 306 at 32 (280 true pairs),
-# 300 at 64 (each dimension makes the graph slower to build and search).
+# 300 at 64 (each dimension makes the index slower to build and search).
 PROJECTION_DIMS = 32
 # Rows the projection is fitted on (any orthonormal basis keeps the filter a necessary condition; a good one is tighter).
 PROJECTION_SAMPLE = 5_000
-# HNSW graph (faiss.IndexHNSWFlat): links per node, and the candidate list length when building and searching.
-# Measured on 30k synthetic fingerprints: M=16, efSearch=64 found all 280 correlated pairs; M=8 missed 5.
-HNSW_LINKS = 16
-HNSW_EF_CONSTRUCTION = 40
-HNSW_EF_SEARCH = 64
+# Inverted file (faiss.IndexIVFFlat): images per list on average, and lists searched per image. Each image is
+# compared with ~PROBED_LISTS × IMAGES_PER_LIST others whatever the collection's size. Measured on synthetic
+# fingerprints (2 loaded cores): 16 probed lists found every candidate an HNSW graph found at 10k and 100k and
+# missed 1 of 306 at 30k; 32 found all (and all 293 / 997 pairs of the exact search at 30k / 100k).
+IMAGES_PER_LIST = 64
+PROBED_LISTS = 32
 # Neighbours asked per image (itself included); images whose last one is still within the radius ask again for 4× more.
 NEIGHBOURS = 8
 
@@ -521,13 +524,14 @@ def _thumbnail_candidates(thumbnails: np.ndarray, rows: np.ndarray, min_correlat
 
     Unit vectors with correlation ``c`` are ``√(2 − 2c)`` apart, and the orthonormal
     projection (`_projection`) never lengthens that, so every pair satisfying the rule lies
-    within that radius in the projection. The neighbours within it come from an HNSW graph
-    (Malkov & Yashunin, "Efficient and robust approximate nearest neighbor search using
-    Hierarchical Navigable Small World graphs", IEEE TPAMI 2020; `faiss.IndexHNSWFlat`,
-    Douze et al., "The Faiss library", 2024): ``NEIGHBOURS`` per image, and 4× more again for
-    every image whose furthest one is still inside the radius, until none is — so a large
-    group of copies is never cut short. The graph search is approximate: a neighbour it does not
-    reach is missed. Measured: none missed at 10k and 30k synthetic fingerprints nor on
+    within that radius in the projection. The neighbours within it come from an inverted
+    file (Jégou, Douze & Schmid, "Product quantization for nearest neighbor search", IEEE
+    TPAMI 2011, §IV-A; `faiss.IndexIVFFlat`, Douze et al., "The Faiss library", 2024): k-means
+    cells of ``IMAGES_PER_LIST`` images on average, each image compared with the images of its
+    ``PROBED_LISTS`` nearest cells; ``NEIGHBOURS`` per image, and 4× more again for every image
+    whose furthest one is still inside the radius, until none is — so a large group of copies
+    is never cut short. The search is approximate: a copy in a cell not probed is missed.
+    Measured: none missed at 10k, 30k and 100k synthetic fingerprints nor on
     ../shared/data/cxr (`benchmarks/bench_data_scale.py`, ``tests/data/test_dedup_index.py``).
     The small slack on the radius covers float32 rounding.
     """
@@ -536,15 +540,16 @@ def _thumbnail_candidates(thumbnails: np.ndarray, rows: np.ndarray, min_correlat
         return empty, empty
     faiss = faiss_module()
     projected = _projection(thumbnails, rows)
-    index = faiss.IndexHNSWFlat(projected.shape[1], HNSW_LINKS)
-    index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(projected.shape[1]), projected.shape[1], max(1, len(rows) // IMAGES_PER_LIST))
+    index.cp.max_points_per_centroid, index.cp.niter, index.cp.seed = 16, 10, 0  # coarse cells suffice: train on a sample
+    index.train(projected)
     index.add(projected)
+    index.nprobe = min(PROBED_LISTS, index.nlist)
     squared_radius = (float(np.sqrt(max(0.0, 2.0 - 2.0 * min_correlation))) + 1e-3) ** 2
     pending, wanted = np.arange(len(rows)), NEIGHBOURS
     found_i, found_j = [], []
     while len(pending):
         wanted = min(wanted, len(rows))
-        index.hnsw.efSearch = max(HNSW_EF_SEARCH, wanted)
         distance, neighbour = index.search(projected[pending], wanted)
         inside = (distance <= squared_radius) & (neighbour >= 0)
         query = np.repeat(pending, wanted).reshape(inside.shape)
@@ -570,7 +575,7 @@ def _indexed_pairs(
     """The index search: the pairs of `_all_pairs` without comparing every pair.
 
     Rule 1 (hash distance ≤ D): exact multi-index hashing (`_hash_candidates`). Rule 2
-    (correlation ≥ c and hash distance ≤ D'): the neighbour graph of `_thumbnail_candidates`.
+    (correlation ≥ c and hash distance ≤ D'): the inverted file of `_thumbnail_candidates`.
     Every candidate is kept only when the full rule holds. Correlations are float32 dot
     products pair by pair, where `_all_pairs` takes them from a block product: they can
     differ in the last bit, which matters only for a pair exactly at the threshold.
