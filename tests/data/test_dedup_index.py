@@ -150,3 +150,16 @@ def test_adapters_take_sha1_from_the_cache(tmp_path, monkeypatch):
         again = load_source(root).manifest
     assert hashed == [] and again["sha1"].tolist() == first["sha1"].tolist()
     assert first["sha1"].tolist() == [real(p) for p in first["image"]]
+
+
+def test_a_group_larger_than_the_neighbours_asked_is_found_whole():
+    # 12 copies of one thumbnail among 2,500 (more than the 8 neighbours first asked per image,
+    # and more images than the 32 probed cells of ~64 hold): every one of the 66 pairs is a candidate
+    prints, _ = synthetic_fingerprints(2500, duplicate_share=0.0, seed=7)
+    thumbnails = np.array(prints.thumbnails)
+    group = np.arange(100, 112)
+    thumbnails[group] = thumbnails[100]
+    i, j = dedup._thumbnail_candidates(thumbnails, np.arange(2500), 0.97)
+    found = {(int(a), int(b)) for a, b in zip(i, j)}
+    assert {(int(a), int(b)) for a in group for b in group if a < b} <= found
+    assert all(a < b for a, b in found)
