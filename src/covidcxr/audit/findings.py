@@ -404,7 +404,8 @@ def _saliency(saliency: Mapping[str, Any], lungs_mode: str = "none", blanked_sev
     note = f" ({empty} of {overall.get('n')} maps were empty and are left out)" if empty else ""
     share = _share_outside(overall)
     share_text = f"; {100 * share[0]:.0f}% [{100 * share[1]:.0f}%, {100 * share[2]:.0f}%] of the {share[3]} maps put most of their mass outside the lungs" if share else ""
-    head = f"Grad-CAM puts a median {100 * focus:.0f}% of its mass inside the lungs, which cover {100 * area:.0f}% of the input{share_text}{note}"
+    method = (saliency or {}).get("method_name") or "Grad-CAM"  # occlusion for a foreign model (`covidcxr.audit.occlusion`)
+    head = f"{method} puts a median {100 * focus:.0f}% of its mass inside the lungs, which cover {100 * area:.0f}% of the input{share_text}{note}"
     weak = "Saliency is weak evidence (Adebayo et al. 2018; DeGrave et al. 2021)"
     if lungs_mode == "mask":
         return [_finding("saliency_outside_lungs", "info", f"{head}. The run masks the lungs, so nothing outside them reaches the model: mass there is the map's own blur. {weak}; not scored OK.", focus, SALIENCY_MAJORITY)]
@@ -487,7 +488,8 @@ def derive_findings(
             over the seen sources, ``seen_unseen``, ``source_only``, ``overall``).
         ablation: `covidcxr.audit.ablation.lung_ablation`'s result.
         probe: ``{"full"|"lungs_blanked"|"lungs_only": source_probe result}``.
-        saliency: ``{"overall": {"lung_focus_median", "lung_area_median", "share_mostly_outside", "n", "n_empty"}}``.
+        saliency: ``{"overall": {"lung_focus_median", "lung_area_median", "share_mostly_outside", "n", "n_empty"}}``
+            (and ``method_name``, e.g. ``"Occlusion saliency"``; default ``"Grad-CAM"``).
         lungs_mode: the run's ``preprocess.lungs`` (``none``, ``mask`` or ``crop``).
         label_mix: `covidcxr.evaluate.subgroups.label_mix` of the training sources
             (``differs``: whether a source probe matters).
