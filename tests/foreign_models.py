@@ -83,5 +83,7 @@ def export_onnx(module: torch.nn.Module, path: Path, outputs: tuple[str, ...] = 
 
 
 def export_torchscript(module: torch.nn.Module, path: Path) -> Path:
-    torch.jit.trace(module, torch.zeros(2, 1, SIZE, SIZE)).save(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.9+: torch.jit is deprecated, still the TorchScript writer
+        torch.jit.trace(module, torch.zeros(2, 1, SIZE, SIZE)).save(str(path))
     return path

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -278,7 +279,9 @@ class ForeignModel:
         import torch
 
         try:  # runs code from the file, like a pickle: documented, only for trusted files
-            module = torch.jit.load(str(self.model_path), map_location="cpu")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # torch >= 2.9 deprecates torch.jit; TorchScript files still load
+                module = torch.jit.load(str(self.model_path), map_location="cpu")
         except (RuntimeError, ValueError) as exc:
             raise CovidCXRError(f"--model {self.yaml_path}: {self.model_path} is not a TorchScript file torch.jit.load can read ({str(exc).splitlines()[0]})") from None
         self._module = module.eval()
