@@ -15,6 +15,13 @@ Two entry points beside `covidcxr.audit.run.audit_run`:
   (`covidcxr.evaluate.cross_source.evaluate_predictions`, `covidcxr.evaluate.subgroups`), so the
   same scores give the same numbers (tested).
 
+* :func:`audit_foreign` — ``covidcxr audit --model MODEL.yaml --data DIR``: a foreign ONNX or
+  TorchScript model (`covidcxr.models.foreign`) scored on the collection
+  (`covidcxr.evaluate.foreign.evaluate_foreign`) and audited as a black box: the
+  prediction-based findings, lung ablation and the intensity window by re-predicting,
+  occlusion saliency (`covidcxr.audit.occlusion`) instead of Grad-CAM, the source probe on its
+  embedding output or its scores; written to ``<out>/audit/audit.json``.
+
 Findings that need the model itself (lung ablation, the intensity perturbation, the source
 probe, saliency) are listed under ``not_available`` with the reason, never silently absent.
 
