@@ -394,7 +394,7 @@ def audit_foreign(
     from covidcxr.audit.intensity import intensity_perturbation
     from covidcxr.audit.saliency import gallery_captions, plot_gallery, select_gallery
     from covidcxr.evaluate.external import PREDICTIONS
-    from covidcxr.evaluate.foreign import DEFAULT_CACHE_DIR, default_out, evaluate_foreign, foreign_inputs, training_data
+    from covidcxr.evaluate.foreign import DEFAULT_CACHE_DIR, default_out, evaluate_foreign, foreign_inputs, training_data, training_rows
     from covidcxr.io.atomic import atomic_path
     from covidcxr.models.foreign import load_foreign_model
 
@@ -409,10 +409,7 @@ def audit_foreign(
     if len(refused):  # scored a moment ago through the same preprocessing: a refusal here is a bug
         raise CovidCXRError(f"{out / PREDICTIONS}: {len(refused)} scored images refused by the preprocessing now ({refused['reason'].iloc[0]})")
     seen, facts = training_data(model)
-    train_rows = pd.DataFrame()
-    if seen is not None:
-        train_rows = seen.rows[seen.rows["split"].astype(str) == "train"] if "split" in seen.rows.columns else seen.rows
-        train_rows = train_rows.assign(target=(train_rows["label"].astype(str) == model.positive_label).astype(np.int64))
+    train_rows = training_rows(seen, model.positive_label)
     parts = scored_audit(kept, train_rows, facts["sources"], model.threshold, n_boot, seed)
     fill, masked = float(config.pad_value), config.lungs == "mask"
     say(f"lung ablation on the {len(kept)} scored images (re-predicted with the lungs blanked / only the lungs)")

@@ -338,6 +338,10 @@ def _ablation(ablation: Mapping[str, Any], lungs_mode: str) -> list[dict[str, An
             # unmasked model was trained on, so a drop alone may be that mismatch; the
             # lungs-blanked ablation, which found no usable signal outside the lungs, decides
             out.append(_finding("lungs_only", "info", f"Shown only its lungs, the model's AUC falls from {_fmt(full)} to {_fmt(only)}, clearly below {full[0] - LUNGS_ONLY_DROP:.2f}; but such an input is unlike any image it was trained on, and with the lungs blanked there is no evidence of usable signal outside them, so the drop is not evidence of an outside-lung shortcut.", only[0], full[0] - LUNGS_ONLY_DROP))
+        elif only[2] < full[0] - LUNGS_ONLY_DROP:
+            # the drop is there, but the full-image AUC is not clearly above 0.60: too little skill to
+            # read a drop from (the sentence must not call the lungs-only AUC "not clearly below")
+            out.append(_finding("lungs_only", "info", f"Shown only its lungs, the model's AUC falls from {_fmt(full)} to {_fmt(only)}, clearly below {full[0] - LUNGS_ONLY_DROP:.2f}; but its full-image AUC is not clearly above 0.60, too little to read a dependence on what lies outside the lungs from.", only[0], full[0] - LUNGS_ONLY_DROP))
         else:
             out.append(_finding("lungs_only", "ok", f"Shown only its lungs, the model's AUC is {_fmt(only)} (full image {_fmt(full)}): not clearly below {full[0] - LUNGS_ONLY_DROP:.2f}, so no clear dependence on what lies outside them.", only[0], full[0] - LUNGS_ONLY_DROP))
     return out

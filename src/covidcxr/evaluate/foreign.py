@@ -47,7 +47,7 @@ from covidcxr.models.foreign import ForeignModel, load_foreign_model
 from covidcxr.preprocess.pipeline import PreprocessConfig
 from covidcxr.rundir import SeenData
 
-__all__ = ["DEFAULT_CACHE_DIR", "default_out", "evaluate_foreign", "foreign_inputs", "foreign_rows", "training_data"]
+__all__ = ["DEFAULT_CACHE_DIR", "default_out", "evaluate_foreign", "foreign_inputs", "foreign_rows", "training_data", "training_rows"]
 
 #: the preprocessing cache of a foreign model's inputs (the recipes' default)
 DEFAULT_CACHE_DIR = ".cache/covidcxr"
@@ -95,6 +95,17 @@ def training_data(model: ForeignModel) -> tuple[SeenData | None, dict[str, Any]]
         note += " (its train and val rows)"
     sources = sorted(rows["source"].astype(str).unique().tolist())
     return SeenData(rows=rows, sources=sources), {"known": True, "manifest": str(path), "n_images": int(len(rows)), "sources": sources, "note": note}
+
+
+def training_rows(seen: SeenData | None, positive_label: str) -> pd.DataFrame:
+    """The model's training rows (``split == "train"`` when the manifest has splits) with ``target``; empty when unknown.
+
+    They feed the source-only and metadata-only baselines and the training label mix.
+    """
+    if seen is None:
+        return pd.DataFrame()
+    rows = seen.rows[seen.rows["split"].astype(str) == "train"] if "split" in seen.rows.columns else seen.rows
+    return rows.assign(target=(rows["label"].astype(str) == positive_label).astype(np.int64)).reset_index(drop=True)
 
 
 def foreign_rows(manifest: pd.DataFrame, model: ForeignModel) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -222,9 +233,7 @@ def evaluate_foreign(
     scored["seen"] = scored["source"].astype(str).isin(seen_sources)
     with atomic_path(out / PREDICTIONS) as tmp:
         scored.to_parquet(tmp, index=False)
-    train_rows = seen.rows[seen.rows["split"].astype(str) == "train"] if seen is not None and "split" in seen.rows.columns else (seen.rows if seen is not None else pd.DataFrame())
-    if len(train_rows):
-        train_rows = train_rows.assign(target=(train_rows["label"].astype(str) == model.positive_label).astype(np.int64))
+    train_rows = training_rows(seen, model.positive_label)
     report = {
         "model": model.describe(),
         "model_yaml": str(model_yaml),
@@ -248,8 +257,3 @@ def evaluate_foreign(
     report = json_ready(report)
     atomic_write_text(out / EVALUATION, json.dumps(report, indent=2, allow_nan=False) + "\n")
     return report
-
-
-def read_foreign_evaluation(out: str | Path) -> dict[str, Any]:
-    """``<out>/evaluation.json`` of an earlier `evaluate_foreign`."""
-    return json.loads((Path(out) / EVALUATION).read_text())
