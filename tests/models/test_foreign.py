@@ -125,3 +125,21 @@ def test_corner_reader_scores_the_corner() -> None:
     model = corner_reader()
     assert model(corner)[0] > 0.99 > model(lungs)[0] + 0.9
     assert lung_reader()(lungs)[0] > 0.99 > lung_reader()(corner)[0] + 0.9
+
+
+def test_a_runtime_refusal_is_a_sentence_naming_the_model(tmp_path) -> None:
+    """An ONNX file taking float64 fed covidcxr's float32: the error names the file, not an onnxruntime traceback."""
+
+    class Doubles(torch.nn.Module):
+        def forward(self, x):
+            return torch.sigmoid(x.mean(dim=(1, 2, 3)))
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Doubles(), (torch.zeros(1, 1, 64, 64, dtype=torch.float64),), str(tmp_path / "m.onnx"), input_names=["image"],
+                          dynamic_axes={"image": {0: "n"}}, dynamo=False)
+    model = load_foreign_model(_write(tmp_path, output="{kind: probability}"))
+    with pytest.raises(CovidCXRError, match=r"m\.onnx refused a float32 input"):
+        model.predict(_images(2))

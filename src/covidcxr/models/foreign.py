@@ -350,7 +350,20 @@ class ForeignModel:
         return np.ascontiguousarray(x, dtype=np.float32)
 
     def _raw(self, batch: np.ndarray) -> list[np.ndarray]:
-        """The model's outputs for one ``(B, C, H, W)`` batch, as a list in output order."""
+        """The model's outputs for one ``(B, C, H, W)`` batch, as a list in output order.
+
+        Raises:
+            CovidCXRError: the runtime refused the input (a dtype or shape the file does not take), naming the model.
+        """
+        try:
+            return self._run(batch)
+        except CovidCXRError:
+            raise
+        except Exception as exc:  # onnxruntime's and torch.jit's own error types (InvalidArgument, RuntimeError...)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CovidCXRError(f"--model {self.yaml_path}: {self.model_path.name} refused a {batch.dtype} input of shape {batch.shape}: {first}") from None
+
+    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
         if self._session is not None:
             if self._fixed_batch and len(batch) != self._fixed_batch:
                 parts = [self._session.run(None, {self._input_name: batch[i : i + self._fixed_batch]}) for i in range(0, len(batch), self._fixed_batch)]
