@@ -85,6 +85,8 @@ def test_corner_reader_is_called_a_shortcut(setting) -> None:
     # no training split for a foreign model: said, and nothing excluded as linked
     assert report["training_data"]["known"] is False and "no image could be excluded" in report["training_data"]["note"]
     assert "gradcam" in report["not_available"]
+    unseen = next(f for f in report["findings"] if f["id"] == "unseen_sources")
+    assert unseen["text"].endswith("(The model's training data are unknown: every source is counted as unseen.)")
 
 
 def test_lung_reader_is_not_called_a_shortcut(setting) -> None:

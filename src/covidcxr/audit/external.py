@@ -353,6 +353,21 @@ def _foreign_probe(model: Any, images: np.ndarray, masks: np.ndarray, rows: pd.D
     return probe
 
 
+def _write_occlusion(audit_dir: Path, model: Any, saliency: dict[str, Any], focus: pd.DataFrame, maps: np.ndarray, images: np.ndarray, masks: np.ndarray) -> None:
+    """``lung_focus.parquet`` and the occlusion ``gallery.png`` (named in ``saliency``) under ``audit_dir``, atomically."""
+    from covidcxr.audit.saliency import gallery_captions, plot_gallery, select_gallery
+    from covidcxr.io.atomic import atomic_path
+
+    audit_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(audit_dir / "lung_focus.parquet") as tmp:
+        focus.to_parquet(tmp, index=False)
+    gallery = select_gallery(focus, 2)
+    if gallery:
+        captions, correct = gallery_captions(focus.iloc[gallery], model.threshold, model.positive_label, "not " + model.positive_label)
+        plot_gallery(images[gallery], maps[gallery], masks[gallery], captions, audit_dir / "gallery.png", correct=correct)
+        saliency["gallery"] = "gallery.png"
+
+
 def audit_foreign(
     model_yaml: str | Path,
     data: str | Path,
@@ -392,10 +407,8 @@ def audit_foreign(
 
     from covidcxr.audit.ablation import ablate
     from covidcxr.audit.intensity import intensity_perturbation
-    from covidcxr.audit.saliency import gallery_captions, plot_gallery, select_gallery
     from covidcxr.evaluate.external import PREDICTIONS
     from covidcxr.evaluate.foreign import DEFAULT_CACHE_DIR, default_out, evaluate_foreign, foreign_inputs, training_data, training_rows
-    from covidcxr.io.atomic import atomic_path
     from covidcxr.models.foreign import load_foreign_model
 
     started = time.perf_counter()
@@ -423,16 +436,10 @@ def audit_foreign(
     say(f"occlusion saliency on {min(len(kept), max_saliency_images)} images")
     saliency, focus, maps, chosen = _occlusion_summary(model, images, masks, kept, fill, max_saliency_images, seed)
     findings = derive_findings(parts["evaluation"], ablation, probe, saliency, str(config.lungs), label_mix=parts["label_mix"], confounders=parts["confounders"], intensity=intensity)
+    if not facts["known"] and not facts["sources"]:  # "never seen in training" is then an assumption: say so
+        findings = [{**f, "text": f["text"] + " (The model's training data are unknown: every source is counted as unseen.)"} if f["id"] == "unseen_sources" else f for f in findings]
     audit_dir = out / "audit"
-    audit_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(audit_dir / "lung_focus.parquet") as tmp:
-        focus.to_parquet(tmp, index=False)
-    gallery = select_gallery(focus, 2)
-    if gallery:
-        negative = "not " + model.positive_label
-        captions, correct = gallery_captions(focus.iloc[gallery], model.threshold, model.positive_label, negative)
-        plot_gallery(images[chosen][gallery], maps[gallery], masks[chosen][gallery], captions, audit_dir / "gallery.png", correct=correct)
-        saliency["gallery"] = "gallery.png"
+    _write_occlusion(audit_dir, model, saliency, focus, maps, images[chosen], masks[chosen])
     report = {
         "model": model.describe(),
         "model_yaml": str(model_yaml),

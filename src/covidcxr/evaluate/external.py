@@ -52,7 +52,7 @@ from covidcxr.evaluate.cross_source import evaluate_predictions, json_ready
 from covidcxr.io.atomic import atomic_path, atomic_write_text
 from covidcxr.rundir import RunDir, SeenData
 
-__all__ = ["EXTERNAL_COLUMNS", "collection_rows", "evaluate_external", "external_name", "linked_reasons", "read_collection", "read_external", "score_chunks", "score_resumably"]
+__all__ = ["EXTERNAL_COLUMNS", "collection_rows", "evaluate_external", "external_name", "linked_reasons", "read_collection", "read_external", "reason_kind", "score_chunks", "score_resumably"]
 
 #: the per-image columns of ``external/<name>/predictions.parquet`` (first the required five).
 EXTERNAL_COLUMNS = ("image", "source", "label", "patient_id", "probability", "class_name", "target", "seen", "view", "sex", "age")
@@ -375,7 +375,7 @@ def evaluate_external(
         **evaluate_predictions(scored, train_rows, seen.sources, run.threshold, n_boot, seed),
         "operating_point": {**point.to_dict(), "describe": point.describe()},
         "n_candidates": int(len(rows) + len(outside)),
-        "excluded": {"file": EXCLUDED, "n": int(len(excluded)), "by_reason": excluded["reason"].map(_reason_kind).value_counts().to_dict()},
+        "excluded": {"file": EXCLUDED, "n": int(len(excluded)), "by_reason": excluded["reason"].map(reason_kind).value_counts().to_dict()},
         "rejected": {"file": REJECTED, "n": int(len(rejected)), "adapter_refused": [{"path": str(r.path), "reason": str(r.reason)} for r in refused]},
         "n_boot": int(n_boot),
         "seed": int(seed),
@@ -392,7 +392,7 @@ def _positive(recipe: Any) -> str:
     return positive_class(recipe)
 
 
-def _reason_kind(reason: str) -> str:
+def reason_kind(reason: str) -> str:
     """The reason without its particulars (an image's name), for counting."""
     return reason.split(" image ")[0] if reason.startswith("near-duplicate") else reason
 

@@ -41,7 +41,7 @@ import pandas as pd
 from covidcxr.data.manifest import is_missing
 from covidcxr.errors import CovidCXRError
 from covidcxr.evaluate.cross_source import evaluate_predictions, json_ready
-from covidcxr.evaluate.external import EVALUATION, EXCLUDED, PREDICTIONS, REJECTED, _reason_kind, linked_reasons, read_collection, score_chunks
+from covidcxr.evaluate.external import EVALUATION, EXCLUDED, PREDICTIONS, REJECTED, linked_reasons, read_collection, reason_kind, score_chunks
 from covidcxr.io.atomic import atomic_path, atomic_write_text
 from covidcxr.models.foreign import ForeignModel, load_foreign_model
 from covidcxr.preprocess.pipeline import PreprocessConfig
@@ -163,6 +163,19 @@ def _scorer(model: ForeignModel, cache_dir: str | Path, workers: int | None, pro
     return predict
 
 
+def _exclusions(rows: pd.DataFrame, outside: pd.DataFrame, seen: SeenData | None, facts: dict[str, Any], progress: bool, say: Callable[[str], None]) -> tuple[np.ndarray, pd.DataFrame]:
+    """``(linked (N,) bool, excluded rows with reason)``: images linked to the training manifest (none when unknown) and those outside the task."""
+    if seen is None:
+        say("the model's training data are unknown: nothing can be excluded as linked (say `training_manifest:` in the YAML)")
+        reasons = pd.Series([""] * len(rows), dtype=object)
+    else:
+        say(f"{len(rows)} images fit the task; checking links to the {len(seen.rows)} training/validation images of {facts['manifest']}")
+        reasons = linked_reasons(rows, seen, progress=progress)
+    linked = (reasons != "").to_numpy()
+    excluded = pd.concat([rows[linked].assign(reason=reasons[linked].to_numpy()), outside], ignore_index=True)
+    return linked, excluded.reindex(columns=["image", "source", "label", "patient_id", "reason"])
+
+
 def evaluate_foreign(
     model_yaml: str | Path,
     data: str | Path,
@@ -210,15 +223,7 @@ def evaluate_foreign(
     except CovidCXRError as exc:
         raise CovidCXRError(f"--data {data}: {exc}") from None
     seen, facts = training_data(model)
-    if seen is None:
-        say("the model's training data are unknown: nothing can be excluded as linked (say `training_manifest:` in the YAML)")
-        reasons = pd.Series([""] * len(rows), dtype=object)
-    else:
-        say(f"{len(rows)} images fit the task; checking links to the {len(seen.rows)} training/validation images of {facts['manifest']}")
-        reasons = linked_reasons(rows, seen, progress=progress)
-    linked = (reasons != "").to_numpy()
-    excluded = pd.concat([rows[linked].assign(reason=reasons[linked].to_numpy()), outside], ignore_index=True)
-    excluded = excluded.reindex(columns=["image", "source", "label", "patient_id", "reason"])
+    linked, excluded = _exclusions(rows, outside, seen, facts, progress, say)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / EXCLUDED) as tmp:
         excluded.to_csv(tmp, index=False)
@@ -248,7 +253,7 @@ def evaluate_foreign(
         "operating_point": {"threshold": model.threshold, "describe": f"threshold {model.threshold:g} from the MODEL.yaml (output.threshold)"},
         "training_data": facts,
         "n_candidates": int(len(rows) + len(outside)),
-        "excluded": {"file": EXCLUDED, "n": int(len(excluded)), "by_reason": excluded["reason"].map(_reason_kind).value_counts().to_dict()},
+        "excluded": {"file": EXCLUDED, "n": int(len(excluded)), "by_reason": excluded["reason"].map(reason_kind).value_counts().to_dict()},
         "rejected": {"file": REJECTED, "n": int(len(rejected)), "adapter_refused": [{"path": str(r.path), "reason": str(r.reason)} for r in refused_by_adapter]},
         "n_boot": int(n_boot),
         "seed": int(seed),
