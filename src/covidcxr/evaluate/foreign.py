@@ -240,6 +240,8 @@ def evaluate_foreign(
         scored.to_parquet(tmp, index=False)
     train_rows = training_rows(seen, model.positive_label)
     report = {
+        "run": None,  # the keys of `evaluate RUN --data`'s report: no run here, a foreign model
+        "run_dir": None,
         "model": model.describe(),
         "model_yaml": str(model_yaml),
         "model_name": model.name,
