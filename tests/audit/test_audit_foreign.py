@@ -121,7 +121,7 @@ def test_torchscript_model_through_the_cli_resumes_and_excludes_its_training_ima
         assert abs(onnx["overall"]["auc"]["estimate"] - report["overall"]["auc"]["estimate"]) < 1e-6
 
     # a rerun scores nothing again (same model file, same YAML)
-    from covidcxr.models import foreign
+    from covidcxr.evaluate import foreign_model as foreign
 
     monkeypatch.setattr(foreign.ForeignModel, "predict", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-scored")))
     again = runner.invoke(app, command)

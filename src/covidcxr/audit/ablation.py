@@ -126,7 +126,7 @@ def ablate(
 ) -> dict[str, Any]:
     """`lung_ablation` for any model: ``predict`` maps ``(N, H, W)`` inputs to ``(N,)`` positive probabilities.
 
-    A foreign model (`covidcxr.models.foreign.ForeignModel.predict`) is ablated the same way as a
+    A foreign model (`covidcxr.evaluate.foreign_model.ForeignModel.predict`) is ablated the same way as a
     run: re-predicted with the lungs blanked and with only the lungs. ``masked``: the model's
     preprocessing already masks the lungs (``lungs_blanked`` is then skipped with the reason).
     """

@@ -16,7 +16,7 @@ Two entry points beside `covidcxr.audit.run.audit_run`:
   same scores give the same numbers (tested).
 
 * :func:`audit_foreign` — ``covidcxr audit --model MODEL.yaml --data DIR``: a foreign ONNX or
-  TorchScript model (`covidcxr.models.foreign`) scored on the collection
+  TorchScript model (`covidcxr.evaluate.foreign_model`) scored on the collection
   (`covidcxr.evaluate.foreign.evaluate_foreign`) and audited as a black box: the
   prediction-based findings, lung ablation and the intensity window by re-predicting,
   occlusion saliency (`covidcxr.audit.occlusion`) instead of Grad-CAM, the source probe on its
@@ -409,7 +409,7 @@ def audit_foreign(
     from covidcxr.audit.intensity import intensity_perturbation
     from covidcxr.evaluate.external import PREDICTIONS
     from covidcxr.evaluate.foreign import DEFAULT_CACHE_DIR, default_out, evaluate_foreign, foreign_inputs, training_data, training_rows
-    from covidcxr.models.foreign import load_foreign_model
+    from covidcxr.evaluate.foreign_model import load_foreign_model
 
     started = time.perf_counter()
     cache_dir = cache_dir or DEFAULT_CACHE_DIR

@@ -1,7 +1,7 @@
 """Occlusion saliency: where covering the image lowers the positive score — for any model, no gradients needed.
 
 Grad-CAM (`covidcxr.audit.saliency.gradcam`) needs the network's gradients and a named
-layer; a foreign ONNX or TorchScript model (`covidcxr.models.foreign`) offers neither. The
+layer; a foreign ONNX or TorchScript model (`covidcxr.evaluate.foreign_model`) offers neither. The
 model-agnostic alternative is **occlusion** (Zeiler & Fergus 2014, "Visualizing and
 understanding convolutional networks", ECCV, §4.2): slide a square patch over the input,
 set it to a fill value, re-predict, and credit each pixel with the drop of the positive

@@ -1,7 +1,7 @@
 """A foreign model scored on a collection: ``covidcxr evaluate --model MODEL.yaml --data DIR``.
 
 The same steps as a run scored on another collection (`covidcxr.evaluate.external`), with a
-model covidcxr did not train (`covidcxr.models.foreign`):
+model covidcxr did not train (`covidcxr.evaluate.foreign_model`):
 
 1. the collection is read by a source adapter, copies and near-duplicates linked from the
    pixels (`covidcxr.evaluate.external.read_collection`);
@@ -43,7 +43,7 @@ from covidcxr.errors import CovidCXRError
 from covidcxr.evaluate.cross_source import evaluate_predictions, json_ready
 from covidcxr.evaluate.external import EVALUATION, EXCLUDED, PREDICTIONS, REJECTED, linked_reasons, read_collection, reason_kind, score_chunks
 from covidcxr.io.atomic import atomic_path, atomic_write_text
-from covidcxr.models.foreign import ForeignModel, load_foreign_model
+from covidcxr.evaluate.foreign_model import ForeignModel, load_foreign_model
 from covidcxr.preprocess.pipeline import PreprocessConfig
 from covidcxr.rundir import SeenData
 
@@ -192,7 +192,7 @@ def evaluate_foreign(
     """Score a foreign model on a collection, linked images excluded when its training data are known.
 
     Args:
-        model_yaml: the ``MODEL.yaml`` (`covidcxr.models.foreign`).
+        model_yaml: the ``MODEL.yaml`` (`covidcxr.evaluate.foreign_model`).
         data: the collection folder (any layout a source adapter reads).
         out: the results folder (default `default_out`: ``./covidcxr-external/<name>/``).
         adapter: the source adapter (default: detected).

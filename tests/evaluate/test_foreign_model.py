@@ -1,4 +1,4 @@
-"""The MODEL.yaml contract (`covidcxr.models.foreign`): validated fields, confined paths, ONNX and TorchScript.
+"""The MODEL.yaml contract (`covidcxr.evaluate.foreign_model`): validated fields, confined paths, ONNX and TorchScript.
 
 The models are built with plain torch (`tests/foreign_models.py`, no covidcxr code) and
 exported in a temporary folder; each test takes a second or two.
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from covidcxr.errors import CovidCXRError
-from covidcxr.models.foreign import load_foreign_model, read_foreign_spec
+from covidcxr.evaluate.foreign_model import load_foreign_model, read_foreign_spec
 from foreign_models import LogitOnly, corner_reader, export_onnx, export_torchscript, lung_reader
 
 YAML = """name: {name}
