@@ -31,6 +31,10 @@ What `train_segmenter` does, and why:
   runs in bf16 autocast with channels-last tensors on CPU (about 2x faster on AVX-512/AMX).
 * **Robustness**: early stopping on validation Dice, best checkpoint kept, checkpoints
   written atomically; a run folder that holds ``last.ckpt`` is resumed.
+* **Self-training** (``pseudo_share`` > 0; `pseudo_label`): a teacher U-Net labels the
+  collection's unmasked images (none from a validation/test patient); confident,
+  anatomically plausible masks join the training draws under the full augmentation
+  (noisy student, Xie et al. 2020; FixMatch-style filtering, Sohn et al. 2020).
 """
 
 from __future__ import annotations
