@@ -225,3 +225,11 @@ def test_a_shortcut_planted_at_one_site_is_named_even_when_the_pooled_number_is_
     assert outside["severity"] == "shortcut"
     assert "site_a" in outside["text"] and "site_b" not in outside["text"]
     assert outside["value"] == 0.97
+
+
+def test_a_lungs_only_drop_without_clear_skill_is_never_called_not_clearly_below():
+    """Full-image AUC not clearly above 0.60 and lungs-only clearly lower: info, and the sentence says 'clearly below'."""
+    ablation = {"original": {"auc": ci(0.70, 0.58, 0.80)}, "lungs_blanked": {"auc": ci(0.7, 0.6, 0.8)}, "lungs_only": {"auc": ci(0.42, 0.30, 0.55)}}
+    found = by_id(derive_findings({}, ablation, {}, {}, "none"))
+    assert found["lungs_only"]["severity"] == "info"
+    assert "clearly below 0.60" in found["lungs_only"]["text"] and "not clearly below" not in found["lungs_only"]["text"]
