@@ -28,6 +28,13 @@ model's shift on the same pair has a 95% t-interval whose lower bound exceeds ``
 sign). The absolute shift's verdict is kept as ``learned_absolute``. Detection is reported over all planted runs and over the runs that
 learned their shortcut.
 
+Which finding catches which shortcut (seeds 0–4): the marker — lung blanking; the view — the
+metadata-only baseline and the within-label view dependence; the window — ``label_from_intensity``
+(`covidcxr.audit.intensity.label_from_intensity`: the label predicted within a source from the
+outside-lung intensity statistics, against the model's AUC on the same images), which reads the
+data and the model's AUC, not which pixels the model read, so it also fires on window runs whose
+model did not learn the window (read detection over learned runs beside detection over all).
+
 Figures: ``detection_rate`` (verdict ``shortcut`` on planted runs; goal 1.0),
 ``detection_rate_learned`` (the same over runs that learned the shortcut), ``false_alarm_rate``
 (verdict ``shortcut`` on clean runs; goal 0.0), ``ok_rate_clean`` (verdict ``ok`` on clean runs:

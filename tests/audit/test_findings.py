@@ -225,3 +225,19 @@ def test_a_shortcut_planted_at_one_site_is_named_even_when_the_pooled_number_is_
     assert outside["severity"] == "shortcut"
     assert "site_a" in outside["text"] and "site_b" not in outside["text"]
     assert outside["value"] == 0.97
+
+
+def test_a_window_that_gives_the_label_away_is_a_shortcut_unless_the_model_clearly_beats_it():
+    def baseline(base, diff):
+        return {"baseline": {**base, "n_images": 128, "n_patients": 96}, "model": ci(0.90, 0.84, 0.95), "difference": diff}
+
+    def finding(part):
+        return by_id(derive_findings(SKILLED, {}, {}, {}, intensity_baseline=part))["label_from_intensity"]
+
+    window = finding(baseline(ci(0.92, 0.86, 0.97), ci(-0.02, -0.10, 0.06)))
+    assert window["severity"] == "shortcut" and "0.92 [0.86, 0.97]" in window["text"] and "not clearly above" in window["text"]
+    assert finding(baseline(ci(0.80, 0.72, 0.88), ci(0.10, 0.04, 0.16)))["severity"] == "warning"
+    assert finding(baseline(ci(0.50, 0.40, 0.60), ci(0.40, 0.30, 0.50)))["severity"] == "ok"
+    # an estimate past the bar with an interval reaching chance is no evidence of a usable window
+    assert finding(baseline(ci(0.72, 0.49, 0.90), ci(0.10, -0.05, 0.25)))["severity"] == "info"
+    assert finding({"skipped": "fewer than 2 patients of a class among the audited images"})["severity"] == "info"

@@ -171,7 +171,9 @@ def outside_lung_features(images: np.ndarray, lung_masks: np.ndarray, margin: fl
         if not outside.any():
             outside = np.ones_like(mask)
         pixels = image[outside]
-        noise = np.abs(image - ndimage.median_filter(image, size=3))[outside]
+        # the 3 x 3 median filter must not reach a lung pixel (it cannot once the mask is grown by 2 or more)
+        clear = outside & ~ndimage.binary_dilation(mask, structure=np.ones((3, 3), dtype=bool))
+        noise = np.abs(image - ndimage.median_filter(image, size=3))[clear if clear.any() else outside]
         out[i] = [*np.percentile(pixels, INTENSITY_PERCENTILES), pixels.mean(), pixels.std(), (pixels <= 1 / 255).mean(), (pixels >= 254 / 255).mean(), np.median(noise)]
     return out
 
