@@ -88,3 +88,6 @@ def test_label_from_intensity_skips_what_it_cannot_fold():
     assert "fewer than 2 patients" in label_from_intensity(images, masks, rows.assign(patient_id="same"), n_boot=10)["skipped"]
     with pytest.raises(ValueError, match="rows for"):
         label_from_intensity(images, masks, rows.iloc[:2], n_boot=10)
+    images, masks, rows = _windowed()
+    one_class_per_source = rows.assign(source=np.where(rows["target"] == 1, "covid_site", "normal_site"))
+    assert "no source holds both classes" in label_from_intensity(images, masks, one_class_per_source, n_boot=10)["skipped"]

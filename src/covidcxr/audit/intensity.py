@@ -228,12 +228,17 @@ def label_from_intensity(images: np.ndarray, lung_masks: np.ndarray, rows: pd.Da
     k = min(folds, per_class)
     if k < 2:
         return {"skipped": "fewer than 2 patients of a class among the audited images"}
+    if not any(0 < y[strata == s].sum() < (strata == s).sum() for s in pd.unique(strata)):
+        return {"skipped": "no source holds both classes among the audited images (a within-source AUC needs both)"}
     features = outside_lung_features(images, lung_masks)
     # standardised within each source, without the labels: a source's own look (the source
     # probe's business) must not hide, nor pass for, a window that comes with the label there
     features = pd.DataFrame(features).groupby(strata).transform(lambda c: (c - c.mean()) / (c.std(ddof=0) or 1.0)).to_numpy()
     classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-    baseline = cross_val_predict(classifier, features, y, groups=patients, cv=StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed), method="predict_proba")[:, 1]
+    try:
+        baseline = cross_val_predict(classifier, features, y, groups=patients, cv=StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed), method="predict_proba")[:, 1]
+    except ValueError as exc:  # a training fold left with one class (few patients): say so, do not guess
+        return {"skipped": f"the cross-validation could not be fitted ({exc})"}
     model = rows["probability"].to_numpy().astype(np.float64)
     n = len(rows)
 
