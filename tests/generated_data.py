@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ import pandas as pd
 import yaml
 
 from covidcxr.data.manifest import make_manifest
-from covidcxr.io.writers import write_png
+from covidcxr.io.writers import write_dicom, write_png
 
 
 def random_texture(rng: np.random.Generator, size: int = 64) -> np.ndarray:
@@ -110,3 +112,68 @@ def make_fake_run(run_dir: Path, seed: int = 0, name: str = "fake") -> pd.DataFr
     manifest.to_parquet(run_dir / "manifest.parquet", index=False)
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"name": name, "data": {"sources": ["alpha", "beta"], "negatives_from": ["delta"]}}))
     return predictions
+
+
+# ------------------------------------------------------------------ a hospital PACS export (DICOM)
+
+#: the raw DICOM Patient IDs of `build_pacs_export` (no output may ever contain them)
+RAW_IDS = [f"MRN-4711-{name}" for name in ("ALPHA", "BRAVO", "CHARLIE", "DELTA", "ECHO", "FOXTROT")]
+
+
+def pacs_radiograph(seed: int, size: int = 96) -> np.ndarray:
+    """A 12-bit smooth 'chest' with noise: passes the screening (many grey levels, grey, square)."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:size, 0:size] / size
+    lungs = np.exp(-((cols - 0.3) ** 2 + (rows - 0.5) ** 2) * 12) + np.exp(-((cols - 0.7) ** 2 + (rows - 0.5) ** 2) * 12)
+    image = 0.8 - 0.5 * lungs + 0.05 * rng.standard_normal((size, size)) + 0.1 * seed / 10
+    return np.clip(image * 4095, 0, 4095).astype(np.uint16)
+
+
+def build_pacs_export(root: Path, conflicting_copy: bool) -> Path:
+    """covid/ and normal/ with 2 extension-less DICOMs per patient (3 patients each); one is JPEG Lossless.
+
+    Copies: ``covid/<first file>`` copied twice more under ``covid/copies/`` and, when
+    ``conflicting_copy``, once under ``normal/``.
+    """
+    files: list[Path] = []
+    for index, raw_id in enumerate(RAW_IDS):
+        label = "covid" if index < 3 else "normal"
+        for image in range(2):
+            path = root / label / f"1.2.840.{index}.{image}"  # PACS-style names, no extension
+            write_dicom(path, pacs_radiograph(10 * index + image), "MONOCHROME2", 12, PatientID=raw_id, Modality="DX", ViewPosition="PA",
+                        PatientName=f"Doe^{raw_id}")
+            files.append(path)
+    import pytest  # only this helper needs it: skips the calling test without python-gdcm
+
+    gdcm = pytest.importorskip("gdcm")
+    lossless = files[2]  # BRAVO's first image, re-encoded as JPEG Lossless SV1 (1.2.840.10008.1.2.4.70)
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(lossless))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(lossless))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+    (root / "covid" / "copies").mkdir()
+    for name in ("c1", "c2"):
+        shutil.copy(files[0], root / "covid" / "copies" / name)
+    if conflicting_copy:
+        shutil.copy(files[0], root / "normal" / "misfiled")
+    return root
+
+
+def files_mentioning(folder: Path, needles: list[str]) -> list[str]:
+    """Like ``grep -rl`` over every file (and file name) under ``folder``, binary included."""
+    hits = []
+    for directory, _, names in os.walk(folder):
+        for name in names:
+            path = Path(directory) / name
+            data = path.read_bytes()
+            if any(n.encode() in data or n in str(path) for n in needles):
+                hits.append(str(path))
+    return hits

@@ -1,7 +1,9 @@
 """``covidcxr audit RUN``: the shortcut audit of a trained run (`covidcxr.audit.run.audit_run`).
 
-``covidcxr audit RUN --data DIR`` audits the run on another collection and ``covidcxr audit
---predictions PRED.csv --data DIR`` audits someone's scores (`covidcxr.audit.external`).
+``covidcxr audit RUN --data DIR`` audits the run on another collection, ``covidcxr audit
+--predictions PRED.csv --data DIR`` audits someone's scores and ``covidcxr audit --model
+MODEL.yaml --data DIR`` audits an ONNX or TorchScript model as a black box
+(`covidcxr.audit.external`).
 
 Registered on the main app in `covidcxr.cli`. Thin: prints the findings, most severe
 first, each with its number; the exit status is 0 whatever the verdict (an audit that
@@ -64,10 +66,16 @@ def audit(
     positive_label: Annotated[str, typer.Option("--positive-label", help="With --predictions: the label the probability is of; every other label is negative.")] = "covid",
     threshold: Annotated[float, typer.Option("--threshold", help="With --predictions: the decision threshold.")] = 0.5,
     embedding: Annotated[str, typer.Option("--embedding", help="The embedding map of the run-based audit: tsne, or umap (umap-learn, from covidcxr[tracking]).")] = "tsne",
+    model: Annotated[Optional[Path], typer.Option("--model", help="A MODEL.yaml describing an ONNX or TorchScript classifier: the black-box audit on --data DIR.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="With --model: the results folder (default ./covidcxr-external/<model name>/; the audit goes to OUT/audit/).")] = None,
+    cache_dir: Annotated[Path, typer.Option("--cache-dir", help="With --model: the preprocessing cache.")] = Path(".cache/covidcxr"),
+    workers: Annotated[Optional[int], typer.Option("--workers", help="With --model: preprocessing processes (default: every core).")] = None,
+    saliency_images: Annotated[int, typer.Option("--saliency-images", help="With --model: images given occlusion saliency (drawn at random; each costs one prediction per patch).")] = 200,
 ) -> None:
     """Audit a run for shortcut learning: source probe, lung ablation, Grad-CAM lung focus, t-SNE.
 
-    Writes RUN/audit/ (audit.json, gallery.png, embedding.png, tables) and RUN/evaluation.json.
+    Writes RUN/audit/ (audit.json, gallery.png, embedding.png, tables) and RUN/evaluation.json;
+    with --model MODEL.yaml --data DIR, the black-box audit of a foreign model under --out.
     """
     from covidcxr.audit.run import AUDIT_DIR, AUDIT_FILE, audit_run
     from covidcxr.errors import CovidCXRError
@@ -79,16 +87,20 @@ def audit(
         if not as_json:
             console.print(escape(line), style="dim", highlight=False)
 
-    if predictions is not None or data is not None:
+    if model is not None:
+        report = _audit_foreign(run, model, data, predictions, source, name, out, cache_dir, workers, saliency_images, n_boot, seed, progress and not as_json, say)
+    elif out is not None:
+        raise CovidCXRError("--out goes with --model (a foreign model's results folder)")
+    elif predictions is not None or data is not None:
         report = _audit_elsewhere(run, data, predictions, training_sources, source, name, positive_label, threshold, n_boot, seed, progress and not as_json, say)
     elif run is None:
-        raise CovidCXRError("covidcxr audit: give a run directory, or --predictions PRED.csv --data DIR")
+        raise CovidCXRError("covidcxr audit: give a run directory, --model MODEL.yaml --data DIR, or --predictions PRED.csv --data DIR")
     else:
         report = audit_run(run, n_boot=n_boot, seed=seed, max_images=max_images, progress=progress and not as_json, say=say, embedding=embedding)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
-        what = report.get("run") or report.get("predictions")
+        what = report.get("run") or report.get("model_name") or report.get("predictions")
         console.print(f"\n[bold]Shortcut audit of {escape(str(what))}[/bold] — {report['n_images']} test images, {report['n_patients']} patients; verdict: [{_STYLE[report['verdict']]}]{report['verdict'].upper()}[/]")
         for finding in report["findings"]:
             console.print(f"[{_STYLE[finding['severity']]}]{finding['severity'].upper():>8}[/]  {escape(finding['text'])}", highlight=False)
@@ -123,4 +135,24 @@ def _audit_elsewhere(run: Optional[Path], data: Optional[Path], predictions: Opt
         raise CovidCXRError("--data without --predictions audits a run: give its directory")
     report = audit_external(run, data, name=name, adapter=source, n_boot=n_boot, seed=seed, progress=progress, say=say)
     report["written_to"] = str(Path(report["run_dir"]) / "external" / report["name"] / "audit" / "audit.json")
+    return report
+
+
+def _audit_foreign(run: Optional[Path], model: Path, data: Optional[Path], predictions: Optional[Path], source: Optional[str], name: Optional[str], out: Optional[Path],
+                   cache_dir: Path, workers: Optional[int], saliency_images: int, n_boot: int, seed: int, progress: bool, say) -> dict:
+    """``audit --model MODEL.yaml --data DIR`` (`covidcxr.audit.external.audit_foreign`)."""
+    from covidcxr.audit.external import audit_foreign
+    from covidcxr.errors import CovidCXRError
+
+    if run is not None or predictions is not None:
+        raise CovidCXRError("give one of a run directory, --model MODEL.yaml or --predictions PRED.csv")
+    if data is None:
+        raise CovidCXRError("--model needs --data DIR: the labelled collection to audit it on")
+    if name is not None:
+        raise CovidCXRError("--name goes with a run; a foreign model's results go to --out (default ./covidcxr-external/<model name>/)")
+    if saliency_images < 1 or (workers is not None and workers < 1):
+        raise CovidCXRError(f"--saliency-images and --workers: expected positive integers, got {saliency_images} and {workers}")
+    report = audit_foreign(model, data, out=out, adapter=source, n_boot=n_boot, seed=seed, cache_dir=cache_dir, workers=workers,
+                           max_saliency_images=saliency_images, progress=progress, say=say)
+    report["written_to"] = str(Path(report["out"]) / "audit" / "audit.json")
     return report

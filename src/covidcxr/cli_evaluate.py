@@ -1,8 +1,9 @@
 """``covidcxr evaluate``: per-source and seen-vs-unseen metrics of trained runs.
 
 Registered on the main app in `covidcxr.cli` (``app.command("evaluate")(evaluate)``). Thin:
-the work is in `covidcxr.evaluate.cross_source` (a run's own test split) and
-`covidcxr.evaluate.external` (``--data DIR``: the run scored on another collection).
+the work is in `covidcxr.evaluate.cross_source` (a run's own test split),
+`covidcxr.evaluate.external` (``--data DIR``: the run scored on another collection) and
+`covidcxr.evaluate.foreign` (``--model MODEL.yaml --data DIR``: an ONNX or TorchScript model).
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def _print_run(report: dict[str, Any]) -> None:
 
 def _print_external(report: dict[str, Any]) -> None:
     seen = set(report["training_sources"])
-    table = Table(title=escape(f"{report['run']} on {report['data']} — threshold {report['threshold']:g}, trained on {', '.join(report['training_sources'])}"))
+    trained = ", ".join(report["training_sources"]) or "unknown sources"
+    table = Table(title=escape(f"{report.get('run') or report['model_name']} on {report['data']} — threshold {report['threshold']:g}, trained on {trained}"))
     for column in ("source", "images", "patients", "AUC [95% CI]", "sensitivity", "specificity", "bal. accuracy", "DOR", "note"):
         table.add_column(column, justify="left" if column in ("source", "note") else "right")
     for source, m in report["per_source"].items():
@@ -100,8 +102,11 @@ def _print_external(report: dict[str, Any]) -> None:
     console.print(escape(f"excluded {excluded['n']} of {report['n_candidates']} images (listed in {excluded['file']}):"), highlight=False)
     for reason, count in excluded["by_reason"].items():
         console.print(escape(f"  {count:>6}  {reason}"), highlight=False)
+    if report.get("training_data") and not report["training_data"]["known"]:
+        console.print(escape(f"note: {report['training_data']['note']}"), style="yellow", highlight=False)
+    where = Path(report["out"]) if report.get("out") else Path(report["run_dir"]) / "external" / report["name"]
     console.print(escape(f"refused by the preprocessing: {report['rejected']['n']} ({report['rejected']['file']}); "
-                         f"written to {Path(report['run_dir']) / 'external' / report['name']}/ ({report['seconds']:.0f} s)"), highlight=False)
+                         f"written to {where}/ ({report['seconds']:.0f} s)"), highlight=False)
 
 
 def _print_matrix(matrix: Any) -> None:
@@ -115,7 +120,7 @@ def _print_matrix(matrix: Any) -> None:
 
 
 def evaluate(
-    runs: Annotated[list[Path], typer.Argument(help="One or more run directories written by `covidcxr train`.")],
+    runs: Annotated[Optional[list[Path]], typer.Argument(help="One or more run directories written by `covidcxr train` (omit with --model).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables (one object for one run; {runs, matrix} for several).")] = False,
     threshold: Annotated[Optional[float], typer.Option(help="Decision threshold: probability >= threshold is positive (default: each run's operating point, RUN/operating_point.json; 0.5 for a run that stored none).")] = None,
     n_boot: Annotated[int, typer.Option("--n-boot", help="Patient-level bootstrap resamples for the 95% CIs.")] = 1000,
@@ -124,17 +129,30 @@ def evaluate(
     source: Annotated[Optional[str], typer.Option("--source", help="With --data: the source adapter (default: detected; see `covidcxr data sources`).")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="With --data: the folder RUN/external/NAME/ (default: the collection folder's name).")] = None,
     chunk: Annotated[int, typer.Option("--chunk", help="With --data: images scored and flushed per chunk (a rerun skips finished images).")] = 512,
+    model: Annotated[Optional[Path], typer.Option("--model", help="A MODEL.yaml describing an ONNX or TorchScript classifier (see README 'Foreign models'); needs --data.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="With --model: the results folder (default ./covidcxr-external/<model name>/).")] = None,
+    cache_dir: Annotated[Path, typer.Option("--cache-dir", help="With --model: the preprocessing cache.")] = Path(".cache/covidcxr"),
+    workers: Annotated[Optional[int], typer.Option("--workers", help="With --model: preprocessing processes (default: every core).")] = None,
 ) -> None:
     """Per-source metrics with patient-level CIs, seen vs unseen sources (DeLong), train × test AUC matrix.
 
     Writes RUN/evaluation.json for each run; with --data, RUN/external/NAME/ (predictions.parquet,
-    evaluation.json, excluded.csv, rejected.csv).
+    evaluation.json, excluded.csv, rejected.csv); with --model MODEL.yaml --data DIR (an ONNX or
+    TorchScript classifier), the same files under --out.
     """
     from covidcxr.errors import CovidCXRError
     from covidcxr.evaluate.cross_source import cross_source_matrix, cross_source_table, evaluate_run
 
     if n_boot < 1:
         raise CovidCXRError(f"--n-boot: expected a positive integer, got {n_boot}")
+    runs = runs or []
+    if model is not None:
+        _evaluate_foreign(runs, model, data, source, name, out, cache_dir, workers, n_boot, seed, chunk, json_output, threshold)
+        return
+    if out is not None:
+        raise CovidCXRError("--out goes with --model (a foreign model's results folder); a run's results go to RUN/external/NAME/")
+    if not runs:
+        raise CovidCXRError("covidcxr evaluate: give a run directory, or --model MODEL.yaml --data DIR")
     if data is not None:
         _evaluate_external(runs, data, source, name, n_boot, seed, chunk, json_output, threshold)
         return
@@ -176,6 +194,34 @@ def _evaluate_external(runs: list[Path], data: Path, source: Optional[str], name
             console.print(escape(line), style="dim", highlight=False)
 
     report = evaluate_external(runs[0], data, name=name, adapter=source, n_boot=n_boot, seed=seed, chunk=chunk, say=say)
+    if json_output:
+        sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+    else:
+        _print_external(report)
+
+
+def _evaluate_foreign(runs: list[Path], model: Path, data: Optional[Path], source: Optional[str], name: Optional[str], out: Optional[Path], cache_dir: Path,
+                      workers: Optional[int], n_boot: int, seed: int, chunk: int, json_output: bool, threshold: Optional[float]) -> None:
+    """``evaluate --model MODEL.yaml --data DIR`` (`covidcxr.evaluate.foreign`)."""
+    from covidcxr.errors import CovidCXRError
+    from covidcxr.evaluate.foreign import evaluate_foreign
+
+    if runs:
+        raise CovidCXRError("give either run directories or --model MODEL.yaml, not both")
+    if data is None:
+        raise CovidCXRError("--model needs --data DIR: the labelled collection to score it on")
+    if name is not None:
+        raise CovidCXRError("--name goes with a run; a foreign model's results go to --out (default ./covidcxr-external/<model name>/)")
+    if threshold is not None:
+        raise CovidCXRError("--threshold: a foreign model's threshold is its MODEL.yaml's output.threshold")
+    if chunk < 1 or (workers is not None and workers < 1):
+        raise CovidCXRError(f"--chunk and --workers: expected positive integers, got {chunk} and {workers}")
+
+    def say(line: str) -> None:
+        if not json_output:
+            console.print(escape(line), style="dim", highlight=False)
+
+    report = evaluate_foreign(model, data, out=out, adapter=source, n_boot=n_boot, seed=seed, chunk=chunk, cache_dir=cache_dir, workers=workers, say=say)
     if json_output:
         sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
     else:

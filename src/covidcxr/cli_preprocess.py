@@ -33,6 +33,7 @@ def preprocess(
     source: Annotated[Optional[str], typer.Option(help="Adapter name for --data (see `covidcxr data sources`); detected if omitted.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Worker processes (default: all cores).")] = None,
     qc_sample: Annotated[int, typer.Option(help="Images on the QC contact sheet (stratified by source x label; 0 = none).")] = 24,
+    cache: Annotated[str, typer.Option("--cache", help="full (model input + QC thumbnails) or model_only (model input only; QC says what it lacks).")] = "full",
 ) -> None:
     """Equalise -> segment -> mask/crop -> resize every image into a content-keyed cache, with QC.
 
@@ -67,7 +68,7 @@ def preprocess(
     else:
         raise CovidCXRError(f"--data {data} does not exist; expected a collection folder or a manifest file")
 
-    result = preprocess_collection(manifest, settings, out, workers=workers, progress=True)
+    result = preprocess_collection(manifest, settings, out, workers=workers, progress=True, cache_mode=cache)
     paths = write_qc(result.index, result.config_dir, sample=qc_sample)
 
     summary = Table(title=f"preprocess -> {result.config_dir}", show_header=False)

@@ -241,3 +241,11 @@ def test_a_window_that_gives_the_label_away_is_a_shortcut_unless_the_model_clear
     # an estimate past the bar with an interval reaching chance is no evidence of a usable window
     assert finding(baseline(ci(0.72, 0.49, 0.90), ci(0.10, -0.05, 0.25)))["severity"] == "info"
     assert finding({"skipped": "fewer than 2 patients of a class among the audited images"})["severity"] == "info"
+
+
+def test_a_lungs_only_drop_without_clear_skill_is_never_called_not_clearly_below():
+    """Full-image AUC not clearly above 0.60 and lungs-only clearly lower: info, and the sentence says 'clearly below'."""
+    ablation = {"original": {"auc": ci(0.70, 0.58, 0.80)}, "lungs_blanked": {"auc": ci(0.7, 0.6, 0.8)}, "lungs_only": {"auc": ci(0.42, 0.30, 0.55)}}
+    found = by_id(derive_findings({}, ablation, {}, {}, "none"))
+    assert found["lungs_only"]["severity"] == "info"
+    assert "clearly below 0.60" in found["lungs_only"]["text"] and "not clearly below" not in found["lungs_only"]["text"]

@@ -13,7 +13,7 @@ from covidcxr.data.dedup import (
     FingerprintCache,
     assign_dup_groups,
     fingerprint_images,
-    hash_chunks,
+    interleave_bits,
     near_duplicate_pairs,
 )
 from covidcxr.data.synth import synthetic_fingerprints
@@ -57,11 +57,32 @@ def test_unknown_method_is_an_error():
         near_duplicate_pairs(prints, method="brute")
 
 
-def test_hash_chunks_interleave_every_bit_once():
-    hashes = np.array([[np.iinfo(np.uint64).max] * 4], dtype=np.uint64)
-    chunks = hash_chunks(hashes, 13)
-    widths = [len(range(c, 256, 13)) for c in range(13)]
-    assert [int(c[0]) for c in chunks] == [(1 << w) - 1 for w in widths] and sum(widths) == 256
+def test_interleave_bits_reorders_every_bit_once_and_keeps_distances():
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, np.iinfo(np.uint64).max, (50, 4), dtype=np.uint64, endpoint=True)
+    codes = interleave_bits(hashes, 13)
+    assert codes.shape == (50, 32) and codes.dtype == np.uint8
+    ones = np.bitwise_count(hashes).sum(axis=1)
+    assert (np.bitwise_count(codes).sum(axis=1) == ones).all()
+    # bit 1 of the hash goes to position 20 (after the 20 bits 0, 13, ..., 247 of the first substring)
+    single = interleave_bits(np.array([[1 << 62, 0, 0, 0]], np.uint64), 13)
+    assert np.unpackbits(single[0]).nonzero()[0].tolist() == [20]
+    xor_before = np.bitwise_count(hashes[0] ^ hashes[1]).sum()
+    assert np.bitwise_count(codes[0] ^ codes[1]).sum() == xor_before
+
+
+def test_fingerprints_of_a_large_collection_are_memory_mapped(tmp_path):
+    rng = np.random.default_rng(1)
+    paths = []
+    for k in range(5):
+        path = tmp_path / f"{k}.png"
+        Image.fromarray((random_texture(rng, 64) * 255).astype(np.uint8)).save(path)
+        paths.append(str(path))
+    in_memory, _ = fingerprint_images(paths, workers=1, show_progress=False, batch=2)
+    mapped, _ = fingerprint_images(paths, workers=1, show_progress=False, batch=2, memmap_from=3)
+    assert isinstance(mapped.thumbnails, np.memmap) and not isinstance(in_memory.thumbnails, np.memmap)
+    assert mapped.thumbnails.dtype == np.uint8 and np.array_equal(mapped.thumbnails, in_memory.thumbnails)
+    assert _pairs(near_duplicate_pairs(mapped, method="index")) == _pairs(near_duplicate_pairs(in_memory, method="all_pairs"))
 
 
 def test_fingerprints_are_cached_and_refreshed_when_a_file_changes(tmp_path, monkeypatch):
@@ -129,3 +150,16 @@ def test_adapters_take_sha1_from_the_cache(tmp_path, monkeypatch):
         again = load_source(root).manifest
     assert hashed == [] and again["sha1"].tolist() == first["sha1"].tolist()
     assert first["sha1"].tolist() == [real(p) for p in first["image"]]
+
+
+def test_a_group_larger_than_the_neighbours_asked_is_found_whole():
+    # 12 copies of one thumbnail among 2,500 (more than the 8 neighbours first asked per image,
+    # and more images than the 32 probed cells of ~64 hold): every one of the 66 pairs is a candidate
+    prints, _ = synthetic_fingerprints(2500, duplicate_share=0.0, seed=7)
+    thumbnails = np.array(prints.thumbnails)
+    group = np.arange(100, 112)
+    thumbnails[group] = thumbnails[100]
+    i, j = dedup._thumbnail_candidates(thumbnails, np.arange(2500), 0.97)
+    found = {(int(a), int(b)) for a, b in zip(i, j)}
+    assert {(int(a), int(b)) for a in group for b in group if a < b} <= found
+    assert all(a < b for a, b in found)

@@ -16,6 +16,7 @@ what the audit reads (see `covidcxr.audit.findings`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from covidcxr.evaluate.cross_source import metrics_for_rows, within_source_auc
 if TYPE_CHECKING:
     from covidcxr.train.inference import LoadedRun
 
-__all__ = ["blank_lungs", "keep_lungs_only", "lung_ablation"]
+__all__ = ["ablate", "blank_lungs", "keep_lungs_only", "lung_ablation"]
 
 #: pixels the lung mask is grown by before blanking, so the soft edge left by the
 #: segmentation's post-processing does not outline the lungs
@@ -108,14 +109,34 @@ def lung_ablation(
     """
     if not run.binary:
         raise CovidCXRError(f"lung ablation needs a binary run; {run.name} has classes {run.classes}")
+    return ablate(run.predict, images, lung_masks, rows, threshold=run.threshold, fill=float(run.recipe.preprocess.pad_value),
+                  masked=run.recipe.preprocess.lungs == "mask", n_boot=n_boot, seed=seed)
+
+
+def ablate(
+    predict: Callable[[np.ndarray], np.ndarray],
+    images: np.ndarray,
+    lung_masks: np.ndarray,
+    rows: pd.DataFrame,
+    threshold: float,
+    fill: float = 0.0,
+    masked: bool = False,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """`lung_ablation` for any model: ``predict`` maps ``(N, H, W)`` inputs to ``(N,)`` positive probabilities.
+
+    A foreign model (`covidcxr.evaluate.foreign_model.ForeignModel.predict`) is ablated the same way as a
+    run: re-predicted with the lungs blanked and with only the lungs. ``masked``: the model's
+    preprocessing already masks the lungs (``lungs_blanked`` is then skipped with the reason).
+    """
     images, masks = _check(images, lung_masks)
     if len(rows) != len(images):
         raise CovidCXRError(f"lung ablation: {len(rows)} rows for {len(images)} images")
-    fill = float(run.recipe.preprocess.pad_value)
-    out: dict[str, Any] = {"original": _auc_part(rows, run.predict(images), run.threshold, n_boot, seed)}
-    if run.recipe.preprocess.lungs == "mask":
-        out["lungs_blanked"] = {"skipped": "the run's preprocessing masks the lungs (preprocess.lungs: mask): the model never sees outside-lung pixels, so blanking the lungs leaves a blank image"}
+    out: dict[str, Any] = {"original": _auc_part(rows, predict(images), threshold, n_boot, seed)}
+    if masked:
+        out["lungs_blanked"] = {"skipped": "the model's preprocessing masks the lungs (preprocess.lungs: mask): the model never sees outside-lung pixels, so blanking the lungs leaves a blank image"}
     else:
-        out["lungs_blanked"] = _auc_part(rows, run.predict(blank_lungs(images, masks, fill)), run.threshold, n_boot, seed)
-    out["lungs_only"] = _auc_part(rows, run.predict(keep_lungs_only(images, masks, fill)), run.threshold, n_boot, seed)
+        out["lungs_blanked"] = _auc_part(rows, predict(blank_lungs(images, masks, fill)), threshold, n_boot, seed)
+    out["lungs_only"] = _auc_part(rows, predict(keep_lungs_only(images, masks, fill)), threshold, n_boot, seed)
     return out

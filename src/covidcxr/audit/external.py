@@ -15,6 +15,13 @@ Two entry points beside `covidcxr.audit.run.audit_run`:
   (`covidcxr.evaluate.cross_source.evaluate_predictions`, `covidcxr.evaluate.subgroups`), so the
   same scores give the same numbers (tested).
 
+* :func:`audit_foreign` — ``covidcxr audit --model MODEL.yaml --data DIR``: a foreign ONNX or
+  TorchScript model (`covidcxr.evaluate.foreign_model`) scored on the collection
+  (`covidcxr.evaluate.foreign.evaluate_foreign`) and audited as a black box: the
+  prediction-based findings, lung ablation and the intensity window by re-predicting,
+  occlusion saliency (`covidcxr.audit.occlusion`) instead of Grad-CAM, the source probe on its
+  embedding output or its scores; written to ``<out>/audit/audit.json``.
+
 Findings that need the model itself (lung ablation, the intensity perturbation, the source
 probe, saliency) are listed under ``not_available`` with the reason, never silently absent.
 
@@ -41,7 +48,7 @@ from covidcxr.evaluate import subgroups
 from covidcxr.evaluate.cross_source import evaluate_predictions, json_ready
 from covidcxr.io.atomic import atomic_write_text
 
-__all__ = ["NEEDS_THE_MODEL", "audit_external", "audit_predictions", "read_predictions_csv", "scored_audit"]
+__all__ = ["FOREIGN_NOT_AVAILABLE", "NEEDS_THE_MODEL", "audit_external", "audit_foreign", "audit_predictions", "read_predictions_csv", "scored_audit"]
 
 #: findings a predictions file cannot give, and why.
 NEEDS_THE_MODEL = {
@@ -292,4 +299,174 @@ def audit_external(
     out = rd.external(name) / "audit"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "audit.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    return report
+
+
+# ------------------------------------------------------------------------------- a foreign model
+
+
+#: what the black-box audit of a foreign model cannot give, and why
+FOREIGN_NOT_AVAILABLE = {
+    "gradcam": "a foreign model gives no gradients: occlusion saliency (Zeiler & Fergus 2014) stands in for Grad-CAM",
+}
+
+
+def _occlusion_summary(model: Any, images: np.ndarray, masks: np.ndarray, rows: pd.DataFrame, fill: float, max_images: int, seed: int) -> tuple[dict[str, Any], pd.DataFrame, np.ndarray, np.ndarray]:
+    """Occlusion lung focus on at most ``max_images`` images (drawn at random, seeded): summary, per-image table, maps, chosen positions."""
+    from covidcxr.audit.occlusion import occlusion_saliency
+    from covidcxr.audit.saliency import lung_focus_fraction, summarize_lung_focus
+
+    chosen = np.arange(len(rows)) if len(rows) <= max_images else np.sort(np.random.default_rng(seed).choice(len(rows), max_images, replace=False))
+    maps = occlusion_saliency(model.predict, images[chosen], fill=fill)
+    focus = rows.iloc[chosen][["image", "source", "patient_id", "label", "target", "probability"]].reset_index(drop=True)
+    focus["lung_focus"] = lung_focus_fraction(maps, masks[chosen])
+    focus["lung_area"] = masks[chosen].reshape(len(chosen), -1).mean(axis=1)
+    valid = focus["lung_focus"].dropna()
+    summary = {
+        "method": "occlusion (Zeiler & Fergus 2014): drop of the positive probability when a patch is set to the padding value",
+        "method_name": "Occlusion saliency",
+        "per_group": summarize_lung_focus(focus).to_dict(orient="records"),
+        "overall": {
+            "lung_focus_median": float(valid.median()) if len(valid) else None,
+            "lung_area_median": float(focus["lung_area"].median()),
+            "share_mostly_outside": float((valid < 0.5).mean()) if len(valid) else None,
+            "n": int(len(focus)),
+            "n_empty": int(focus["lung_focus"].isna().sum()),
+        },
+    }
+    return summary, focus, maps, chosen
+
+
+def _foreign_probe(model: Any, images: np.ndarray, masks: np.ndarray, rows: pd.DataFrame, fill: float, masked: bool, n_boot: int, seed: int) -> dict[str, Any]:
+    """The source probe on the model's embedding output (else its scores), of the original, lungs-blanked and lungs-only inputs."""
+    from covidcxr.audit.ablation import blank_lungs, keep_lungs_only
+    from covidcxr.audit.probe import source_probe
+
+    sources, patients = rows["source"].to_numpy(), rows["patient_id"].to_numpy()
+    reads = "the model's embedding output" if model.spec.output.embedding is not None else "the model's score (it exposes no embedding output)"
+    probe: dict[str, Any] = {"reads": reads, "full": source_probe(model.embed(images), sources, patients, n_boot=n_boot, seed=seed)}
+    if masked:
+        probe["lungs_blanked"] = {"skipped": "the model's preprocessing masks the lungs: outside-lung pixels never reach it"}
+    else:
+        probe["lungs_blanked"] = source_probe(model.embed(blank_lungs(images, masks, fill)), sources, patients, n_boot=n_boot, seed=seed)
+    probe["lungs_only"] = source_probe(model.embed(keep_lungs_only(images, masks, fill)), sources, patients, n_boot=n_boot, seed=seed)
+    return probe
+
+
+def _write_occlusion(audit_dir: Path, model: Any, saliency: dict[str, Any], focus: pd.DataFrame, maps: np.ndarray, images: np.ndarray, masks: np.ndarray) -> None:
+    """``lung_focus.parquet`` and the occlusion ``gallery.png`` (named in ``saliency``) under ``audit_dir``, atomically."""
+    from covidcxr.audit.saliency import gallery_captions, plot_gallery, select_gallery
+    from covidcxr.io.atomic import atomic_path
+
+    audit_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(audit_dir / "lung_focus.parquet") as tmp:
+        focus.to_parquet(tmp, index=False)
+    gallery = select_gallery(focus, 2)
+    if gallery:
+        captions, correct = gallery_captions(focus.iloc[gallery], model.threshold, model.positive_label, "not " + model.positive_label)
+        plot_gallery(images[gallery], maps[gallery], masks[gallery], captions, audit_dir / "gallery.png", correct=correct)
+        saliency["gallery"] = "gallery.png"
+
+
+def audit_foreign(
+    model_yaml: str | Path,
+    data: str | Path,
+    out: str | Path | None = None,
+    adapter: str | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    workers: int | None = None,
+    max_saliency_images: int = 200,
+    progress: bool = False,
+    say: Callable[[str], None] = _say_nothing,
+) -> dict[str, Any]:
+    """``covidcxr audit --model MODEL.yaml --data DIR``: the black-box audit of a foreign model.
+
+    The model is scored on the collection (`covidcxr.evaluate.foreign.evaluate_foreign`,
+    resumed when done), then:
+
+    * every prediction-based finding (`scored_audit`: skill gate, per source, seen vs unseen,
+      within-source AUC, source-only and metadata-only baselines, view dependence);
+    * lung ablation by re-predicting with the lungs blanked and with only the lungs
+      (`covidcxr.audit.ablation.ablate`);
+    * the intensity-window perturbation outside the lungs (`covidcxr.audit.intensity`);
+    * occlusion saliency with its lung focus instead of Grad-CAM
+      (`covidcxr.audit.occlusion`; weak evidence, never OK on its own);
+    * a source probe on the model's ``embedding`` output when the YAML names one, else on
+      its scores (`covidcxr.audit.probe`).
+
+    Written to ``<out>/audit/`` (``audit.json`` with ``verdict``, ``lung_focus.parquet``,
+    ``gallery.png``), ``out`` defaulting to ``./covidcxr-external/<model name>/``.
+
+    Returns:
+        ``{model, data, verdict, findings, evaluation, confounders, label_mix, ablation,
+        intensity, source_probe, saliency, training_data, not_available, n_images, n_patients, ...}``.
+    """
+    from types import SimpleNamespace
+
+    from covidcxr.audit.ablation import ablate
+    from covidcxr.audit.intensity import intensity_perturbation
+    from covidcxr.evaluate.external import PREDICTIONS
+    from covidcxr.evaluate.foreign import DEFAULT_CACHE_DIR, default_out, evaluate_foreign, foreign_inputs, training_data, training_rows
+    from covidcxr.evaluate.foreign_model import load_foreign_model
+
+    started = time.perf_counter()
+    cache_dir = cache_dir or DEFAULT_CACHE_DIR
+    model = load_foreign_model(model_yaml)
+    out = Path(out) if out is not None else default_out(model.name)
+    evaluation = evaluate_foreign(model_yaml, data, out=out, adapter=adapter, n_boot=n_boot, seed=seed, cache_dir=cache_dir, workers=workers, progress=progress, say=say)
+    scored = pd.read_parquet(out / PREDICTIONS)
+    config = model.preprocess_config()
+    kept, images, masks, refused = foreign_inputs(scored.drop(columns=["split"], errors="ignore").assign(split="external"), config, cache_dir, workers, progress)
+    if len(refused):  # scored a moment ago through the same preprocessing: a refusal here is a bug
+        raise CovidCXRError(f"{out / PREDICTIONS}: {len(refused)} scored images refused by the preprocessing now ({refused['reason'].iloc[0]})")
+    seen, facts = training_data(model)
+    train_rows = training_rows(seen, model.positive_label)
+    parts = scored_audit(kept, train_rows, facts["sources"], model.threshold, n_boot, seed)
+    fill, masked = float(config.pad_value), config.lungs == "mask"
+    say(f"lung ablation on the {len(kept)} scored images (re-predicted with the lungs blanked / only the lungs)")
+    ablation = ablate(model.predict, images, masks, kept, threshold=model.threshold, fill=fill, masked=masked, n_boot=n_boot, seed=seed)
+    # `intensity_perturbation` reads predict, threshold and the preprocessing's equalization/lungs
+    # of a run; a foreign model offers the same three facts
+    as_run = SimpleNamespace(predict=model.predict, threshold=model.threshold, recipe=SimpleNamespace(preprocess=config))
+    intensity = intensity_perturbation(as_run, images, kept, n_boot=n_boot, seed=seed, lung_masks=masks)  # type: ignore[arg-type]
+    say("source probe on the " + ("embedding output" if model.spec.output.embedding is not None else "scores (no embedding output)"))
+    probe = _foreign_probe(model, images, masks, kept, fill, masked, n_boot, seed)
+    say(f"occlusion saliency on {min(len(kept), max_saliency_images)} images")
+    saliency, focus, maps, chosen = _occlusion_summary(model, images, masks, kept, fill, max_saliency_images, seed)
+    findings = derive_findings(parts["evaluation"], ablation, probe, saliency, str(config.lungs), label_mix=parts["label_mix"], confounders=parts["confounders"], intensity=intensity)
+    if not facts["known"] and not facts["sources"]:  # "never seen in training" is then an assumption: say so
+        findings = [{**f, "text": f["text"] + " (The model's training data are unknown: every source is counted as unseen.)"} if f["id"] == "unseen_sources" else f for f in findings]
+    audit_dir = out / "audit"
+    _write_occlusion(audit_dir, model, saliency, focus, maps, images[chosen], masks[chosen])
+    report = {
+        "model": model.describe(),
+        "model_yaml": str(model_yaml),
+        "model_name": model.name,
+        "data": str(data),
+        "name": model.name,
+        "out": str(out),
+        "threshold": model.threshold,
+        "split": "external",
+        "n_images": int(len(kept)),
+        "n_patients": int(kept["patient_id"].nunique()),
+        "training_sources": facts["sources"],
+        "training_data": facts,
+        "sources": sorted(kept["source"].astype(str).unique().tolist()),
+        "preprocess_lungs": str(config.lungs),
+        "verdict": verdict(findings),
+        "findings": findings,
+        **parts,
+        "ablation": ablation,
+        "intensity": intensity,
+        "source_probe": probe,
+        "saliency": saliency,
+        "not_available": dict(FOREIGN_NOT_AVAILABLE) | ({} if len(train_rows) else {"source_only": "the model's training rows are unknown (no training_manifest in the MODEL.yaml)", "metadata_only": "the model's training rows are unknown (no training_manifest in the MODEL.yaml)"}),
+        "n_boot": int(n_boot),
+        "seed": int(seed),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    report = json_ready(report)
+    atomic_write_text(audit_dir / "audit.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
     return report

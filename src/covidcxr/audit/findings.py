@@ -342,6 +342,10 @@ def _ablation(ablation: Mapping[str, Any], lungs_mode: str) -> list[dict[str, An
             # unmasked model was trained on, so a drop alone may be that mismatch; the
             # lungs-blanked ablation, which found no usable signal outside the lungs, decides
             out.append(_finding("lungs_only", "info", f"Shown only its lungs, the model's AUC falls from {_fmt(full)} to {_fmt(only)}, clearly below {full[0] - LUNGS_ONLY_DROP:.2f}; but such an input is unlike any image it was trained on, and with the lungs blanked there is no evidence of usable signal outside them, so the drop is not evidence of an outside-lung shortcut.", only[0], full[0] - LUNGS_ONLY_DROP))
+        elif only[2] < full[0] - LUNGS_ONLY_DROP:
+            # the drop is there, but the full-image AUC is not clearly above 0.60: too little skill to
+            # read a drop from (the sentence must not call the lungs-only AUC "not clearly below")
+            out.append(_finding("lungs_only", "info", f"Shown only its lungs, the model's AUC falls from {_fmt(full)} to {_fmt(only)}, clearly below {full[0] - LUNGS_ONLY_DROP:.2f}; but its full-image AUC is not clearly above 0.60, too little to read a dependence on what lies outside the lungs from.", only[0], full[0] - LUNGS_ONLY_DROP))
         else:
             out.append(_finding("lungs_only", "ok", f"Shown only its lungs, the model's AUC is {_fmt(only)} (full image {_fmt(full)}): not clearly below {full[0] - LUNGS_ONLY_DROP:.2f}, so no clear dependence on what lies outside them.", only[0], full[0] - LUNGS_ONLY_DROP))
     return out
@@ -444,7 +448,8 @@ def _saliency(saliency: Mapping[str, Any], lungs_mode: str = "none", blanked_sev
     note = f" ({empty} of {overall.get('n')} maps were empty and are left out)" if empty else ""
     share = _share_outside(overall)
     share_text = f"; {100 * share[0]:.0f}% [{100 * share[1]:.0f}%, {100 * share[2]:.0f}%] of the {share[3]} maps put most of their mass outside the lungs" if share else ""
-    head = f"Grad-CAM puts a median {100 * focus:.0f}% of its mass inside the lungs, which cover {100 * area:.0f}% of the input{share_text}{note}"
+    method = (saliency or {}).get("method_name") or "Grad-CAM"  # occlusion for a foreign model (`covidcxr.audit.occlusion`)
+    head = f"{method} puts a median {100 * focus:.0f}% of its mass inside the lungs, which cover {100 * area:.0f}% of the input{share_text}{note}"
     weak = "Saliency is weak evidence (Adebayo et al. 2018; DeGrave et al. 2021)"
     if lungs_mode == "mask":
         return [_finding("saliency_outside_lungs", "info", f"{head}. The run masks the lungs, so nothing outside them reaches the model: mass there is the map's own blur. {weak}; not scored OK.", focus, SALIENCY_MAJORITY)]
@@ -528,7 +533,8 @@ def derive_findings(
             over the seen sources, ``seen_unseen``, ``source_only``, ``overall``).
         ablation: `covidcxr.audit.ablation.lung_ablation`'s result.
         probe: ``{"full"|"lungs_blanked"|"lungs_only": source_probe result}``.
-        saliency: ``{"overall": {"lung_focus_median", "lung_area_median", "share_mostly_outside", "n", "n_empty"}}``.
+        saliency: ``{"overall": {"lung_focus_median", "lung_area_median", "share_mostly_outside", "n", "n_empty"}}``
+            (and ``method_name``, e.g. ``"Occlusion saliency"``; default ``"Grad-CAM"``).
         lungs_mode: the run's ``preprocess.lungs`` (``none``, ``mask`` or ``crop``).
         label_mix: `covidcxr.evaluate.subgroups.label_mix` of the training sources
             (``differs``: whether a source probe matters).

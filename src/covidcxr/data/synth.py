@@ -1301,7 +1301,7 @@ def synthetic_fingerprints(
     of natural images and radiographs; Field 1987, J Opt Soc Am A 4:2379) over a shared
     chest-like template, so, as in a real collection, images resemble each other and the
     low-frequency hash bits are far from uniform. Its 256-bit DCT hash is computed exactly
-    as `imagehash.phash` does on a 64×64 image, its thumbnail as `covidcxr.data.dedup.fingerprint`.
+    as `imagehash.phash` does on a 64×64 image, its 8-bit thumbnail as `covidcxr.data.dedup.fingerprint`.
     A ``duplicate_share`` of the images are copies of an earlier image re-windowed
     (gain 0.7–1.3, offset ±0.1, gamma 0.7–1.4) with pixel noise (σ 0–0.06).
 
@@ -1341,7 +1341,7 @@ def synthetic_fingerprints(
     source_of = dict(zip(copies.tolist(), originals.tolist()))
 
     hashes = np.zeros((count, 4), np.uint64)
-    thumbnails = np.zeros((count, THUMBNAIL_SIZE * THUMBNAIL_SIZE), np.float32)
+    thumbnails = np.zeros((count, THUMBNAIL_SIZE * THUMBNAIL_SIZE), np.uint8)
     rendered: dict[int, np.ndarray] = {}
     needed = set(originals.tolist())
     for start in range(0, count, batch):
@@ -1364,8 +1364,5 @@ def synthetic_fingerprints(
         bits = coefficients > np.median(coefficients, axis=1, keepdims=True)
         hashes[start:stop] = np.packbits(bits, axis=1).view(">u8").astype(np.uint64)
         thumbs = pixels.reshape(len(pixels), THUMBNAIL_SIZE, 2, THUMBNAIL_SIZE, 2).mean(axis=(2, 4)).round()
-        thumbs = thumbs.reshape(len(pixels), -1).astype(np.float32)
-        thumbs -= thumbs.mean(axis=1, keepdims=True)
-        norms = np.linalg.norm(thumbs, axis=1, keepdims=True)
-        thumbnails[start:stop] = np.where(norms > 1e-6, thumbs / np.maximum(norms, 1e-6), 0.0)
+        thumbnails[start:stop] = thumbs.reshape(len(pixels), -1).astype(np.uint8)  # 8-bit, as the cache holds them
     return Fingerprints(hashes, thumbnails, np.ones(count, bool)), planted

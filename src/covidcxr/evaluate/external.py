@@ -52,7 +52,7 @@ from covidcxr.evaluate.cross_source import evaluate_predictions, json_ready
 from covidcxr.io.atomic import atomic_path, atomic_write_text
 from covidcxr.rundir import RunDir, SeenData
 
-__all__ = ["EXTERNAL_COLUMNS", "collection_rows", "evaluate_external", "external_name", "linked_reasons", "read_external", "score_resumably"]
+__all__ = ["EXTERNAL_COLUMNS", "collection_rows", "evaluate_external", "external_name", "linked_reasons", "read_collection", "read_external", "reason_kind", "score_chunks", "score_resumably"]
 
 #: the per-image columns of ``external/<name>/predictions.parquet`` (first the required five).
 EXTERNAL_COLUMNS = ("image", "source", "label", "patient_id", "probability", "class_name", "target", "seen", "view", "sex", "age")
@@ -72,6 +72,36 @@ def external_name(data: str | Path) -> str:
 # ------------------------------------------------------------------------------- the collection
 
 
+def read_collection(data: str | Path, adapter: str | None = None, progress: bool = False) -> tuple[pd.DataFrame, list[Any]]:
+    """A collection's manifest with its copies and near-duplicates linked, and what could not be read.
+
+    Args:
+        data: the collection folder (any layout a source adapter reads).
+        adapter: the adapter's name (default: detected from the layout).
+
+    Returns:
+        ``(manifest, rejected)``: the adapter's manifest (``dup_group`` filled from the pixels
+        for a raw layout, `covidcxr.data.splits.link_duplicates`) and the `Rejection` items.
+
+    Raises:
+        CovidCXRError: no folder, no known layout, copies filed under different labels.
+    """
+    from covidcxr.data.dedup import default_fingerprint_cache
+    from covidcxr.data.sources import detect_source, load_source
+    from covidcxr.data.splits import link_duplicates
+
+    folder = Path(data)
+    if not folder.is_dir():
+        raise CovidCXRError(f"--data {folder}: not a folder (expected a collection a source adapter reads; see `covidcxr data sources`)")
+    adapter = adapter or detect_source(folder)
+    table = load_source(folder, adapter)
+    manifest, rejected = table.manifest, list(table.rejected)
+    if adapter != "collection":  # a raw layout lists no duplicates: link them from the pixels
+        manifest, unreadable = link_duplicates(manifest, show_progress=progress, cache=default_fingerprint_cache())
+        rejected += unreadable
+    return manifest, rejected
+
+
 def collection_rows(data: str | Path, recipe: Any, adapter: str | None = None, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, list[Any]]:
     """The collection's images that fit the run's task, those that do not, and what the adapter refused.
 
@@ -88,20 +118,10 @@ def collection_rows(data: str | Path, recipe: Any, adapter: str | None = None, p
     Raises:
         CovidCXRError: no folder, no known layout, copies filed under different labels.
     """
-    from covidcxr.data.dedup import default_fingerprint_cache
-    from covidcxr.data.sources import detect_source, load_source
-    from covidcxr.data.splits import link_duplicates
     from covidcxr.train.data import select_task
 
     folder = Path(data)
-    if not folder.is_dir():
-        raise CovidCXRError(f"--data {folder}: not a folder (expected a collection a source adapter reads; see `covidcxr data sources`)")
-    adapter = adapter or detect_source(folder)
-    table = load_source(folder, adapter)
-    manifest, rejected = table.manifest, list(table.rejected)
-    if adapter != "collection":  # a raw layout lists no duplicates: link them from the pixels
-        manifest, unreadable = link_duplicates(manifest, show_progress=progress, cache=default_fingerprint_cache())
-        rejected += unreadable
+    manifest, rejected = read_collection(folder, adapter, progress)
     every_source = recipe.model_copy(deep=True)
     every_source.data.sources, every_source.data.negatives_from = [], []
     if every_source.data.split.kind == "loso":
@@ -228,8 +248,29 @@ def score_resumably(run_dir: str | Path, rows: pd.DataFrame, out: Path, chunk: i
     """
     from covidcxr.experiments.testsets import predict_images
 
+    def predict(part: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+        scored, refused = predict_images(run_dir, part, progress=progress)
+        return scored.assign(target=scored["positive"]), refused
+
+    return score_chunks(rows, out, RunDir(run_dir).weights().fingerprint(), predict, chunk=chunk, say=say)
+
+
+def score_chunks(
+    rows: pd.DataFrame,
+    out: Path,
+    fingerprint: str,
+    predict: Callable[[pd.DataFrame], tuple[pd.DataFrame, pd.DataFrame]],
+    chunk: int = 512,
+    say: Callable[[str], None] = _say_nothing,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Score ``rows`` with ``predict`` (rows -> scored rows with ``probability``, ``target``; refused rows with ``reason``), resumably.
+
+    The body of `score_resumably`, for any model whose identity ``fingerprint`` names (a
+    run's weights, a foreign model's file): ``chunk`` rows at a time, each chunk flushed
+    atomically to ``out/predictions.parquet`` and ``out/rejected.csv``; rows already there
+    under the same fingerprint (``out/progress.json``) are skipped.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = RunDir(run_dir).weights().fingerprint()
     scored, rejected = _read_done(out, fingerprint)
     atomic_write_text(out / PROGRESS, json.dumps({"weights": fingerprint}) + "\n")
     done = set(scored["image"].astype(str)) if len(scored) else set()
@@ -237,8 +278,7 @@ def score_resumably(run_dir: str | Path, rows: pd.DataFrame, out: Path, chunk: i
     todo = rows[~rows["image"].astype(str).isin(done)].reset_index(drop=True)
     say(f"{len(rows) - len(todo)} images already scored by these weights; {len(todo)} to score")
     for start in range(0, len(todo), chunk):
-        part, refused = predict_images(run_dir, todo.iloc[start : start + chunk], progress=progress)
-        part = part.assign(target=part["positive"])
+        part, refused = predict(todo.iloc[start : start + chunk])
         keep = [c for c in (*EXTERNAL_COLUMNS, "mask", "dup_group", "file_sha1", "sha1") if c in part.columns]
         scored = pd.concat([scored, part[keep]], ignore_index=True) if len(scored) else part[keep].reset_index(drop=True)
         if len(refused):
@@ -335,7 +375,7 @@ def evaluate_external(
         **evaluate_predictions(scored, train_rows, seen.sources, run.threshold, n_boot, seed),
         "operating_point": {**point.to_dict(), "describe": point.describe()},
         "n_candidates": int(len(rows) + len(outside)),
-        "excluded": {"file": EXCLUDED, "n": int(len(excluded)), "by_reason": excluded["reason"].map(_reason_kind).value_counts().to_dict()},
+        "excluded": {"file": EXCLUDED, "n": int(len(excluded)), "by_reason": excluded["reason"].map(reason_kind).value_counts().to_dict()},
         "rejected": {"file": REJECTED, "n": int(len(rejected)), "adapter_refused": [{"path": str(r.path), "reason": str(r.reason)} for r in refused]},
         "n_boot": int(n_boot),
         "seed": int(seed),
@@ -352,7 +392,7 @@ def _positive(recipe: Any) -> str:
     return positive_class(recipe)
 
 
-def _reason_kind(reason: str) -> str:
+def reason_kind(reason: str) -> str:
     """The reason without its particulars (an image's name), for counting."""
     return reason.split(" image ")[0] if reason.startswith("near-duplicate") else reason
 

@@ -26,7 +26,18 @@ index's ``cache_key`` column holds the key of every row; ``file_sha1`` the image
 * ``qc_original`` (uint8) and ``qc_mask`` (bool): the equalised full image and its mask
   at a long side of 192 px, so the QC sheet needs no recomputation.
 * ``meta``: JSON (mask area fraction, left/right balance, crop box, rejection reason,
-  which mask was used, shapes, hashes).
+  which mask was used, shapes, hashes, ``cache_mode``).
+
+**Model resolution only** (``cache_mode="model_only"``; ``preprocess.cache: model_only`` in a
+recipe, ``covidcxr preprocess --cache model_only``): the entry holds ``image``, ``lung_mask``
+and ``meta`` but not the QC thumbnails, which are most of an entry's bytes at 224² (see the
+README's scaling section for bytes per image). Training, evaluation and prediction read
+only the model input; the QC table's lung height ratio and possible-opacity-cut flag and
+the contact sheet's original/mask tiles need the thumbnails, and `covidcxr.preprocess.qc`
+says they are unavailable for such entries (`CachedImage.qc_unavailable`). A ``full`` run
+finding a ``model_only`` entry recomputes it (a miss, not damage); a ``model_only`` run
+uses a ``full`` entry as it is. The mode is not part of the config hash: both hold the same
+model input.
 
 Rejected images (empty mask, crop too small) are cached too, with their reason, so a
 resumed run does not redo them; unreadable files, and files that are not chest
@@ -94,7 +105,12 @@ INDEX_COLUMNS: tuple[str, ...] = (
 
 
 #: The arrays every entry holds (`save_entry`).
+MODEL_ARRAYS: tuple[str, ...] = ("image", "lung_mask", "meta")
+#: The QC thumbnails a ``full`` entry holds besides.
+QC_ARRAYS: tuple[str, ...] = ("qc_original", "qc_mask")
 ENTRY_ARRAYS: tuple[str, ...] = ("image", "lung_mask", "qc_original", "qc_mask", "meta")
+#: What an entry stores: everything (``full``, the default) or the model input and its mask only.
+CACHE_MODES: tuple[str, ...] = ("full", "model_only")
 #: A temporary entry file untouched this long belongs to a killed writer (one entry takes milliseconds to write).
 STALE_TEMP_SECONDS = 15 * 60
 # What np.load / zipfile raise for a damaged .npz: 0 bytes is EOFError, a truncated zip BadZipFile, ...
@@ -112,21 +128,32 @@ class CachedImage:
     Attributes:
         image: ``config.size`` float32 in [0, 1], the model input.
         lung_mask: ``config.size`` bool, the lung mask in the model input's geometry.
-        qc_original: ``(h, w)`` float32, the equalised full image (long side 192).
-        qc_mask: ``(h, w)`` bool, its lung mask.
+        qc_original: ``(h, w)`` float32, the equalised full image (long side 192); None in
+            a ``model_only`` entry (see `qc_unavailable`).
+        qc_mask: ``(h, w)`` bool, its lung mask; None in a ``model_only`` entry.
         meta: the entry's metadata (see `PreprocessedImage`): ``mask_area_fraction``,
             ``left_right_balance``, ``crop_box``, ``rejected_reason``, ``mask_used``, ...
     """
 
     image: np.ndarray
     lung_mask: np.ndarray
-    qc_original: np.ndarray
-    qc_mask: np.ndarray
+    qc_original: np.ndarray | None
+    qc_mask: np.ndarray | None
     meta: dict[str, Any]
 
     @property
     def rejected_reason(self) -> str | None:
         return self.meta.get("rejected_reason")
+
+    @property
+    def qc_unavailable(self) -> str | None:
+        """Why the QC thumbnails are absent (a sentence for QC outputs), or None when they are here."""
+        if self.qc_original is not None and self.qc_mask is not None:
+            return None
+        return (
+            "QC thumbnails not cached (cache_mode model_only): run `covidcxr preprocess` "
+            "without `--cache model_only` to get them"
+        )
 
 
 @dataclass
@@ -223,18 +250,16 @@ def _meta(result: PreprocessedImage, key: str, image_sha1: str, mask_sha1: str |
     }
 
 
-def save_entry(path: Path, result: PreprocessedImage, meta: dict[str, Any]) -> None:
-    """Write one entry atomically (see the module docstring for the arrays)."""
+def save_entry(path: Path, result: PreprocessedImage, meta: dict[str, Any], cache_mode: str = "full") -> None:
+    """Write one entry atomically (see the module docstring for the arrays; ``model_only`` omits the QC ones)."""
+    arrays: dict[str, np.ndarray] = {"image": result.image.astype(np.float16), "lung_mask": result.lung_mask.astype(bool)}
+    if cache_mode == "full":
+        arrays["qc_original"] = np.round(np.clip(result.original, 0.0, 1.0) * 255).astype(np.uint8)
+        arrays["qc_mask"] = result.original_mask.astype(bool)
+    arrays["meta"] = np.array(json.dumps({**meta, "cache_mode": cache_mode}))
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
-            np.savez_compressed(
-                handle,
-                image=result.image.astype(np.float16),
-                lung_mask=result.lung_mask.astype(bool),
-                qc_original=np.round(np.clip(result.original, 0.0, 1.0) * 255).astype(np.uint8),
-                qc_mask=result.original_mask.astype(bool),
-                meta=np.array(json.dumps(meta)),
-            )
+            np.savez_compressed(handle, **arrays)
 
 
 def check_entry(path: Path) -> dict[str, Any]:
@@ -247,14 +272,18 @@ def check_entry(path: Path) -> dict[str, Any]:
         if path.stat().st_size == 0:
             raise CacheMiss(f"cache entry {path} is empty (0 bytes)")
         with np.load(path, allow_pickle=False) as data:
-            missing = [name for name in ENTRY_ARRAYS if name not in data.files]
+            missing = [name for name in MODEL_ARRAYS if name not in data.files]
             if missing:
                 raise CacheMiss(f"cache entry {path} lacks the array(s) {missing}")
             meta = json.loads(str(data["meta"]))
+            if not isinstance(meta, dict):
+                raise CacheMiss(f"cache entry {path} has metadata that is not a JSON object")
+            # entries written before cache modes existed hold everything
+            missing = [name for name in QC_ARRAYS if name not in data.files] if meta.get("cache_mode", "full") == "full" else []
+            if missing:
+                raise CacheMiss(f"cache entry {path} lacks the array(s) {missing}")
     except _DAMAGED as exc:
         raise CacheMiss(f"cache entry {path} is damaged ({type(exc).__name__}: {exc})") from None
-    if not isinstance(meta, dict):
-        raise CacheMiss(f"cache entry {path} has metadata that is not a JSON object")
     return meta
 
 
@@ -267,11 +296,12 @@ def read_entry(path: str | Path) -> CachedImage:
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
+            has_qc = all(name in data.files for name in QC_ARRAYS)
             return CachedImage(
                 image=data["image"].astype(np.float32),
                 lung_mask=data["lung_mask"].astype(bool),
-                qc_original=data["qc_original"].astype(np.float32) / 255.0,
-                qc_mask=data["qc_mask"].astype(bool),
+                qc_original=data["qc_original"].astype(np.float32) / 255.0 if has_qc else None,
+                qc_mask=data["qc_mask"].astype(bool) if has_qc else None,
                 meta=json.loads(str(data["meta"])),
             )
     except _DAMAGED as exc:
@@ -311,9 +341,13 @@ def load_cached(cache_dir: str | Path, config: PreprocessConfig, key: str) -> Ca
 _STATE: dict[str, Any] = {}
 
 
-def _init_worker(config_json: str, directory: str, segmenter: Segmenter | None, torch_threads: int | None) -> None:
+def _init_worker(
+    config_json: str, directory: str, segmenter: Segmenter | None, torch_threads: int | None, cache_mode: str = "full"
+) -> None:
     _STATE.clear()
-    _STATE.update(config=PreprocessConfig.model_validate_json(config_json), directory=Path(directory), segmenter=segmenter)
+    _STATE.update(
+        config=PreprocessConfig.model_validate_json(config_json), directory=Path(directory), segmenter=segmenter, cache_mode=cache_mode
+    )
     if torch_threads is not None:
         # Each of N workers on C cores gets C/N intra-op threads: oversubscribing 2 cores
         # with 2 processes × 2 threads makes the U-Net slower, not faster.
@@ -370,10 +404,13 @@ def _hash_or_error(path: str) -> str:
 _Todo = tuple[int, str, str | None, str, str | None, str]
 
 
-def _look_up(job: tuple[int, str, str | None], config: PreprocessConfig, directory: Path, damaged: list[str]) -> dict[str, Any] | _Todo:
+def _look_up(
+    job: tuple[int, str, str | None], config: PreprocessConfig, directory: Path, damaged: list[str], cache_mode: str = "full"
+) -> dict[str, Any] | _Todo:
     """Hash one image (and its manifest mask) and find its entry: an outcome (hit/error) or a miss to compute.
 
-    A damaged entry is appended to ``damaged`` (list.append is thread-safe) and computed again.
+    A damaged entry is appended to ``damaged`` (list.append is thread-safe) and computed again;
+    a ``model_only`` entry is a plain miss for a ``full`` run.
     """
     position, image, mask = job
     try:
@@ -386,7 +423,9 @@ def _look_up(job: tuple[int, str, str | None], config: PreprocessConfig, directo
     path = entry_path(directory, key)
     if path.is_file():
         try:
-            return _from_meta(position, "hit", key, path, check_entry(path), directory)
+            meta = check_entry(path)
+            if cache_mode == "model_only" or meta.get("cache_mode", "full") == "full":
+                return _from_meta(position, "hit", key, path, meta, directory)
         except CacheMiss as exc:
             damaged.append(str(exc))  # named in the result, then recomputed and overwritten
     return (position, image, mask if origin == "manifest" else None, image_sha1, mask_sha1, key)
@@ -405,7 +444,7 @@ def _compute_chunk(todo: Sequence[_Todo]) -> list[dict[str, Any]]:
             continue
         meta = _meta(result, key, image_sha1, mask_sha1, config)
         path = entry_path(directory, key)
-        save_entry(path, result, meta)
+        save_entry(path, result, meta, _STATE.get("cache_mode", "full"))
         done.append(_from_meta(position, "miss", key, path, meta, directory))
     return done
 
@@ -422,6 +461,7 @@ def preprocess_collection(
     progress: bool = True,
     segmenter: Segmenter | None = None,
     batch_size: int = 8,
+    cache_mode: str = "full",
 ) -> PreprocessResult:
     """Preprocess every manifest row into the cache, in parallel, resuming from what is there.
 
@@ -442,6 +482,8 @@ def preprocess_collection(
         segmenter: a loaded segmenter to use instead of ``LungSegmenter.load``; it must
             pickle when ``workers > 1`` (tests inject a stand-in here).
         batch_size: images per worker task (= per segmenter batch).
+        cache_mode: ``"full"`` (model input + QC thumbnails) or ``"model_only"`` (the model
+            input and its lung mask only; see the module docstring).
 
     Returns:
         A `PreprocessResult`; ``index.parquet`` is also written under ``config_dir``.
@@ -454,6 +496,8 @@ def preprocess_collection(
         >>> result.hits, result.misses, [r.reason for r in result.rejected]  # doctest: +SKIP
         (0, 300, [])
     """
+    if cache_mode not in CACHE_MODES:
+        raise CovidCXRError(f"cache mode must be one of {', '.join(CACHE_MODES)}, not {cache_mode!r}")
     start = time.perf_counter()
     directory = config_dir(cache_dir, config)
     directory.mkdir(parents=True, exist_ok=True)
@@ -473,7 +517,7 @@ def preprocess_collection(
         #    so threads suffice, and a warm run never pays for starting worker processes.
         todo: list[_Todo] = []
         with ThreadPoolExecutor(max_workers=4) as threads:
-            for found in threads.map(lambda job: _look_up(job, config, directory, damaged), jobs):
+            for found in threads.map(lambda job: _look_up(job, config, directory, damaged, cache_mode), jobs):
                 if isinstance(found, dict):
                     outcomes.append(found)
                     bar.advance(task)
@@ -500,7 +544,7 @@ def preprocess_collection(
             torch_threads = 1
         else:
             torch_threads = max(1, default_workers() // workers)
-        init_args = (config.model_dump_json(), str(directory), segmenter, torch_threads)
+        init_args = (config.model_dump_json(), str(directory), segmenter, torch_threads, cache_mode)
         if chunks and workers == 1:
             _init_worker(*init_args)
             for chunk in chunks:

@@ -8,7 +8,8 @@ reliable check is to look. `write_qc` writes, under ``CACHE/<hash16>/qc/``:
   left_right_balance, rejected_reason, cache (hit/miss/error), cache_key, mask_used,
   lung_height_ratio (shorter lung / taller lung) and possible_opacity_cut (the mask's
   shorter lung below `OPACITY_CUT_HEIGHT_RATIO` of the taller one: it may have cut away
-  a consolidation; `covidcxr.preprocess.screening.opacity_cut_warnings`, the rule predict uses).
+  a consolidation; `covidcxr.preprocess.screening.opacity_cut_warnings`, the rule predict uses)
+  and qc_unavailable (why those two are empty for an entry cached ``model_only``).
 * ``findings.json`` — the share of images flagged ``possible_opacity_cut`` per source ×
   label: a flag that fires more on COVID/pneumonia images than on normals of the same
   source means masking removes disease from the classifier's input.
@@ -45,6 +46,7 @@ QC_COLUMNS: tuple[str, ...] = (
     "mask_used",
     "lung_height_ratio",
     "possible_opacity_cut",
+    "qc_unavailable",
 )
 
 _TILE = 192
@@ -60,26 +62,33 @@ def qc_table(index: pd.DataFrame) -> pd.DataFrame:
 
 
 def opacity_cut_flags(index: pd.DataFrame, config_dir: str | Path) -> pd.DataFrame:
-    """``lung_height_ratio`` and ``possible_opacity_cut`` per index row, from each entry's QC mask.
+    """``lung_height_ratio``, ``possible_opacity_cut`` and ``qc_unavailable`` per index row, from each entry's QC mask.
 
-    Rows without a cache file or with a rejected segmentation get NaN / False.
+    Rows without a cache file or with a rejected segmentation get NaN / False; rows whose
+    entry was cached ``model_only`` (no QC mask) get NaN / False and the reason in ``qc_unavailable``.
 
     Returns:
-        A frame aligned with ``index`` (same index) holding the two columns.
+        A frame aligned with ``index`` (same index) holding the three columns.
     """
     from covidcxr.preprocess.lung_coverage import lung_shape
 
-    ratios = []
+    ratios, unavailable = [], []
     for _, row in index.iterrows():
-        ratio = float("nan")
+        ratio, reason = float("nan"), None
         if "cache_file" in row and not is_missing(row["cache_file"]) and is_missing(row.get("rejected_reason")):
             try:
-                ratio = lung_shape(read_entry(Path(config_dir) / str(row["cache_file"])).qc_mask)["height_ratio"]
+                entry = read_entry(Path(config_dir) / str(row["cache_file"]))
+                reason = entry.qc_unavailable
+                ratio = ratio if reason else lung_shape(entry.qc_mask)["height_ratio"]
             except CacheMiss:
                 pass
         ratios.append(ratio)
+        unavailable.append(reason)
     ratio = pd.Series(ratios, index=index.index, dtype=float)
-    return pd.DataFrame({"lung_height_ratio": ratio, "possible_opacity_cut": ratio < OPACITY_CUT_HEIGHT_RATIO}, index=index.index)
+    return pd.DataFrame(
+        {"lung_height_ratio": ratio, "possible_opacity_cut": ratio < OPACITY_CUT_HEIGHT_RATIO, "qc_unavailable": unavailable},
+        index=index.index,
+    )
 
 
 def opacity_cut_summary(table: pd.DataFrame) -> dict[str, dict[str, float | int]]:
@@ -152,6 +161,14 @@ def _overlay(original: np.ndarray, mask: np.ndarray, crop_box: list | None, inpu
     return tile
 
 
+def _unavailable_tile() -> Image.Image:
+    """The tile drawn where a ``model_only`` cache entry has no QC thumbnail."""
+    tile = Image.new("RGB", (_TILE, _TILE), (48, 24, 24))
+    text = "not cached:\ncache_mode\nmodel_only\n(rerun preprocess\nwith --cache full)"
+    ImageDraw.Draw(tile).multiline_text((10, 60), text, fill=(255, 150, 150), font=_font(13), spacing=3)
+    return tile
+
+
 def contact_sheet(index: pd.DataFrame, config_dir: str | Path) -> Image.Image:
     """Draw the contact sheet for the given index rows (see the module docstring).
 
@@ -195,17 +212,21 @@ def contact_sheet(index: pd.DataFrame, config_dir: str | Path) -> Image.Image:
             f"L/(L+R) {balance:.2f}" if balance is not None else "L/(L+R) n/a",
             f"mask: {meta.get('mask_used')}  cache: {row.get('cache_status', '?')}",
         ]
-        shape_warnings = [] if meta.get("rejected_reason") else opacity_cut_warnings(entry.qc_mask)
+        shape_warnings = [] if meta.get("rejected_reason") or entry.qc_unavailable else opacity_cut_warnings(entry.qc_mask)
         if shape_warnings:
             lines.append("POSSIBLE OPACITY CUT")
+        if entry.qc_unavailable:
+            lines.append("no QC thumbnails (model_only)")
         draw.multiline_text((x0 + 8, y + 6), "\n".join(lines), fill=(230, 230, 230), font=small, spacing=3)
         reason = meta.get("rejected_reason")
         if reason:
             wrapped = [reason[i : i + 38] for i in range(0, min(len(reason), 38 * 4), 38)]
             draw.multiline_text((x0 + 8, y + 100), "REJECTED:\n" + "\n".join(wrapped), fill=(255, 110, 110), font=small, spacing=2)
         tiles = [
-            _grey_tile(entry.qc_original),
-            _overlay(entry.qc_original, entry.qc_mask, meta.get("crop_box"), meta.get("input_shape")),
+            _grey_tile(entry.qc_original) if entry.qc_original is not None else _unavailable_tile(),
+            _overlay(entry.qc_original, entry.qc_mask, meta.get("crop_box"), meta.get("input_shape"))
+            if entry.qc_original is not None and entry.qc_mask is not None
+            else _unavailable_tile(),
             _grey_tile(entry.image),
         ]
         for column, tile in enumerate(tiles):
@@ -247,6 +268,13 @@ def write_qc(index: pd.DataFrame, config_dir: str | Path, sample: int = 24, seed
             "per_source_label": opacity_cut_summary(table),
         }
     }
+    unavailable = table["qc_unavailable"].map(lambda v: not is_missing(v))
+    if unavailable.any():
+        # said, not skipped: these images have no lung height ratio and no opacity-cut flag
+        findings["possible_opacity_cut"]["unavailable"] = {
+            "n_images": int(unavailable.sum()),
+            "reason": str(table.loc[unavailable, "qc_unavailable"].iloc[0]),
+        }
     atomic_write_text(folder / "findings.json", json.dumps(findings, indent=2) + "\n")
     paths["findings"] = folder / "findings.json"
     if sample > 0:

@@ -606,6 +606,7 @@ def prepare_records(records: pd.DataFrame, recipe: TrainRecipe, progress: bool =
         recipe.preprocess.cache_dir,
         workers=workers if workers is not None else recipe.preprocess.workers,
         progress=progress,
+        cache_mode=recipe.preprocess.cache,
     )
     index = result.index
     rejected = index["rejected_reason"].map(lambda v: not is_missing(v)).to_numpy()

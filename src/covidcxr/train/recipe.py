@@ -219,10 +219,12 @@ class PreprocessSection(PreprocessConfig):
 
     cache_dir: str = ".cache/covidcxr"
     workers: Annotated[int, Field(ge=1)] | None = None
+    # what a cache entry stores (`covidcxr.preprocess.cache`): not part of the model input, so not hashed
+    cache: Literal["full", "model_only"] = "full"
 
     def to_config(self) -> PreprocessConfig:
         """The pipeline settings alone (what keys the cache)."""
-        return PreprocessConfig(**self.model_dump(exclude={"cache_dir", "workers"}))
+        return PreprocessConfig(**self.model_dump(exclude={"cache_dir", "workers", "cache"}))
 
 
 # ---------------------------------------------------------------------------------- model
@@ -681,6 +683,7 @@ class TrainRecipe(_Section):
             data.pop(key, None)
         data["preprocess"].pop("cache_dir", None)
         data["preprocess"].pop("workers", None)
+        data["preprocess"].pop("cache", None)
         data["train"].pop("epochs", None)
         data["train"].pop("checkpoint_every_n_steps", None)
         # generalization options left at their defaults are not hashed: runs made before
