@@ -47,7 +47,7 @@ from covidcxr.evaluate.metrics import bootstrap_ci
 if TYPE_CHECKING:
     from covidcxr.train.inference import LoadedRun
 
-__all__ = ["WINDOWS", "apply_window", "intensity_perturbation", "label_from_intensity", "outside_lung_features"]
+__all__ = ["WINDOWS", "apply_window", "intensity_perturbation", "label_from_intensity", "label_from_intensity_of_run", "outside_lung_features"]
 
 #: name -> (low, high, description): input x becomes clip(low + (high - low) * x) or, for
 #: the inverse (low > high is not used), clip((x - low) / (high - low))
@@ -261,3 +261,10 @@ def label_from_intensity(images: np.ndarray, lung_masks: np.ndarray, rows: pd.Da
     )}
     out.update(features=list(FEATURES), folds=k, region=f"outside the lungs (masks grown by {LUNG_MARGIN:.0%} of the side)")
     return json_ready(out)
+
+
+def label_from_intensity_of_run(run: LoadedRun, images: np.ndarray, lung_masks: np.ndarray, rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """`label_from_intensity` on a run's model inputs, skipped when the run masks the lungs (nothing outside them reaches it)."""
+    if str(getattr(run.recipe.preprocess, "lungs", "none")) == "mask":
+        return {"skipped": "the run masks the lungs (preprocess.lungs: mask): nothing outside them reaches the model"}
+    return label_from_intensity(images, lung_masks, rows, n_boot=n_boot, seed=seed)

@@ -40,7 +40,7 @@ from covidcxr.audit import AUDIT_DIR, AUDIT_FILE
 from covidcxr.audit.ablation import blank_lungs, keep_lungs_only, lung_ablation
 from covidcxr.audit.embedding import EMBEDDING_METHODS, embedding_map, plot_embedding, require_umap
 from covidcxr.audit.findings import derive_findings, verdict
-from covidcxr.audit.intensity import intensity_perturbation, label_from_intensity
+from covidcxr.audit.intensity import intensity_perturbation, label_from_intensity_of_run
 from covidcxr.audit.probe import source_probe
 from covidcxr.audit.saliency import gallery_captions, gradcam, lung_focus_fraction, plot_gallery, saliency_layer, select_gallery, summarize_lung_focus
 from covidcxr.errors import CovidCXRError
@@ -151,13 +151,6 @@ def _probe_all(run: Any, images: np.ndarray, masks: np.ndarray, rows: pd.DataFra
     return probe
 
 
-def _intensity_baseline(run: Any, images: np.ndarray, masks: np.ndarray, rows: pd.DataFrame, n_boot: int, seed: int) -> dict[str, Any]:
-    """`label_from_intensity` on the model's inputs, unless the run masks the lungs (nothing outside them reaches it)."""
-    if str(run.recipe.preprocess.lungs) == "mask":
-        return {"skipped": "the run masks the lungs (preprocess.lungs: mask): nothing outside them reaches the model"}
-    return label_from_intensity(images, masks, rows, n_boot=n_boot, seed=seed)
-
-
 def audit_run(
     run_dir: str | Path,
     n_boot: int = 1000,
@@ -228,7 +221,7 @@ def audit_run(
     say(f"lung ablation and intensity-window perturbation on {int(seen_test.sum())} test images of the training sources")
     ablation = lung_ablation(run, images[seen_test], lung_masks[seen_test], seen_rows, n_boot=n_boot, seed=seed)
     intensity = intensity_perturbation(run, images[seen_test], seen_rows, n_boot=n_boot, seed=seed, lung_masks=lung_masks[seen_test])
-    intensity_baseline = _intensity_baseline(run, images[seen_test], lung_masks[seen_test], seen_rows, n_boot, seed)
+    intensity_baseline = label_from_intensity_of_run(run, images[seen_test], lung_masks[seen_test], seen_rows, n_boot=n_boot, seed=seed)
 
     say("confounders beyond the source: view, sex, age band; metadata-only baseline; view dependence within a label")
     confounders = subgroups.confounders(seen_rows, train_rows, threshold=run.threshold, n_boot=n_boot, seed=seed)
