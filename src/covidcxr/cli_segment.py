@@ -105,6 +105,11 @@ def segment_train(
     site_prob: Annotated[float, typer.Option(help="Probability of each site-imitating transform: down-up sampling, JPEG, Poisson noise, collimation (0: off).")] = 0.0,
     loss: Annotated[str, typer.Option(help="dice_ce, or tversky_ce (recall-weighted: a missed lung pixel costs more).")] = "dice_ce",
     init_weights: Annotated[Optional[Path], typer.Option(help="Fine-tune from these U-Net weights (same architecture), e.g. the shipped lung_unet.pt.")] = None,
+    pseudo_share: Annotated[
+        float, typer.Option(help="Self-training: expected share of each epoch's draws from pseudo-labelled unlabelled images of the collection (0: off).")
+    ] = 0.0,
+    pseudo_keep: Annotated[float, typer.Option(help="Self-training: share of the plausible pseudo-labels kept, most confident first.")] = 0.5,
+    teacher: Annotated[Optional[Path], typer.Option(help="Self-training: the weights that pseudo-label (default: --init-weights, else the shipped ones).")] = None,
 ) -> None:
     """Train the lung U-Net on every masked image, patient-disjoint split, test patients held out."""
     from covidcxr.preprocess.lung_training import TrainSettings, command_line, train_segmenter
@@ -112,6 +117,7 @@ def segment_train(
     settings = TrainSettings(
         epochs=epochs, size=size, seed=seed, batch_size=batch_size, lr=lr, patience=patience, max_minutes=max_minutes, width=width, fast=fast, threads=threads,
         opacity_prob=opacity_prob, site_prob=site_prob, loss=loss, init_weights=str(init_weights) if init_weights else None,
+        pseudo_share=pseudo_share, pseudo_keep=pseudo_keep, teacher=str(teacher) if teacher else None,
     )
     metadata = train_segmenter(data, out, settings, run_dir=run_dir, show_progress=progress, log=console.print, command=command_line())
     test = metadata["metrics"].get("test")

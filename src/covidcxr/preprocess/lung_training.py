@@ -31,6 +31,10 @@ What `train_segmenter` does, and why:
   runs in bf16 autocast with channels-last tensors on CPU (about 2x faster on AVX-512/AMX).
 * **Robustness**: early stopping on validation Dice, best checkpoint kept, checkpoints
   written atomically; a run folder that holds ``last.ckpt`` is resumed.
+* **Self-training** (``pseudo_share`` > 0; `pseudo_label`): a teacher U-Net labels the
+  collection's unmasked images (none from a validation/test patient); confident,
+  anatomically plausible masks join the training draws under the full augmentation
+  (noisy student, Xie et al. 2020; FixMatch-style filtering, Sohn et al. 2020).
 """
 
 from __future__ import annotations
@@ -103,6 +107,12 @@ class TrainSettings:
             missed lung pixel costs more than a spurious one.
         init_weights: start from these U-Net weights (e.g. the shipped ``lung_unet.pt``,
             trained on the same split) instead of a random initialisation: fine-tuning.
+        pseudo_share: semi-supervised self-training (`pseudo_label`): the expected share of
+            each epoch's draws taken from confidently pseudo-labelled unlabelled images of
+            the collection; 0 turns it off. The labelled draws per epoch stay the same.
+        pseudo_keep: the share of the anatomically plausible pseudo-labels kept, the most
+            confident first.
+        teacher: the weights that pseudo-label (default: ``init_weights``, else the shipped ones).
     """
 
     epochs: int = 150
@@ -124,6 +134,9 @@ class TrainSettings:
     site_prob: float = 0.0
     loss: str = "dice_ce"
     init_weights: str | None = None
+    pseudo_share: float = 0.0
+    pseudo_keep: float = 0.5
+    teacher: str | None = None
 
     def segmenter_config(self) -> SegmenterConfig:
         channels = tuple(self.channels) if self.channels else tuple(self.width * 2**i for i in range(5))
@@ -141,7 +154,7 @@ class TrainSettings:
         identity = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keys}
         # options left at their defaults stay out, so runs started before they existed still resume
         defaults = TrainSettings()
-        for key in ("opacity_prob", "site_prob", "loss", "init_weights"):
+        for key in ("opacity_prob", "site_prob", "loss", "init_weights", "pseudo_share", "pseudo_keep", "teacher"):
             if getattr(self, key) != getattr(defaults, key):
                 identity[key] = getattr(self, key)
         return identity
@@ -302,6 +315,142 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return image.contiguous(), label.contiguous(), torch.from_numpy(self.arrays.has[j])
 
 
+# ---------------------------------------------------------------- self-training on unlabelled images
+
+#: A teacher pixel is "uncertain" when its lung probability lies in this open band.
+UNCERTAIN_BAND: tuple[float, float] = (0.1, 0.9)
+
+
+def unlabelled_rows(manifest: pd.DataFrame, split: pd.DataFrame) -> pd.DataFrame:
+    """The images without a lung mask that may be pseudo-labelled: none shares a patient,
+    a near-duplicate group or a file (SHA-1) with a validation or test image of ``split``.
+
+    Without this, an unmasked Cohen film of a test patient (or the same figure under another
+    name) would be fitted to the teacher's mask and leak into the held-out Dice.
+
+    Args:
+        manifest: the whole collection.
+        split: `split_masked`'s output (``split``; ``patient_id``, ``dup_group``, ``sha1`` where present).
+    """
+    held = split[split["split"] != "train"]
+    rows = manifest[manifest["mask"].map(is_missing)] if "mask" in manifest.columns else manifest
+    keep = np.ones(len(rows), bool)
+    for column in ("patient_id", "dup_group", "sha1"):
+        if column in rows.columns and column in held.columns:
+            taken = {str(v) for v in held[column] if not is_missing(v)}
+            keep &= ~rows[column].map(lambda v: not is_missing(v) and str(v) in taken).to_numpy(bool)
+    return rows[keep].reset_index(drop=True)
+
+
+def pseudo_confidence(probability: np.ndarray, mask: np.ndarray) -> float:
+    """1 − (pixels the teacher is unsure about) / (pixels of the mask): ``(S, S)`` maps -> a score <= 1.
+
+    The mean max-probability over the whole canvas would be dominated by easy background
+    (most of the image), so uncertainty is counted in ``UNCERTAIN_BAND`` and set against
+    the lung area: a mask with a 2-px fuzzy rim scores ~0.9, a lung half lost in a grey
+    consolidation far lower. FixMatch (Sohn et al. 2020, NeurIPS) keeps only predictions
+    above a confidence threshold; this is its image-level analogue for segmentation.
+    """
+    low, high = UNCERTAIN_BAND
+    uncertain = int(((probability > low) & (probability < high)).sum())
+    return float(1.0 - uncertain / max(1, int(mask.sum())))
+
+
+def plausible_lungs(mask: np.ndarray, area_range: tuple[float, float]) -> bool:
+    """Anatomical plausibility of a pseudo-label: two lungs, of similar height, of a usual size.
+
+    * two components (`lung_coverage.lung_shape` gives NaN otherwise);
+    * the shorter lung reaches at least `screening.OPACITY_CUT_HEIGHT_RATIO` (0.8) of the
+      taller one's height — the QC rule for a mask that cut away a consolidated lower zone,
+      so the teacher's cut masks are never taught to the student;
+    * the mask's share of the canvas lies in ``area_range`` (the range of the annotated masks).
+    """
+    from covidcxr.preprocess.lung_coverage import lung_shape
+    from covidcxr.preprocess.screening import OPACITY_CUT_HEIGHT_RATIO
+
+    share = float(mask.mean())
+    if not area_range[0] <= share <= area_range[1]:
+        return False
+    ratio = lung_shape(mask)["height_ratio"]
+    return bool(np.isfinite(ratio) and ratio >= OPACITY_CUT_HEIGHT_RATIO)
+
+
+def pseudo_label(
+    teacher: LungSegmenter, arrays: SegmentationArrays, rows: pd.DataFrame, keep: float, area_range: tuple[float, float]
+) -> tuple[SegmentationArrays, pd.DataFrame]:
+    """Noisy-student pseudo-labels: the teacher's post-processed masks on clean inputs, filtered.
+
+    Self-training after Xie et al. 2020 ("Self-training with Noisy Student improves
+    ImageNet classification", CVPR): the teacher labels the *clean* image; the student is
+    then trained on these labels under strong noise (the rigid, intensity, site and opacity
+    augmentation of `build_augmentation`, applied to image and pseudo-label together). The
+    student is thus asked to give the same lungs on a heavily augmented view as the teacher
+    gave on the plain one — the weak/strong consistency of FixMatch (Sohn et al. 2020).
+    Only confident (`pseudo_confidence`), anatomically plausible (`plausible_lungs`) masks
+    are kept, in **both** conventions' channels: an image whose either mask fails is dropped.
+
+    Args:
+        teacher: the segmenter that labels (its network is run on the prepared canvases).
+        arrays: the unlabelled images, prepared at the teacher's input size (`decode_rows`).
+        rows: their manifest rows (same order).
+        keep: share of the plausible images kept, the most confident first (0-1].
+        area_range: (low, high) share of the canvas a plausible mask covers.
+
+    Returns:
+        The kept images with their pseudo-labels (``has`` all True), and a per-image table
+        (image, source, label, confidence, plausible, kept).
+    """
+    from covidcxr.preprocess.lungs import postprocess_mask
+
+    if not 0.0 < keep <= 1.0:
+        raise CovidCXRError(f"pseudo_keep must be in (0, 1], got {keep}")
+    n, channels = len(arrays.images), len(teacher.conventions)
+    masks = np.zeros((n, channels) + arrays.images.shape[-2:], np.uint8)
+    confidence = np.zeros(n)
+    plausible = np.zeros(n, bool)
+    for start in range(0, n, teacher.batch_size):
+        probabilities = teacher.forward_prepared(arrays.images[start : start + teacher.batch_size])
+        for offset, probability in enumerate(probabilities):
+            i = start + offset
+            scores, checks = [], []
+            for c in range(channels):
+                mask = postprocess_mask(probability[c], teacher.threshold)
+                masks[i, c] = mask
+                scores.append(pseudo_confidence(probability[c], mask))
+                checks.append(plausible_lungs(mask, area_range))
+            confidence[i], plausible[i] = min(scores), all(checks)
+    candidates = np.flatnonzero(plausible)
+    chosen = candidates[np.argsort(-confidence[candidates], kind="stable")][: int(math.ceil(keep * len(candidates)))]
+    kept = np.zeros(n, bool)
+    kept[chosen] = True
+    chosen = np.sort(chosen)
+    report = pd.DataFrame(
+        {
+            "image": rows["image"].astype(str).to_numpy(),
+            "source": rows["source"].astype(str).to_numpy(),
+            "label": rows["label"].astype(str).to_numpy() if "label" in rows.columns else "unknown",
+            "confidence": confidence.round(4),
+            "plausible": plausible,
+            "kept": kept,
+        }
+    )
+    pseudo = SegmentationArrays(arrays.images[chosen], masks[chosen], np.ones((len(chosen), channels), bool))
+    return pseudo, report
+
+
+def mask_area_range(arrays: SegmentationArrays, low: float = 1.0, high: float = 99.0) -> tuple[float, float]:
+    """The ``low``-``high`` percentile range of the annotated masks' share of the canvas (every channel)."""
+    shares = arrays.labels.reshape(*arrays.labels.shape[:2], -1).mean(-1)[arrays.has]
+    return float(np.percentile(shares, low)), float(np.percentile(shares, high))
+
+
+def concat_arrays(first: SegmentationArrays, second: SegmentationArrays) -> SegmentationArrays:
+    """``first`` followed by ``second`` (rows of `SegmentationArrays`)."""
+    return SegmentationArrays(
+        np.concatenate([first.images, second.images]), np.concatenate([first.labels, second.labels]), np.concatenate([first.has, second.has])
+    )
+
+
 # ---------------------------------------------------------------- the Lightning module
 
 
@@ -455,14 +604,71 @@ def _counts(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
     return {split: {str(k): int(v) for k, v in part["annotator"].value_counts().sort_index().items()} for split, part in frame.groupby("split", sort=True)}
 
 
-def _make_sampler(train_rows: pd.DataFrame, seed: int) -> torch.utils.data.WeightedRandomSampler:
-    # 1/sqrt(group size): small sources (7 Montgomery films) are seen more often, without
-    # letting a handful of images dominate as full inverse-frequency weighting would.
+def _make_sampler(train_rows: pd.DataFrame, seed: int, n_pseudo: int = 0, pseudo_share: float = 0.0) -> torch.utils.data.WeightedRandomSampler:
+    """Draws over the labelled training rows, then ``n_pseudo`` pseudo-labelled images.
+
+    1/sqrt(group size): small sources (7 Montgomery films) are seen more often, without
+    letting a handful of images dominate as full inverse-frequency weighting would. The
+    pseudo-labelled images share ``pseudo_share`` of the probability uniformly, and the
+    epoch grows so that it still draws as many labelled images as without them.
+    """
     groups = train_rows["annotator"].to_numpy()
     sizes = pd.Series(groups).value_counts()
     weights = np.array([1.0 / math.sqrt(sizes[g]) for g in groups])
+    samples = len(groups)
+    if n_pseudo and pseudo_share > 0:
+        if not 0.0 < pseudo_share < 1.0:
+            raise CovidCXRError(f"pseudo_share must be in [0, 1), got {pseudo_share}")
+        weights = np.concatenate([(1.0 - pseudo_share) * weights / weights.sum(), np.full(n_pseudo, pseudo_share / n_pseudo)])
+        samples = int(round(len(groups) / (1.0 - pseudo_share)))
     generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples=len(groups), replacement=True, generator=generator)
+    return torch.utils.data.WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples=samples, replacement=True, generator=generator)
+
+
+def add_pseudo_labels(
+    manifest: pd.DataFrame, frame: pd.DataFrame, arrays: SegmentationArrays, train_index: np.ndarray, settings: TrainSettings, show_progress: bool, log: Callable[[str], None]
+) -> tuple[SegmentationArrays, np.ndarray, dict[str, Any]]:
+    """Pseudo-label the collection's unlabelled images (`pseudo_label`) and append the kept ones to ``arrays``.
+
+    Returns:
+        The extended arrays, the indices of the pseudo-labelled images in them, and a
+        summary for the metadata (pool, kept per source/label, thresholds, SHA-1s).
+    """
+    pool = unlabelled_rows(manifest, frame)
+    if pool.empty:
+        raise CovidCXRError("--pseudo-share: the collection has no image without a lung mask outside the validation/test patients")
+    teacher_weights = settings.teacher or settings.init_weights
+    teacher = LungSegmenter.load(teacher_weights, fast=settings.fast)
+    config = settings.segmenter_config()
+    if teacher.config.input_size != config.input_size or tuple(teacher.conventions) != tuple(config.conventions):
+        raise CovidCXRError(f"teacher {teacher_weights or 'shipped weights'}: input size/conventions differ from these settings")
+    area_range = mask_area_range(SegmentationArrays(arrays.images[train_index], arrays.labels[train_index], arrays.has[train_index]))
+    log(f"pseudo-labelling {len(pool)} unlabelled images with {teacher_weights or 'the shipped weights'} ...")
+    pool_arrays = decode_rows(pool, config, show_progress=show_progress)
+    pseudo, report = pseudo_label(teacher, pool_arrays, pool, settings.pseudo_keep, area_range)
+    del pool_arrays
+    kept = report[report["kept"]]
+    if kept.empty:
+        log(f"no pseudo-label of the {len(report)} unlabelled images is plausible: training on the labelled images only")
+    else:
+        log(f"kept {len(kept)} of {len(report)} ({int(report['plausible'].sum())} plausible; confidence >= {kept['confidence'].min():.3f})")
+    summary = {
+        "method": "noisy-student self-training (Xie et al. 2020) with FixMatch-style confidence filtering (Sohn et al. 2020): "
+        "teacher masks on clean inputs, post-processed, kept if both channels are plausible (two lungs, height ratio >= 0.8, "
+        f"canvas share in the 1-99th percentile of the annotated masks {[round(v, 4) for v in area_range]}), most confident "
+        f"{settings.pseudo_keep:.0%} kept; the student sees them under the full training augmentation",
+        "teacher": teacher_weights or "shipped lung_unet.pt",
+        "pool": int(len(report)),
+        "plausible": int(report["plausible"].sum()),
+        "kept": int(len(kept)),
+        "min_confidence_kept": round(float(kept["confidence"].min()), 4) if len(kept) else None,
+        "kept_by_source_label": {f"{k[0]}/{k[1]}": int(v) for k, v in kept.groupby(["source", "label"]).size().items()},
+        "pool_by_source_label": {f"{k[0]}/{k[1]}": int(v) for k, v in report.groupby(["source", "label"]).size().items()},
+        "share_of_draws": settings.pseudo_share,
+        "kept_sha1": sorted(image_sha1s(pool[report["kept"].to_numpy()])),
+    }
+    start = len(arrays.images)
+    return concat_arrays(arrays, pseudo), np.arange(start, start + len(pseudo.images)), summary
 
 
 def validation_curve(run_dir: str | Path) -> list[float]:
@@ -540,11 +746,14 @@ def train_segmenter(
     arrays = decode_rows(fit_rows, config, show_progress=show_progress)
     train_index = np.flatnonzero(fit_rows["split"].to_numpy() == "train")
     val_index = np.flatnonzero(fit_rows["split"].to_numpy() == "val")
-    train_set = SegmentationDataset(arrays, train_index, build_augmentation(settings.size, settings.seed, settings.opacity_prob, settings.site_prob))
+    pseudo_index, pseudo_summary = np.zeros(0, np.int64), None
+    if settings.pseudo_share > 0:
+        arrays, pseudo_index, pseudo_summary = add_pseudo_labels(manifest, frame, arrays, train_index, settings, show_progress, log)
+    augmentation = build_augmentation(settings.size, settings.seed, settings.opacity_prob, settings.site_prob)
+    train_set = SegmentationDataset(arrays, np.concatenate([train_index, pseudo_index]), augmentation)
     val_set = SegmentationDataset(arrays, val_index)
-    train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=settings.batch_size, sampler=_make_sampler(fit_rows.iloc[train_index], settings.seed), drop_last=True, num_workers=0
-    )
+    sampler = _make_sampler(fit_rows.iloc[train_index], settings.seed, len(pseudo_index), settings.pseudo_share)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=settings.batch_size, sampler=sampler, drop_last=True, num_workers=0)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=16, shuffle=False, num_workers=0)
 
     module = LungSegmentationModule(config.to_dict(), lr=settings.lr, weight_decay=settings.weight_decay, channels_last=settings.fast, loss=settings.loss)
@@ -629,6 +838,7 @@ def train_segmenter(
             "loss": ("MONAI DiceCELoss(sigmoid=True)" if settings.loss == "dice_ce" else "MONAI TverskyLoss(alpha=0.3, beta=0.7) + BCE (recall-weighted)")
             + " per convention on the images annotated in it, averaged",
             "init_weights": settings.init_weights,
+            "self_training": pseudo_summary,
             "optimizer": f"AdamW(lr={settings.lr}, weight_decay={settings.weight_decay}), 5% warm-up then cosine to lr/100 (per step)",
             "sampler": "with replacement, weight 1/sqrt(size of the image's source/annotator group)",
             "augmentation": "RandAffined(rotate ±10°, translate ±7%, scale ±12%, p=0.9), RandAdjustContrastd(gamma 0.6-1.6), "
@@ -668,11 +878,18 @@ __all__ = [
     "SegmentationArrays",
     "SegmentationDataset",
     "TrainSettings",
+    "add_pseudo_labels",
     "build_augmentation",
+    "concat_arrays",
     "decode_rows",
+    "mask_area_range",
     "masked_rows",
     "partial_dice_ce",
+    "plausible_lungs",
+    "pseudo_confidence",
+    "pseudo_label",
     "split_masked",
     "train_segmenter",
+    "unlabelled_rows",
     "validation_curve",
 ]
