@@ -28,6 +28,13 @@ model's shift on the same pair has a 95% t-interval whose lower bound exceeds ``
 sign). The absolute shift's verdict is kept as ``learned_absolute``. Detection is reported over all planted runs and over the runs that
 learned their shortcut.
 
+Which finding catches which shortcut (seeds 0–4): the marker — lung blanking; the view — the
+metadata-only baseline and the within-label view dependence; the window — ``label_from_intensity``
+(`covidcxr.audit.intensity.label_from_intensity`: the label predicted within a source from the
+outside-lung intensity statistics, against the model's AUC on the same images), which reads the
+data and the model's AUC, not which pixels the model read, so it also fires on window runs whose
+model did not learn the window (read detection over learned runs beside detection over all).
+
 Figures: ``detection_rate`` (verdict ``shortcut`` on planted runs; goal 1.0),
 ``detection_rate_learned`` (the same over runs that learned the shortcut), ``false_alarm_rate``
 (verdict ``shortcut`` on clean runs; goal 0.0), ``ok_rate_clean`` (verdict ``ok`` on clean runs:
@@ -39,13 +46,17 @@ on seeds 5–14 (the default), held out from that choice.
 
 Environment: ``COVIDCXR_BENCH_AUDIT_SEEDS`` (default 10) seeds per condition starting at
 ``COVIDCXR_BENCH_AUDIT_FIRST_SEED`` (default 5), ``COVIDCXR_BENCH_AUDIT_TYPES`` (comma-separated
-subset of the conditions). Runs print progress.
+subset of the conditions), ``COVIDCXR_BENCH_AUDIT_PARTIAL`` (default
+``$TMPDIR/covidcxr-bench-audit-partial.json``): after every run the table so far (the same
+figures, ``runs_finished`` and ``runs_planned``) is written there atomically, so a benchmark
+stopped early still reports what finished. Runs print progress.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -72,6 +83,8 @@ LEARNED_SHIFT = 0.05
 #: small model can learn, the window and view shortcuts went unlearned (score shift 0.03 and 0.01 on
 #: seed 0): the model had no reason to prefer them, and an unlearned shortcut tests nothing
 SITE = None
+#: where the table so far is written after every run (atomic JSON)
+PARTIAL = Path(os.environ.get("COVIDCXR_BENCH_AUDIT_PARTIAL", str(Path(tempfile.gettempdir()) / "covidcxr-bench-audit-partial.json")))
 
 
 def recipe_for(root: Any, kind: str, seed: int, n_images: int = N_IMAGES, epochs: int = EPOCHS) -> dict[str, Any]:
@@ -244,10 +257,25 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     return figures
 
 
+def _settings() -> dict[str, Any]:
+    return {"size": SIZE, "n_images": N_IMAGES, "epochs": EPOCHS, "model": MODEL, "equalization": EQUALIZATION, "label_mix": LABEL_MIX, "finding_scale": FINDING_SCALE, "learned_shift": LEARNED_SHIFT}
+
+
+def write_partial(results: list[dict[str, Any]], path: Path = PARTIAL) -> None:
+    """The table of the runs finished so far, written atomically to ``path`` (`covidcxr.io.atomic`)."""
+    from covidcxr.io.atomic import atomic_write_text
+
+    figures = {**summarize(results), "runs_finished": len(results), "runs_planned": SEEDS * len(TYPES),
+               "seeds": list(range(FIRST_SEED, FIRST_SEED + SEEDS)), "settings": _settings(), "runs": results}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(figures, indent=1, default=str) + "\n")
+
+
 def _measure(context: Any) -> dict[str, Any]:
     root = context.scratch / "audit-accuracy"
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
+    print(f"[bench audit] the table so far is written to {PARTIAL} after every run", flush=True)
     for seed in range(FIRST_SEED, FIRST_SEED + SEEDS):
         for kind in TYPES:
             t0 = time.perf_counter()
@@ -257,9 +285,9 @@ def _measure(context: Any) -> dict[str, Any]:
             print(f"[bench audit] seed {seed} {kind:>6}: verdict {row['verdict']:<8} test AUC {row['auc']:.2f} (low {row['auc_low']:.2f}) "
                   f"learned {row['learned']} (shift {shift.get('estimate')} [{shift.get('low')}, {shift.get('high')}]) "
                   f"shortcut {row['shortcut_findings']} warning {row['warning_findings']} — {time.perf_counter() - t0:.0f} s ({time.perf_counter() - started:.0f} s total)", flush=True)
+            write_partial(results)
     figures = summarize(results)
-    figures.update(seeds=list(range(FIRST_SEED, FIRST_SEED + SEEDS)), runs=results,
-                   settings={"size": SIZE, "n_images": N_IMAGES, "epochs": EPOCHS, "model": MODEL, "equalization": EQUALIZATION, "label_mix": LABEL_MIX, "finding_scale": FINDING_SCALE, "learned_shift": LEARNED_SHIFT})
+    figures.update(seeds=list(range(FIRST_SEED, FIRST_SEED + SEEDS)), runs=results, settings=_settings())
     return figures
 
 

@@ -227,6 +227,22 @@ def test_a_shortcut_planted_at_one_site_is_named_even_when_the_pooled_number_is_
     assert outside["value"] == 0.97
 
 
+def test_a_window_that_gives_the_label_away_is_a_shortcut_unless_the_model_clearly_beats_it():
+    def baseline(base, diff):
+        return {"baseline": {**base, "n_images": 128, "n_patients": 96}, "model": ci(0.90, 0.84, 0.95), "difference": diff}
+
+    def finding(part):
+        return by_id(derive_findings(SKILLED, {}, {}, {}, intensity_baseline=part))["label_from_intensity"]
+
+    window = finding(baseline(ci(0.92, 0.86, 0.97), ci(-0.02, -0.10, 0.06)))
+    assert window["severity"] == "shortcut" and "0.92 [0.86, 0.97]" in window["text"] and "not clearly above" in window["text"]
+    assert finding(baseline(ci(0.80, 0.72, 0.88), ci(0.10, 0.04, 0.16)))["severity"] == "warning"
+    assert finding(baseline(ci(0.50, 0.40, 0.60), ci(0.40, 0.30, 0.50)))["severity"] == "ok"
+    # an estimate past the bar with an interval reaching chance is no evidence of a usable window
+    assert finding(baseline(ci(0.72, 0.49, 0.90), ci(0.10, -0.05, 0.25)))["severity"] == "info"
+    assert finding({"skipped": "fewer than 2 patients of a class among the audited images"})["severity"] == "info"
+
+
 def test_a_lungs_only_drop_without_clear_skill_is_never_called_not_clearly_below():
     """Full-image AUC not clearly above 0.60 and lungs-only clearly lower: info, and the sentence says 'clearly below'."""
     ablation = {"original": {"auc": ci(0.70, 0.58, 0.80)}, "lungs_blanked": {"auc": ci(0.7, 0.6, 0.8)}, "lungs_only": {"auc": ci(0.42, 0.30, 0.55)}}

@@ -245,10 +245,11 @@ def audit_external(
     cache. Written to ``RUN/external/<name>/audit/audit.json``.
 
     Returns:
-        ``{run, data, name, verdict, findings, evaluation, confounders, label_mix, ablation,
+        ``{run, data, name, verdict, findings, evaluation, confounders, label_mix, ablation, intensity_baseline,
         not_available, n_images, n_patients, ...}``.
     """
     from covidcxr.audit.ablation import lung_ablation
+    from covidcxr.audit.intensity import label_from_intensity_of_run
     from covidcxr.evaluate.external import PREDICTIONS, evaluate_external, external_name
     from covidcxr.rundir import RunDir
     from covidcxr.train.inference import cached_inputs, load_run
@@ -264,15 +265,16 @@ def audit_external(
     manifest = rd.read_manifest()
     train_rows = manifest[manifest["split"] == "train"]
     parts = scored_audit(scored, train_rows, evaluation["training_sources"], run.threshold, n_boot, seed)
-    say(f"lung ablation on the {len(scored)} scored images")
+    say(f"lung ablation and the outside-lung intensity baseline on the {len(scored)} scored images")
     kept, images, masks, refused = cached_inputs(scored.assign(split="external"), run.recipe, progress=progress)
     if len(refused):  # scored a moment ago through the same preprocessing: a refusal here is a bug
         raise CovidCXRError(f"{rd.external(name) / PREDICTIONS}: {len(refused)} scored images refused by the preprocessing now ({refused['reason'].iloc[0]})")
     ablation = lung_ablation(run, images, masks, kept, n_boot=n_boot, seed=seed)
+    intensity_baseline = label_from_intensity_of_run(run, images, masks, kept, n_boot=n_boot, seed=seed)
     lungs_mode = str(run.recipe.preprocess.lungs)
     # the evaluation's sentences compare seen and unseen sources; here most are unseen, the
     # whole point of the exercise: the skill gate and per-source numbers are what count
-    findings = derive_findings(parts["evaluation"], ablation, None, None, lungs_mode, label_mix=parts["label_mix"], confounders=parts["confounders"])
+    findings = derive_findings(parts["evaluation"], ablation, None, None, lungs_mode, label_mix=parts["label_mix"], confounders=parts["confounders"], intensity_baseline=intensity_baseline)
     report = {
         "run": run.name,
         "run_dir": str(run.run_dir),
@@ -290,6 +292,7 @@ def audit_external(
         "findings": findings,
         **parts,
         "ablation": ablation,
+        "intensity_baseline": intensity_baseline,
         "not_available": {k: v for k, v in NEEDS_THE_MODEL.items() if k != "lung_ablation"} | {"note": "not run on an external collection (run `covidcxr audit RUN` for the full audit on its own split)"},
         "n_boot": int(n_boot),
         "seed": int(seed),

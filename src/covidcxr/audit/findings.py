@@ -73,6 +73,10 @@ SALIENCY_MAJORITY = 0.50
 INTENSITY_FLIP = 0.30
 #: ... and separates the windowed from the original scores of one label with an AUC this far from 0.5
 INTENSITY_EFFECT = 0.25
+#: within-source AUC of the label from outside-lung intensity statistics (`covidcxr.audit.intensity.label_from_intensity`)
+#: at which the acquisition's window is called a usable shortcut (CI low above chance as well). Chosen on seeds 0-4 of
+#: the audit benchmark's phantoms: clean collections 0.36-0.59, window collections 0.85-0.95 (176 images each)
+INTENSITY_BASELINE_AUC = 0.70
 
 
 def _estimate(part: Mapping[str, Any] | None, key: str | None = None) -> tuple[float, float, float] | None:
@@ -376,6 +380,42 @@ def _intensity(intensity: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     return sorted(found, key=lambda f: (rank[f["severity"]], -(f["value"] or 0.0)))[:1]
 
 
+def _intensity_baseline(part: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The label predictable from the acquisition's intensities outside the lungs, and the model not clearly better.
+
+    The data-level test of a window shortcut (`covidcxr.audit.intensity.label_from_intensity`):
+    a window that comes with the label changes the lungs too, so no perturbation of the
+    input separates "reads the window" from "reads the disease's opacity" (a window outside
+    the lungs only missed 4 of 5 phantom models that had learned it). Like the metadata-only
+    baseline for the projection, it asks whether the data offer the shortcut and whether the
+    model's AUC is evidence of more than that: ``shortcut`` when the baseline's within-source
+    AUC is clearly above chance and reaches ``INTENSITY_BASELINE_AUC`` and the paired
+    difference (model − baseline) is not clearly above 0; ``warning`` when the model clearly
+    beats it (the shortcut is there to learn; the model reads more than that).
+    """
+    if not part:
+        return []
+    if part.get("skipped"):
+        return [_finding("label_from_intensity", "info", f"The outside-lung intensity baseline was not computed: {part['skipped']}.")]
+    base, model, diff = _estimate(part, "baseline"), _estimate(part, "model"), _estimate(part, "difference")
+    if base is None or model is None or diff is None:
+        return []
+    head = (
+        f"From the intensities outside the lungs alone (percentiles, clipping, noise: the acquisition's window, not the lungs' content), "
+        f"a cross-validated logistic regression predicts the label within a source with AUC {_fmt(base)}{_n(part.get('baseline'))}"
+    )
+    usable = versus(base, CHANCE_AUC) == "above" and base[0] >= INTENSITY_BASELINE_AUC
+    if usable and versus(diff, 0.0) != "above":
+        return [_finding("label_from_intensity", "shortcut", f"{head}; the model's within-source AUC on the same images, {_fmt(model)}, is not clearly above it (difference {_fmt(diff)}): "
+                         "its AUC is no evidence that it reads the lungs rather than the acquisition's intensity window (Tartaglione et al. 2020).", base[0], INTENSITY_BASELINE_AUC)]
+    if usable:
+        return [_finding("label_from_intensity", "warning", f"{head}: the acquisition's intensity window gives the label away. The model's within-source AUC {_fmt(model)} is clearly above it "
+                         f"(difference {_fmt(diff)}), so it reads more than the window, but it may read the window too.", base[0], INTENSITY_BASELINE_AUC)]
+    if versus(base, INTENSITY_BASELINE_AUC) == "below":
+        return [_finding("label_from_intensity", "ok", f"{head}, clearly below {INTENSITY_BASELINE_AUC:.2f}: the acquisition's intensities do not give the label away.", base[0], INTENSITY_BASELINE_AUC)]
+    return [_finding("label_from_intensity", "info", f"{head} — against a bar of {INTENSITY_BASELINE_AUC:.2f} (and chance) that is inconclusive.", base[0], INTENSITY_BASELINE_AUC)]
+
+
 def _share_outside(overall: Mapping[str, Any]) -> tuple[float, float, float, int] | None:
     """The share of Grad-CAM maps mostly outside the lungs with its Wilson 95% interval, and n maps."""
     from statsmodels.stats.proportion import proportion_confint
@@ -484,6 +524,7 @@ def derive_findings(
     label_mix: Mapping[str, Any] | None = None,
     confounders: Mapping[str, Any] | None = None,
     intensity: Mapping[str, Any] | None = None,
+    intensity_baseline: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Every finding of one audit, most severe first (the skill gate leads a ``no_skill`` audit).
 
@@ -499,6 +540,7 @@ def derive_findings(
             (``differs``: whether a source probe matters).
         confounders: `covidcxr.evaluate.subgroups.confounders` (``metadata_only``, ``view_dependence``).
         intensity: `covidcxr.audit.intensity.intensity_perturbation`'s result.
+        intensity_baseline: `covidcxr.audit.intensity.label_from_intensity`'s result.
 
     Returns:
         A list of findings; when the skill gate says ``no_skill``, every other ``ok`` is ``info``.
@@ -508,6 +550,7 @@ def derive_findings(
         *_skill(evaluation),
         *_ablation(ablation or {}, lungs_mode),
         *_intensity(intensity),
+        *_intensity_baseline(intensity_baseline),
         *_source_detector(evaluation),
         *_within_source(evaluation),
         *_metadata(confounders or {}, evaluation),

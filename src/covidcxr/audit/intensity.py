@@ -47,7 +47,7 @@ from covidcxr.evaluate.metrics import bootstrap_ci
 if TYPE_CHECKING:
     from covidcxr.train.inference import LoadedRun
 
-__all__ = ["WINDOWS", "apply_window", "intensity_perturbation"]
+__all__ = ["WINDOWS", "apply_window", "intensity_perturbation", "label_from_intensity", "label_from_intensity_of_run", "outside_lung_features"]
 
 #: name -> (low, high, description): input x becomes clip(low + (high - low) * x) or, for
 #: the inverse (low > high is not used), clip((x - low) / (high - low))
@@ -130,3 +130,141 @@ def intensity_perturbation(run: LoadedRun, images: np.ndarray, rows: pd.DataFram
         windowed = np.asarray(run.predict(perturbed), dtype=np.float64)
         out["windows"][name] = {"description": description, **_window_effect(original, windowed, rows, run.threshold, n_boot, seed)}
     return json_ready(out)
+
+
+#: percentiles of the outside-lung pixels that summarise an image's acquisition look (window/level, background, soft tissue)
+INTENSITY_PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
+#: lung masks are grown by this share of the image side before "outside the lungs" is taken: the acquisition's
+#: blur spreads a lung opacity a few pixels past the mask, and the disease must not leak into the features
+LUNG_MARGIN = 0.05
+#: the names of `outside_lung_features`' columns
+FEATURES = (*(f"p{p}" for p in INTENSITY_PERCENTILES), "mean", "sd", "share_black", "share_white", "noise")
+
+
+def outside_lung_features(images: np.ndarray, lung_masks: np.ndarray, margin: float = LUNG_MARGIN) -> np.ndarray:
+    """``(N, H, W)`` images -> ``(N, 12)``: the intensity statistics of the pixels outside the grown lung mask.
+
+    Percentiles (`INTENSITY_PERCENTILES`), mean and SD; the share of pixels at the black and
+    at the white end (a window/level decides what is clipped); and the noise level (median
+    absolute difference from a 3 x 3 median filter). A window followed by the run's min-max
+    normalisation (``preprocess.equalization: none``) is *not* undone: it changes what was
+    clipped and how large the detector noise is against the image's range, and these
+    features see that. They summarise the acquisition's intensity mapping (air, soft tissue,
+    bone under one window/level) and nothing of the lungs' content: the lung mask is dilated
+    by ``margin`` of the image side (scipy) so a blurred lung opacity does not reach them.
+
+    Example:
+        >>> features = outside_lung_features(np.zeros((2, 32, 32)), np.zeros((2, 32, 32), bool))
+        >>> features.shape
+        (2, 12)
+    """
+    from scipy import ndimage
+
+    images = np.asarray(images, dtype=np.float32)
+    masks = np.asarray(lung_masks, dtype=bool)
+    if images.shape != masks.shape or images.ndim != 3:
+        raise ValueError(f"outside-lung features: images {images.shape} and lung masks {masks.shape} must both be (N, H, W)")
+    grow = max(1, int(round(margin * images.shape[-1])))
+    out = np.zeros((len(images), len(FEATURES)), dtype=np.float64)
+    for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
+        outside = ~ndimage.binary_dilation(mask, iterations=grow) if mask.any() else np.ones_like(mask)
+        if not outside.any():
+            outside = np.ones_like(mask)
+        pixels = image[outside]
+        # the 3 x 3 median filter must not reach a lung pixel (it cannot once the mask is grown by 2 or more)
+        clear = outside & ~ndimage.binary_dilation(mask, structure=np.ones((3, 3), dtype=bool))
+        noise = np.abs(image - ndimage.median_filter(image, size=3))[clear if clear.any() else outside]
+        out[i] = [*np.percentile(pixels, INTENSITY_PERCENTILES), pixels.mean(), pixels.std(), (pixels <= 1 / 255).mean(), (pixels >= 254 / 255).mean(), np.median(noise)]
+    return out
+
+
+def label_from_intensity(images: np.ndarray, lung_masks: np.ndarray, rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0, folds: int = 5) -> dict[str, Any]:
+    """Is the label predictable from the acquisition's intensities outside the lungs — and is the model better than that?
+
+    The data-level test of an intensity-window shortcut (the counterpart of the
+    metadata-only baseline of `covidcxr.evaluate.subgroups` for the projection). A window
+    that comes with the label (COVID films from another scanner's look-up table, Tartaglione
+    et al. 2020 §3.2) changes the *whole* image, lungs included, so neither blanking the lungs
+    nor perturbing the window outside them shows whether a model reads it: a model that reads
+    the window inside the lungs, where the disease's opacity also brightens them, cannot be
+    told apart from one that reads the disease by moving pixels. What can be measured is the
+    evidence the window offers: a logistic regression (scikit-learn, standardised features)
+    on `outside_lung_features` (standardised within each source) — the disease lives inside the lungs, so these carry the
+    acquisition, not the diagnosis — cross-validated over patient-grouped, label-stratified
+    folds (``StratifiedGroupKFold``), scored by the AUC over (positive, negative) pairs of one
+    source (the source's own look is the source probe's business, and a label mix that differs
+    between sources must not pass for a window). The model's within-source AUC on the same
+    images and resamples gives the paired difference (model − intensity baseline) with a
+    patient-bootstrap 95% CI: when the intensities predict the label well and the model does
+    not clearly beat them, its AUC is no evidence that it reads the lungs.
+
+    Args:
+        images: ``(N, H, W)`` model inputs in [0, 1] (what the model sees: after equalisation,
+            which can cancel a global window, the baseline then finds nothing, as the model would).
+        lung_masks: ``(N, H, W)`` bool lung masks.
+        rows: row-aligned ``target``, ``patient_id``, ``source`` and ``probability`` (the model's score).
+        folds: cross-validation folds (fewer when there are fewer patients of a class).
+
+    Returns:
+        ``{"baseline": {estimate, low, high, n_images, n_patients}, "model": {...},
+        "difference": {...}, "features", "folds"}`` (AUCs within source), or ``{"skipped": reason}``.
+
+    Example:
+        >>> result = label_from_intensity(images, masks, rows, n_boot=200)   # doctest: +SKIP
+        >>> result["baseline"]["estimate"], result["difference"]["low"]       # doctest: +SKIP
+        (0.93, -0.06)
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if len(rows) != len(images):
+        raise ValueError(f"label from intensity: {len(rows)} rows for {len(images)} images")
+    y = rows["target"].to_numpy().astype(np.int64)
+    patients = rows["patient_id"].astype(str).to_numpy()
+    strata = rows["source"].astype(str).to_numpy()
+    per_class = min((len(pd.unique(patients[y == k])) for k in (0, 1)), default=0)
+    k = min(folds, per_class)
+    if k < 2:
+        return {"skipped": "fewer than 2 patients of a class among the audited images"}
+    if not any(0 < y[strata == s].sum() < (strata == s).sum() for s in pd.unique(strata)):
+        return {"skipped": "no source holds both classes among the audited images (a within-source AUC needs both)"}
+    features = outside_lung_features(images, lung_masks)
+    # standardised within each source, without the labels: a source's own look (the source
+    # probe's business) must not hide, nor pass for, a window that comes with the label there
+    features = pd.DataFrame(features).groupby(strata).transform(lambda c: (c - c.mean()) / (c.std(ddof=0) or 1.0)).to_numpy()
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    try:
+        baseline = cross_val_predict(classifier, features, y, groups=patients, cv=StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed), method="predict_proba")[:, 1]
+    except ValueError as exc:  # a training fold left with one class (few patients): say so, do not guess
+        return {"skipped": f"the cross-validation could not be fitted ({exc})"}
+    model = rows["probability"].to_numpy().astype(np.float64)
+    n = len(rows)
+
+    def auc_of(scores: np.ndarray) -> Any:
+        def metric(_y: np.ndarray, index: np.ndarray) -> float:
+            drawn = index.astype(np.int64)
+            return _pair_weighted_auc(y[drawn], scores[drawn], strata[drawn])
+
+        return metric
+
+    def difference(_y: np.ndarray, index: np.ndarray) -> float:
+        return auc_of(model)(_y, index) - auc_of(baseline)(_y, index)
+
+    index = np.arange(n, dtype=np.float64)
+    keep = ("estimate", "low", "high", "n_images", "n_patients")
+    out = {name: {key: ci[key] for key in keep} for name, ci in (
+        ("baseline", bootstrap_ci(y, index, patients, auc_of(baseline), n_boot=n_boot, seed=seed)),
+        ("model", bootstrap_ci(y, index, patients, auc_of(model), n_boot=n_boot, seed=seed)),
+        ("difference", bootstrap_ci(y, index, patients, difference, n_boot=n_boot, seed=seed)),
+    )}
+    out.update(features=list(FEATURES), folds=k, region=f"outside the lungs (masks grown by {LUNG_MARGIN:.0%} of the side)")
+    return json_ready(out)
+
+
+def label_from_intensity_of_run(run: LoadedRun, images: np.ndarray, lung_masks: np.ndarray, rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """`label_from_intensity` on a run's model inputs, skipped when the run masks the lungs (nothing outside them reaches it)."""
+    if str(getattr(run.recipe.preprocess, "lungs", "none")) == "mask":
+        return {"skipped": "the run masks the lungs (preprocess.lungs: mask): nothing outside them reaches the model"}
+    return label_from_intensity(images, lung_masks, rows, n_boot=n_boot, seed=seed)

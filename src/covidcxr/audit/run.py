@@ -10,7 +10,8 @@ Steps (each a module; the numbers they produce are in ``audit.json``):
    sources, the source-only baseline;
 3. lung ablation on the seen sources' test split (`ablation.py`): AUC with the lungs blanked
    and with only the lungs;
-4. intensity-window perturbation on the same images (`intensity.py`);
+4. intensity-window perturbation on the same images, and whether their outside-lung
+   intensities alone predict the label within a source (`intensity.py`);
 5. confounders beyond the source on the same images (`covidcxr.evaluate.subgroups`):
    metrics by view, sex and age band, a metadata-only baseline, the score's dependence on
    the view within a label; and the training sources' label mix;
@@ -39,7 +40,7 @@ from covidcxr.audit import AUDIT_DIR, AUDIT_FILE
 from covidcxr.audit.ablation import blank_lungs, keep_lungs_only, lung_ablation
 from covidcxr.audit.embedding import EMBEDDING_METHODS, embedding_map, plot_embedding, require_umap
 from covidcxr.audit.findings import derive_findings, verdict
-from covidcxr.audit.intensity import intensity_perturbation
+from covidcxr.audit.intensity import intensity_perturbation, label_from_intensity_of_run
 from covidcxr.audit.probe import source_probe
 from covidcxr.audit.saliency import gallery_captions, gradcam, lung_focus_fraction, plot_gallery, saliency_layer, select_gallery, summarize_lung_focus
 from covidcxr.errors import CovidCXRError
@@ -178,7 +179,7 @@ def audit_run(
     Returns:
         The ``audit.json`` content: ``run``, ``verdict`` (``no_skill``, ``shortcut``,
         ``warning`` or ``ok``), ``findings``, ``evaluation`` (the cross-source report),
-        ``ablation``, ``intensity``, ``confounders`` (``subgroups``, ``metadata_only``,
+        ``ablation``, ``intensity``, ``intensity_baseline``, ``confounders`` (``subgroups``, ``metadata_only``,
         ``view_dependence``), ``label_mix``, ``source_probe``, ``saliency``, ``embedding``,
         ``sources`` / ``training_sources`` / ``unseen_sources``, counts and settings.
 
@@ -220,6 +221,7 @@ def audit_run(
     say(f"lung ablation and intensity-window perturbation on {int(seen_test.sum())} test images of the training sources")
     ablation = lung_ablation(run, images[seen_test], lung_masks[seen_test], seen_rows, n_boot=n_boot, seed=seed)
     intensity = intensity_perturbation(run, images[seen_test], seen_rows, n_boot=n_boot, seed=seed, lung_masks=lung_masks[seen_test])
+    intensity_baseline = label_from_intensity_of_run(run, images[seen_test], lung_masks[seen_test], seen_rows, n_boot=n_boot, seed=seed)
 
     say("confounders beyond the source: view, sex, age band; metadata-only baseline; view dependence within a label")
     confounders = subgroups.confounders(seen_rows, train_rows, threshold=run.threshold, n_boot=n_boot, seed=seed)
@@ -235,7 +237,7 @@ def audit_run(
     say(f"{EMBEDDING_METHODS[embedding]} of the embeddings (every audited source)")
     coordinates = embedding_map(embeddings, embedding, seed=seed) if len(embeddings) >= 5 else None
 
-    findings = derive_findings(evaluation, ablation, probe, saliency, lungs_mode, label_mix=mix, confounders=confounders, intensity=intensity)
+    findings = derive_findings(evaluation, ablation, probe, saliency, lungs_mode, label_mix=mix, confounders=confounders, intensity=intensity, intensity_baseline=intensity_baseline)
     report = {
         "run": run.name,
         "run_dir": str(run.run_dir),
@@ -258,6 +260,7 @@ def audit_run(
         "evaluation": evaluation,
         "ablation": ablation,
         "intensity": intensity,
+        "intensity_baseline": intensity_baseline,
         "confounders": confounders,
         "label_mix": mix,
         "source_probe": probe,
