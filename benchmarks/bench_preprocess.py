@@ -84,3 +84,72 @@ def bench_preprocess_cache(context) -> dict:
 
 
 BENCHMARKS = [bench_preprocess_cache]
+
+
+def bench_downscale_first_masks(context) -> dict:
+    """Lung masks before vs after "downscale first", and bf16 vs float32, on the shared collection's reference masks.
+
+    The images with heart-excluded reference masks (the convention the pipeline uses: NLM
+    Montgomery/Shenzhen and General Blockchain's Cohen masks). Before = the U-Net on the
+    equalised full image, mask at the image's size (float32, and bf16 autocast as the old fast
+    path ran it); after = on the area-downscaled working image (`working_shape`, 224-px
+    model input), the mask brought back to the image's size by nearest neighbour. Dice
+    against the reference masks, and between the pipelines' masks.
+    """
+    if context.shared_collection is None:
+        return {"skipped": "the shared collection is absent (../shared/data/cxr)"}
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from covidcxr.io import read_image, read_mask
+    from covidcxr.preprocess.equalize import equalize
+    from covidcxr.preprocess.geometry import _resize_mask
+    from covidcxr.preprocess.lungs import LungSegmenter, dice_score
+    from covidcxr.preprocess.pipeline import PreprocessConfig, downscale, working_shape
+
+    root = context.shared_collection
+    manifest = pd.read_csv(root / "manifest.csv", dtype=str, keep_default_na=False)
+    manifest = manifest[(manifest["mask"] != "") & (manifest["mask_source"] != "v7labs")]
+    segmenter = LungSegmenter.load(None)
+    config = PreprocessConfig(size=224)
+    rows = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for image_path, mask_path, source in zip(manifest["image"], manifest["mask"], manifest["source"]):
+            raw = read_image(root / image_path).pixels
+            truth = read_mask(root / mask_path, raw.shape)
+            full = equalize(raw, "histogram")
+            segmenter.bf16 = False
+            before = segmenter.segment(full)
+            segmenter.bf16 = True
+            before_bf16 = segmenter.segment(full)
+            segmenter.bf16 = False
+            after = _resize_mask(segmenter.segment(equalize(downscale(raw, working_shape(raw.shape, config)), "histogram")), raw.shape)
+            rows.append(
+                {
+                    "source": source,
+                    "dice_before_fp32": dice_score(before, truth),
+                    "dice_before_bf16": dice_score(before_bf16, truth),
+                    "dice_after_fp32": dice_score(after, truth),
+                    "agreement_after_vs_before": dice_score(after, before),
+                    "agreement_bf16_vs_fp32": dice_score(before_bf16, before),
+                }
+            )
+    finally:
+        torch.set_num_threads(threads)
+    frame = pd.DataFrame(rows)
+    numbers = frame.drop(columns="source")
+    return {
+        "images": len(frame),
+        "per_source_images": frame["source"].value_counts().to_dict(),
+        "mean": numbers.mean().round(4).to_dict(),
+        "min": numbers.min().round(4).to_dict(),
+        "dice_change_after_minus_before": round(float(numbers["dice_after_fp32"].mean() - numbers["dice_before_fp32"].mean()), 4),
+        "per_source_mean_dice_after": frame.groupby("source")["dice_after_fp32"].mean().round(4).to_dict(),
+        "per_source_mean_dice_before": frame.groupby("source")["dice_before_fp32"].mean().round(4).to_dict(),
+    }
+
+
+BENCHMARKS.append(bench_downscale_first_masks)

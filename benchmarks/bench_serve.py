@@ -21,10 +21,13 @@ ones. The issue's goal is under 150 ms per image without Grad-CAM.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -312,3 +315,289 @@ def bench_hostile_load_soak(context) -> dict:
 
 
 BENCHMARKS.append(bench_hostile_load_soak)
+
+
+# ---------------------------------------------------------------- speed: before vs after "downscale first"
+
+SPEED_REPEATS = 15  # timed predictions per (input size, threads, before/after), interleaved
+EVAL_SAMPLE = 150  # images of the shared collection in the interleaved evaluate passes
+
+
+def _speed_run(scratch):
+    """ResNet-18 at 224 px, lungs masked by the U-Net (what predict and ``evaluate --data`` run); trains once per scratch."""
+    from covidcxr.train import recipe_from_mapping, train_recipe
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    recipe = {
+        "name": "bench-speed",
+        "seed": 0,
+        "data": {"synthetic": {"n_images": 60, "size": 256, "seed": 3}, "task": "covid_vs_rest"},
+        "preprocess": {"cache_dir": str(scratch / "speed-cache"), "size": SIZE, "lungs": "mask", "mask_source": "model"},
+        "model": {"name": "resnet18", "head": "linear"},
+        "optimizer": {"name": "adam", "lr": 1e-3},
+        "train": {"epochs": 1, "batch_size": 16, "checkpoint_every_n_steps": 0},
+        "engine": {"threads": 1, "progress_bar": False, "accelerator": "cpu"},
+        "output": {"runs_dir": str(scratch / "speed-runs")},
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return train_recipe(recipe_from_mapping(recipe), progress=False, say=lambda _: None).run_dir
+
+
+class _ContiguousClassifier:
+    """`covidcxr.serve.engines.TorchClassifier` as it was before: float32 in the default (contiguous) layout."""
+
+    name = "torch"
+
+    def __init__(self, module):
+        import torch
+
+        self.module = module.to(memory_format=torch.contiguous_format)
+
+    def __call__(self, images):
+        import torch
+
+        with torch.inference_mode():
+            p, e = self.module(torch.from_numpy(np.asarray(images, dtype=np.float32)[:, None]))
+        return p.float().numpy().astype(np.float64), e.float().numpy()
+
+
+def _summary(walls: list[float], cpus: list[float]) -> dict:
+    return {
+        "ms_median": round(float(np.median(walls)), 1),
+        "ms_p95": round(float(np.percentile(walls, 95)), 1),
+        "cpu_ms_median": round(float(np.median(cpus)), 1),
+    }
+
+
+def bench_predict_speed(context) -> dict:
+    """End-to-end predict (no Grad-CAM) before vs after "downscale first", interleaved in one process.
+
+    Before = the full-resolution pipeline (PIPELINE_VERSION 2), the U-Net under bf16 autocast
+    and a contiguous classifier (`benchmarks/_fullres_pipeline.py`); after = the library as
+    it is. Per input size and thread count the two predictors alternate call by call (ABBA),
+    so the machine's load hits both alike; wall-clock median and p95, and the median CPU time
+    of the process (``time.process_time``: the figure load inflates least, meaningful at 1 thread).
+    """
+    import torch
+
+    sys_path_add = str(Path(__file__).resolve().parent)
+    if sys_path_add not in sys.path:
+        sys.path.insert(0, sys_path_add)
+    from _fullres_pipeline import installed
+
+    from covidcxr.serve.predictor import Predictor
+
+    load_before = os.getloadavg()
+    threads_before = torch.get_num_threads()
+    run_dir = _speed_run(context.scratch)
+    images = _images(context, run_dir)
+    cores = len(os.sched_getaffinity(0))
+    after = Predictor.load(run_dir)
+    before = Predictor.load(run_dir)
+    before.classifier = _ContiguousClassifier(before.torch_classifier.module)
+    figures: dict = {
+        "model": f"resnet18, {SIZE} px input, lungs masked by the 256-px lung U-Net; no Grad-CAM",
+        "cores": cores,
+        "repeats_each": SPEED_REPEATS,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "load_avg_before": [round(v, 2) for v in load_before],
+        "latency": {},
+    }
+    try:
+        for threads in sorted({1, cores}):
+            torch.set_num_threads(threads)
+            for name, image in images.items():
+                times: dict[str, tuple[list[float], list[float]]] = {"before": ([], []), "after": ([], [])}
+                stages: list[dict] = []
+                for predictor, key in ((before, "before"), (after, "after")):  # warm-up
+                    with installed([predictor.segmenter]) if key == "before" else contextlib.nullcontext():
+                        predictor.predict_file(image, gradcam=False)
+                for repeat in range(SPEED_REPEATS):
+                    order = (("before", before), ("after", after)) if repeat % 2 == 0 else (("after", after), ("before", before))
+                    for key, predictor in order:
+                        with installed([predictor.segmenter]) if key == "before" else contextlib.nullcontext():
+                            wall, cpu = time.perf_counter(), time.process_time()
+                            result = predictor.predict_file(image, gradcam=False)
+                            times[key][0].append((time.perf_counter() - wall) * 1000)
+                            times[key][1].append((time.process_time() - cpu) * 1000)
+                        if key == "after":
+                            stages.append(result.timings_ms)
+                entry = {key: _summary(*values) for key, values in times.items()}
+                entry["speedup_median"] = round(entry["before"]["ms_median"] / entry["after"]["ms_median"], 2)
+                entry["speedup_cpu"] = round(entry["before"]["cpu_ms_median"] / entry["after"]["cpu_ms_median"], 2)
+                entry["after_stages_ms_median"] = {s: round(float(np.median([t[s] for t in stages])), 1) for s in stages[0] if s != "total"}
+                figures["latency"][f"{name}/{threads}thread{'s' if threads > 1 else ''}"] = entry
+    finally:
+        torch.set_num_threads(threads_before)
+    load_after = os.getloadavg()
+    figures["load_avg_after"] = [round(v, 2) for v in load_after]
+    all_cores = {k.split("/")[0]: v["after"]["ms_median"] for k, v in figures["latency"].items() if k.endswith(f"/{cores}threads") or (cores == 1)}
+    small = next((v for k, v in all_cores.items() if k != "1024px"), None)
+    figures["goals_all_cores"] = {
+        "320px_median_le_50ms": None if small is None else small <= 50,
+        "1024px_median_le_80ms": all_cores.get("1024px", float("inf")) <= 80,
+        "note": f"goals are for 2 quiet cores; the 1-minute load average was {load_before[0]:.1f} before and {load_after[0]:.1f} after "
+        "(with load above the core count wall-clock figures are upper bounds; cpu_ms at 1 thread is the steadier figure)",
+    }
+    return figures
+
+
+BENCHMARKS.append(bench_predict_speed)
+
+
+def _sample_collection(shared: Path, target: Path, count: int) -> Path:
+    """A collection of ``count`` rows of the shared one (every k-th, all sources): its manifest + links to the source folders."""
+    import pandas as pd
+
+    manifest = pd.read_csv(shared / "manifest.csv", dtype=str, keep_default_na=False)
+    target.mkdir(parents=True, exist_ok=True)
+    step = max(1, len(manifest) // count)
+    manifest.iloc[::step].head(count).to_csv(target / "manifest.csv", index=False)
+    for source in manifest["source"].unique():
+        link = target / source
+        if not link.exists():
+            link.symlink_to(shared / source, target_is_directory=True)
+    return target
+
+
+_BEFORE_DRIVER = (
+    "import sys; sys.path.insert(0, {bench!r}); from _fullres_pipeline import installed; from covidcxr.cli import main; "
+    "sys.argv = ['covidcxr', *sys.argv[1:]]\nwith installed(): main()"
+)
+
+
+def _evaluate_pass(run_dir: Path, data: Path, name: str, cache: Path, before: bool, fresh: bool = True) -> dict:
+    """One ``covidcxr evaluate RUN --data DATA`` child process: seconds, images, peak RSS."""
+    import json
+    import resource
+    import shutil
+    import subprocess
+
+    if fresh and cache.exists():
+        shutil.rmtree(cache)  # every cold pass starts from an empty preprocessing cache
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "COVIDCXR_CACHE_DIR": str(cache.parent / "fingerprints")}
+    args = ["evaluate", str(run_dir), "--data", str(data), "--name", name, "--json", "--n-boot", "100"]
+    command = [sys.executable, "-c", _BEFORE_DRIVER.format(bench=str(Path(__file__).resolve().parent)), *args] if before else [sys.executable, "-m", "covidcxr.cli", *args]
+    peak_before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=repo)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"covidcxr {' '.join(args)} failed: {proc.stderr[-2000:]}")
+    report = json.loads(proc.stdout)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {
+        "seconds": round(seconds, 1),
+        "images": int(report["n_candidates"]),
+        "images_per_s": round(report["n_candidates"] / seconds, 2),
+        "peak_rss_mb_children_so_far": int(max(peak, peak_before) / 1024),
+    }
+
+
+def bench_evaluate_speed(context) -> dict:
+    """``covidcxr evaluate RUN --data`` on the shared collection: before vs after on a sample (ABBA), then the whole collection after.
+
+    Each pass is a fresh CLI process with an empty preprocessing cache (so it counts the
+    decode, the lung U-Net and the classifier); the resumed rerun is the whole-collection
+    command again (every image already scored). Peak memory is the largest child RSS so far
+    (``RUSAGE_CHILDREN``), so the whole-collection figure is an upper bound of that pass.
+    """
+    if context.shared_collection is None:
+        return {"skipped": "the shared collection is absent (../shared/data/cxr)"}
+    run_dir = _speed_run(context.scratch)
+    cache = Path(json_cache_dir(run_dir))
+    sample = _sample_collection(context.shared_collection, context.scratch / "speed-sample", EVAL_SAMPLE)
+    load_before = os.getloadavg()
+    passes = {}
+    for i, before in enumerate((True, False, False, True)):  # ABBA
+        key = f"{'before' if before else 'after'}_{i}"
+        passes[key] = _evaluate_pass(run_dir, sample, f"speed-{key}", cache, before)
+    rate = {k: np.mean([v["images_per_s"] for n, v in passes.items() if n.startswith(k)]) for k in ("before", "after")}
+    figures: dict = {
+        "run": "resnet18 at 224 px, lungs masked by the lung U-Net (trained 1 epoch on phantoms: speed only)",
+        "sample_images": EVAL_SAMPLE,
+        "sample_passes": passes,
+        "sample_images_per_s": {k: round(float(v), 2) for k, v in rate.items()},
+        "sample_speedup": round(float(rate["after"] / rate["before"]), 2),
+    }
+    whole = _evaluate_pass(run_dir, context.shared_collection, "speed-whole", cache, before=False)
+    rerun = _evaluate_pass(run_dir, context.shared_collection, "speed-whole", cache, before=False, fresh=False)
+    figures["whole_collection_after"] = {**whole, "resumed_rerun_seconds": rerun["seconds"]}
+    figures["goal_50_images_per_s"] = whole["images_per_s"] >= 50
+    figures["load_avg_before"] = [round(v, 2) for v in load_before]
+    figures["load_avg_after"] = [round(v, 2) for v in os.getloadavg()]
+    return figures
+
+
+def json_cache_dir(run_dir: Path) -> str:
+    """The preprocessing cache folder of a run (its recipe's ``preprocess.cache_dir``)."""
+    from covidcxr.rundir import RunDir
+
+    return str(RunDir(run_dir).read_recipe().preprocess.cache_dir)
+
+
+BENCHMARKS.append(bench_evaluate_speed)
+
+
+def bench_network_settings(context) -> dict:
+    """CPU ms per image of the two networks under each setting, 1 thread, interleaved (what `LungSegmenter` and `load_run` choose).
+
+    U-Net (shipped weights, 256 px, batch 1): float32 contiguous, float32 channels-last, bf16
+    autocast channels-last. ResNet-18 (224 px, 1 -> 3 channels as the runs have it; random
+    weights: the cost does not depend on their values) at batch 1 and 32: contiguous vs
+    channels-last. ``time.process_time`` medians over interleaved rounds (the load moves
+    less of it than wall time). ``bf16_pays`` is what the library decides on this CPU.
+    """
+    from contextlib import nullcontext
+
+    import torch
+
+    from covidcxr.models import create_model
+    from covidcxr.preprocess.lungs import bf16_pays, load_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rounds = 5
+
+    def cpu_ms(module, x, fmt, bf16=False) -> float:
+        module.to(memory_format=fmt)
+        x = x.contiguous(memory_format=fmt)
+        context = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+        with torch.inference_mode(), context:
+            module(x)  # warm-up (kernel selection)
+            start = time.process_time()
+            module(x)
+        return (time.process_time() - start) * 1000 / len(x)
+
+    try:
+        unet = load_model(None)[0].eval()
+        resnet = create_model("resnet18", num_classes=1, in_channels=1, head="linear").eval()
+        cases = {
+            "unet_256_batch1/fp32_contiguous": (unet, (1, 1, 256, 256), torch.contiguous_format, False),
+            "unet_256_batch1/fp32_channels_last": (unet, (1, 1, 256, 256), torch.channels_last, False),
+            "unet_256_batch1/bf16_channels_last": (unet, (1, 1, 256, 256), torch.channels_last, True),
+            "resnet18_224_batch1/fp32_contiguous": (resnet, (1, 1, 224, 224), torch.contiguous_format, False),
+            "resnet18_224_batch1/fp32_channels_last": (resnet, (1, 1, 224, 224), torch.channels_last, False),
+            "resnet18_224_batch32/fp32_contiguous": (resnet, (32, 1, 224, 224), torch.contiguous_format, False),
+            "resnet18_224_batch32/fp32_channels_last": (resnet, (32, 1, 224, 224), torch.channels_last, False),
+        }
+        samples: dict[str, list[float]] = {name: [] for name in cases}
+        for round_ in range(rounds):
+            names = list(cases) if round_ % 2 == 0 else list(reversed(cases))
+            for name in names:
+                module, shape, fmt, bf16 = cases[name]
+                samples[name].append(cpu_ms(module, torch.rand(shape), fmt, bf16))
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_pays_here": bf16_pays(),
+        "rounds": rounds,
+        "cpu_ms_per_image_median": {name: round(float(np.median(v)), 1) for name, v in samples.items()},
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+    }
+
+
+BENCHMARKS.append(bench_network_settings)

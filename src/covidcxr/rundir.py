@@ -30,7 +30,8 @@ Layout::
       evaluation.json      the run's own test evaluation (covidcxr evaluate)
       external/<name>/     an evaluation on another collection
       audit/               audit.json, figures, tables (covidcxr audit)
-      inference/           out-of-distribution reference (covidcxr predict/serve)
+      inference/           reference.npz: the out-of-distribution reference (written at the end of training,
+                           read by covidcxr predict/serve)
       export/              ONNX export (covidcxr export)
       report.html          covidcxr report
       excluded.csv         images the preprocessing rejected, with the reason
@@ -312,6 +313,7 @@ class RunDir:
     AUDIT = "audit"
     AUDIT_FILE = "audit.json"
     INFERENCE = "inference"
+    REFERENCE = "reference.npz"
     EXPORT = "export"
     REPORT = "report.html"
     EXCLUDED = "excluded.csv"
@@ -387,6 +389,11 @@ class RunDir:
     @property
     def inference_dir(self) -> Path:
         return self.path / self.INFERENCE
+
+    @property
+    def reference(self) -> Path:
+        """The out-of-distribution reference (`covidcxr.serve.reference`), built at the end of training."""
+        return self.inference_dir / self.REFERENCE
 
     @property
     def export_dir(self) -> Path:

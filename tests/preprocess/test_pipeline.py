@@ -265,3 +265,86 @@ def test_unreadable_image_raises_and_batch_reports_it(phantoms, tmp_path):
     results = preprocess_batch([(broken, None), (phantoms.iloc[0]["image"], None)], config, BoxSegmenter())
     assert isinstance(results[0], ImageReadError) and str(broken) in str(results[0])
     assert results[1].image.shape == (64, 64)
+
+
+# ---------------------------------------------------------------- downscale first (working resolution)
+
+
+@pytest.mark.parametrize(
+    ("shape", "settings", "expected"),
+    [
+        ((1024, 1024), {"size": 224}, (256, 256)),  # the U-Net's 256 px input is the floor
+        ((2000, 1000), {"size": 512}, (512, 256)),  # the model input's own scale when above it
+        ((2000, 1600), {"size": 224, "lungs": "crop"}, (448, 358)),  # crop: a crop of half the side keeps 224 px
+        ((320, 250), {"size": 224, "lungs": "crop"}, (320, 250)),  # never upscaled
+        ((200, 150), {"size": 224}, (200, 150)),
+    ],
+)
+def test_working_shape(shape, settings, expected):
+    from covidcxr.preprocess.pipeline import working_shape
+
+    assert working_shape(shape, PreprocessConfig(**settings)) == expected
+
+
+@pytest.mark.parametrize("lungs", ["mask", "crop"])
+def test_a_large_image_gives_what_its_area_downscaled_copy_gives(lungs):
+    """Downscale first: a 1024-px film and its box-filtered working-size copy are the same model input."""
+    from covidcxr.preprocess.pipeline import downscale, working_shape
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:1024, 0:1024] / 1024.0
+    large = np.clip(0.5 + 0.3 * np.sin(9 * xx) * np.cos(7 * yy) + 0.05 * rng.standard_normal((1024, 1024)), 0, 1).astype(np.float32)
+    config = PreprocessConfig(size=96, lungs=lungs, crop_min_fraction=0.3)
+    small = downscale(large, working_shape(large.shape, config))
+    segmenter = BoxSegmenter()
+    big_result, small_result = preprocess_batch([(large, None), (small, None)], config, segmenter)
+    assert segmenter.calls == [2]
+    assert big_result.input_shape == (1024, 1024) and small_result.input_shape == small.shape
+    np.testing.assert_array_equal(big_result.image, small_result.image)
+    np.testing.assert_array_equal(big_result.lung_mask, small_result.lung_mask)
+    assert big_result.mask_area_fraction == small_result.mask_area_fraction
+    if lungs == "crop":  # the crop box is reported in the coordinates of the image as read
+        scale = 1024 / small.shape[0]
+        assert big_result.crop_box.top == round(small_result.crop_box.top * scale)
+        assert big_result.crop_box.bottom <= 1024
+
+
+def test_the_segmenter_sees_the_working_resolution_not_the_file(phantoms):
+    """A 2,000-px film costs the U-Net what a 256-px one does (the masks come back at that size)."""
+    seen: list[tuple[int, int]] = []
+
+    class Recording(BoxSegmenter):
+        def segment_batch(self, images):
+            seen.extend(image.shape for image in images)
+            return super().segment_batch(images)
+
+    big = np.tile(np.linspace(0, 1, 2000, dtype=np.float32), (1600, 1))
+    (result,) = preprocess_batch([(big, None)], PreprocessConfig(size=224), Recording())
+    assert seen == [(205, 256)]
+    assert result.image.shape == (224, 224) and result.input_shape == (1600, 2000)
+
+
+def test_manifest_masks_follow_the_image_to_the_working_resolution(tmp_path):
+    from covidcxr.io.writers import write_png
+
+    image = np.tile(np.linspace(0, 1, 600, dtype=np.float32), (600, 1))
+    mask = np.zeros((600, 600), bool)
+    mask[100:500, 60:280] = mask[100:500, 320:540] = True
+    write_png(tmp_path / "i.png", image)
+    write_png(tmp_path / "m.png", mask.astype(np.float32))
+    config = PreprocessConfig(size=128, mask_source="manifest")
+    result = preprocess_image(tmp_path / "i.png", config, manifest_mask=tmp_path / "m.png")
+    assert result.mask_area_fraction == pytest.approx(mask.mean(), abs=0.01)
+    assert result.input_shape == (600, 600)
+
+
+def test_screening_still_refuses_a_large_graphic_that_downscaling_would_blur():
+    """Area averaging turns a 3,000-px checkerboard's 2 levels into hundreds; screening looks at a strided sample."""
+    from covidcxr.serve.errors import NotAChestXray
+
+    n = 3001
+    checker = ((np.indices((n, n)) // 37).sum(0) % 2).astype(np.float32)
+    noise = np.clip(0.5 + 0.2 * np.random.default_rng(0).standard_normal((n, n)), 0, 1).astype(np.float32)
+    refused, kept = preprocess_batch([(checker, None), (noise, None)], PreprocessConfig(), BoxSegmenter(), screen=True)
+    assert isinstance(refused, NotAChestXray) and "grey levels" in str(refused)
+    assert kept.image.shape == (224, 224)

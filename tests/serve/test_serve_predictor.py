@@ -58,6 +58,50 @@ def test_negative_decisions_are_explained_too(predictor: Predictor, run_dir: Pat
     assert gradcam(predictor.run, model_input).sum() < gradcam(predictor._negative_run, model_input).sum()
 
 
+def test_training_writes_the_reference(tmp_path_factory) -> None:
+    """Built once at the end of training (RunDir.reference), not at the first request."""
+    from covidcxr.rundir import RunDir
+
+    trained = tiny_run(tmp_path_factory)
+    assert RunDir(trained).reference == trained / REFERENCE_FILE
+    assert RunDir(trained).reference.is_file()
+
+
+def test_an_old_run_without_reference_builds_it_once_and_says_so(run_dir: Path, tmp_path: Path, capsys) -> None:
+    old = copy_run(run_dir, tmp_path / "old")
+    (old / REFERENCE_FILE).unlink()
+    capsys.readouterr()
+    first = Predictor.load(old, progress=True)
+    said = capsys.readouterr().err
+    assert "building the out-of-distribution reference" in said and "once" in said and "inference/reference.npz" in said
+    assert first.reference is not None and (old / REFERENCE_FILE).is_file()
+    Predictor.load(old, progress=True)
+    assert "building" not in capsys.readouterr().err  # read, not rebuilt
+
+
+def test_the_cache_and_predict_give_the_same_model_input(predictor: Predictor, run_dir: Path, tmp_path: Path) -> None:
+    """One code path: the training cache's entry for a file is the tensor predict classifies (float16 apart)."""
+    import pandas as pd
+    from PIL import Image
+
+    from covidcxr.preprocess.cache import preprocess_collection, read_entry
+
+    large = tmp_path / "large.png"  # a phantom at 512 px: predict and the cache both downscale it first
+    Image.open(split_images(run_dir, "test")[0]).resize((512, 512), Image.Resampling.BICUBIC).save(large)
+    seen: list[np.ndarray] = []
+    classify = predictor.classifier
+    predictor.classifier = lambda images: (seen.append(np.array(images)), classify(images))[1]
+    try:
+        predictor.predict_file(large, gradcam=False)
+    finally:
+        predictor.classifier = classify
+    manifest = pd.DataFrame({"image": [str(large)], "mask": [None], "source": ["x"], "label": ["covid"], "patient_id": ["p"]})
+    result = preprocess_collection(manifest, predictor.config, tmp_path / "cache", workers=1, progress=False)
+    entry = read_entry(result.config_dir / result.index["cache_file"].iloc[0])
+    assert seen[0].shape == (1, *entry.image.shape)
+    np.testing.assert_allclose(seen[0][0], entry.image.astype(np.float32), atol=2**-11)
+
+
 def test_reference_is_stored_once_and_reused(predictor: Predictor, run_dir: Path) -> None:
     path = run_dir / REFERENCE_FILE
     assert path.is_file()

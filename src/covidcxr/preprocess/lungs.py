@@ -574,15 +574,31 @@ def load_model(weights: str | Path | None = None) -> tuple[torch.nn.Module, Segm
 # ---------------------------------------------------------------- the segmenter
 
 
+def bf16_pays() -> bool:
+    """Whether bf16 autocast speeds a CPU forward pass up here: only with AMX tiles (Sapphire Rapids and later).
+
+    Without AMX, oneDNN runs bf16 convolutions through AVX-512-BF16 dot products plus
+    conversions, which on this project's CPU made the U-Net ~1.4x *slower* than float32
+    (and changes the masks a little); with AMX it is 2-3x faster.
+    """
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
 class LungSegmenter:
     """Segment the lungs of chest radiographs of any size with a trained U-Net.
 
     Args:
         model: the U-Net (`build_unet`), weights loaded.
         config: its `SegmenterConfig`.
-        fast: run the network under bf16 autocast with channels-last tensors (about 2-3x
-            faster on CPUs with AVX-512-BF16/AMX; see ``benchmarks/bench_segment.py``);
-            False runs plain float32.
+        fast: run the network on channels-last tensors, under bf16 autocast only where
+            the CPU has AMX tiles (`bf16_pays`). Measured on this project's AVX-512 CPU
+            without AMX (``benchmarks/bench_serve.py``, one thread): float32 channels-last
+            ~23 ms per 256-px image, bf16 autocast ~32-37 ms — bf16 there is emulated and
+            costs more than it saves. False runs plain float32, contiguous.
         batch_size: images per forward pass in the batch methods.
         metadata: the weights' metadata (training summary, split, metrics).
         tta: test-time augmentation (see `resolve_tta`): None = the weights' ``config.tta``
@@ -611,6 +627,7 @@ class LungSegmenter:
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.tta_views: tuple[TTAView, ...] = resolve_tta(tta, config.tta)
         self.model = model.eval()
+        self.bf16 = bool(fast) and bf16_pays()
         if fast:
             self.model = self.model.to(memory_format=torch.channels_last)
 
@@ -650,7 +667,7 @@ class LungSegmenter:
         tensor = torch.as_tensor(batch, dtype=torch.float32)
         if tensor.ndim == 3:
             tensor = tensor[:, None]
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.fast else nullcontext()
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else nullcontext()
         if self.fast:
             tensor = tensor.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast:
@@ -960,6 +977,7 @@ __all__ = [
     "Placement",
     "SegmenterConfig",
     "TTAView",
+    "bf16_pays",
     "build_unet",
     "dice_score",
     "evaluate_segmenter",

@@ -7,23 +7,37 @@ keys the cache (`covidcxr.preprocess.cache`). The steps, in order, and why this 
 2. **JPEG harmonisation** (optional; Hall et al. 2020 used quality 90): first, because
    it stands for re-encoding the *file* — every image then carries the same compression
    artefacts before anything else looks at it.
-3. **equalise** the full image (Tartaglione et al. 2020 §3.2: histogram equalisation
-   for "uniform image dynamic"): on the whole radiograph, so the mapping does not depend
-   on a crop or drown in a masked image's zeros, and before segmenting, so the segmenter
-   sees the same dynamic range whatever the source.
-4. **segment** the lungs on that equalised full image (the U-Net of
-   ``covidcxr.preprocess.lungs``, or the manifest's mask), at the image's own size.
-5. **crop** (``lungs="crop"``, Ben Ahmed et al. 2021 §II.B) at the native resolution,
-   so the lungs keep every pixel they have before scaling.
-6. **resize with padding** to ``size``, aspect kept (Apostolopoulos et al. 2020).
-7. **mask** (``lungs="mask"``, Tartaglione §3.2): the binary mask is resized with the
+3. **downscale** to the *working resolution* (`working_shape`) by area averaging (Pillow's
+   box filter): the smallest size at which every later step still has all the pixels it
+   uses — the model input's scale (doubled-ish for ``lungs="crop"``: a crop may be as
+   small as ``crop_min_fraction`` of the image side) and never below the lung U-Net's
+   256-px input. A 2,000-px film and a 320-px figure then cost the same from here on
+   (the U-Net, its post-processing and the equalisation at full resolution were most of
+   the latency of a large image); images already at or below it are not touched (never
+   upscaled). Area averaging is the anti-aliasing the later Lanczos resize would have
+   done anyway.
+4. **equalise** the (working-resolution) image (Tartaglione et al. 2020 §3.2: histogram
+   equalisation for "uniform image dynamic"): on the whole radiograph, so the mapping does
+   not depend on a crop or drown in a masked image's zeros, and before segmenting, so the
+   segmenter sees the same dynamic range whatever the source.
+5. **segment** the lungs on that equalised image (the U-Net of
+   ``covidcxr.preprocess.lungs``, or the manifest's mask brought to the working size by
+   nearest neighbour).
+6. **crop** (``lungs="crop"``, Ben Ahmed et al. 2021 §II.B) at the working resolution,
+   which keeps at least as many pixels across the lungs as the output has.
+7. **resize with padding** to ``size``, aspect kept (Apostolopoulos et al. 2020).
+8. **mask** (``lungs="mask"``, Tartaglione §3.2): the binary mask is resized with the
    image (nearest neighbour), then blurred with ``blur_radius`` and multiplied in — at
    the *output* resolution. This is the one place where this pipeline departs from
    "mask, then resize": a 3-pixel blur on a 2,000-px film and on a 320-px figure leaves
    edges of very different softness after both are scaled to 224 px, and that softness
    would tell the sources (hence the labels) apart. Blurring at the model input's scale
    gives every image the same 3-px edge.
-8. float32 in [0, 1].
+9. float32 in [0, 1].
+
+Training (the cache, `covidcxr.preprocess.cache`) and inference (``covidcxr predict``,
+the service, ``evaluate --data``) all call `preprocess_batch`: one code path, so a cached
+model input and the one predict computes for the same file are the same array.
 
 The lung mask is computed for every setting, ``lungs="none"`` included: the audit
 (lung-focus saliency) needs to know where the lungs are in every model input.
@@ -63,11 +77,18 @@ from covidcxr.preprocess.geometry import (
     make_pad_transform,
     resize_with_padding,
 )
+from covidcxr.preprocess.geometry import _resize_mask as resize_mask
 
 # Bump whenever a code change alters any output array or number for the same config:
 # it is part of the config hash, so stale cache entries are never read as current.
 # 2: images that are not chest radiographs are refused (`covidcxr.preprocess.screening`).
-PIPELINE_VERSION = 2
+# 3: downscale first (`working_shape`): equalisation, segmentation, crop and lung statistics
+#    run at the working resolution instead of the file's own.
+PIPELINE_VERSION = 3
+
+# The working resolution's long side is never below this: the lung U-Net's input side
+# (``lung_unet.json`` ``input_size``), so the segmenter is never fed an image it must upscale.
+WORKING_MIN_LONG_SIDE = 256
 
 # Long side of the QC thumbnails (`PreprocessedImage.original`), in pixels.
 QC_SIZE = 192
@@ -284,17 +305,19 @@ class PreprocessedImage:
         original: ``(h, w)`` float32, the equalised input scaled to a long side of
             `QC_SIZE` (aspect kept, no padding).
         original_mask: ``(h, w)`` bool, the full-image lung mask at ``original``'s size.
-        mask_area_fraction: lung pixels / image pixels, on the full native image.
+        mask_area_fraction: lung pixels / image pixels, on the whole image (at the working
+            resolution, `working_shape`).
         left_right_balance: image-left lung area / both lungs' area, in [0, 1]: 0.5 =
             equal lungs, near 0 or 1 = a lung missing (NaN for an empty mask). The lungs
             are the mask's two largest connected components, each assigned to the side of
             its centroid; a mask in one piece is split at the image's middle column.
-        crop_box: the lung crop in native pixel coordinates (``lungs="crop"``), else None.
+        crop_box: the lung crop in the pixel coordinates of the image as read (scaled back
+            from the working resolution where it was cut; ``lungs="crop"``), else None.
         rejected_reason: why the image must not be used (empty mask, crop too small), or
             None.
         mask_used: ``"manifest"`` or ``"model"``.
         input_shape: ``(H, W)`` of the image as read.
-        transform: the `PadTransform` from the (cropped) native image to ``image``.
+        transform: the `PadTransform` from the (cropped) working-resolution image to ``image``.
     """
 
     image: np.ndarray
@@ -374,24 +397,91 @@ def pixels_from_array(image: np.ndarray) -> np.ndarray:
     return pixels
 
 
-def load_equalized(path: str | Path | np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """Steps 1–3: read, optionally JPEG-harmonise, equalise. ``(H, W)`` float32 in [0, 1].
+def working_shape(shape: Sequence[int], config: PreprocessConfig, min_long_side: int = WORKING_MIN_LONG_SIDE) -> tuple[int, int]:
+    """The ``(h, w)`` an ``(H, W)`` image is downscaled to before equalisation (step 3).
+
+    The scale is the one `resize_with_padding` will apply to reach ``config.size``; for
+    ``lungs="crop"`` it is divided by ``crop_min_fraction`` (an accepted crop is at least
+    that fraction of each image side, so it still has the output's pixels); it is raised so
+    the long side reaches ``min_long_side`` (the U-Net's input); and it is never above 1.
+
+    Example:
+        >>> working_shape((1024, 1024), PreprocessConfig(size=224))
+        (256, 256)
+        >>> working_shape((2000, 1600), PreprocessConfig(size=224, lungs="crop"))
+        (448, 358)
+        >>> working_shape((320, 250), PreprocessConfig(size=224, lungs="crop"))  # never upscaled
+        (320, 250)
+    """
+    height, width = int(shape[0]), int(shape[1])
+    scale = min(config.size[0] / height, config.size[1] / width)
+    if config.lungs == "crop":
+        scale /= config.crop_min_fraction
+    scale = max(scale, min_long_side / max(height, width))
+    if scale >= 1.0:
+        return height, width
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def downscale(pixels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Area-averaging downscale of ``(H, W)`` float32 to ``shape`` (Pillow's box filter; a copy-free no-op at the same size).
+
+    Each output pixel is the mean of the input pixels it covers (fractional at the edges),
+    the anti-aliased reduction; Pillow's C resampler keeps it to a few ms for a 2,000-px film.
+    """
+    if tuple(pixels.shape) == tuple(shape):
+        return pixels
+    from PIL import Image
+
+    resized = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32)).resize((shape[1], shape[0]), Image.Resampling.BOX)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
+def _downscale_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    # Nearest neighbour, as every mask resize of the pipeline (geometry.PadTransform.apply).
+    return resize_mask(mask, shape)
+
+
+def load_equalized(path: str | Path | np.ndarray, config: PreprocessConfig, screen: bool = False) -> tuple[np.ndarray, tuple[int, int]]:
+    """Steps 1–4: read, optionally JPEG-harmonise, downscale to `working_shape`, equalise.
 
     ``path`` may also be an image already in memory: an ``(H, W)`` array of grey values in
     [0, 1] (`pixels_from_array`), e.g. from `covidcxr.train.inference.LoadedRun.predict_array`.
 
+    Args:
+        screen: refuse a blank image or a synthetic graphic (`covidcxr.preprocess.screening.screen_pixels`).
+            A downscaled image is screened on an equalised *strided* sample of the full-resolution
+            pixels (every k-th pixel, k = the reduction rounded up): area averaging would blend a
+            graphic's few grey levels into many (a 3,000-px checkerboard reaches hundreds), a
+            stride keeps them.
+
+    Returns:
+        ``(equalised (h, w) float32 in [0, 1] at the working resolution, (H, W) as read)``.
+
     Raises:
         ImageReadError: the file cannot be read (naming it and why).
+        NotAChestXray: ``screen`` and the image is blank or a graphic.
         CovidCXRError: an array that is not ``(H, W)`` in [0, 1].
     """
     pixels = pixels_from_array(path) if isinstance(path, np.ndarray) else read_image(path).pixels
     if config.jpeg_quality is not None:
         pixels = harmonize_jpeg(pixels, config.jpeg_quality)
-    return equalize(pixels, config.equalization)
+    native = (int(pixels.shape[0]), int(pixels.shape[1]))
+    shape = working_shape(native, config)
+    equalized = equalize(downscale(pixels, shape), config.equalization)
+    if screen:
+        from covidcxr.preprocess.screening import screen_pixels
+
+        if shape == native:
+            screen_pixels(equalized)
+        else:
+            step = max(-(-native[0] // shape[0]), -(-native[1] // shape[1]))
+            screen_pixels(equalize(pixels[::step, ::step], config.equalization))
+    return equalized, native
 
 
 def lung_statistics(mask: np.ndarray) -> tuple[float, float]:
-    """``(mask_area_fraction, left_right_balance)`` of a full-image mask (see `PreprocessedImage`).
+    """``(mask_area_fraction, left_right_balance)`` of a whole-image mask (see `PreprocessedImage`).
 
     Example:
         >>> mask = np.zeros((10, 10), bool); mask[2:8, 1:4] = True; mask[2:8, 6:8] = True
@@ -431,8 +521,18 @@ def _thumbnail(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
     return transform.apply(image), transform.apply(mask)
 
 
-def _finish(equalized: np.ndarray, mask: np.ndarray, config: PreprocessConfig, mask_used: str) -> PreprocessedImage:
-    """Steps 5–8 for one image whose lung mask is known."""
+def _native_box(box: BoundingBox, working: tuple[int, int], native: tuple[int, int]) -> BoundingBox:
+    """A box cut at the working resolution, in the coordinates of the image as read."""
+    if working == native:
+        return box
+    sy, sx = native[0] / working[0], native[1] / working[1]
+    return BoundingBox(round(box.top * sy), round(box.left * sx), round(box.bottom * sy), round(box.right * sx))
+
+
+def _finish(
+    equalized: np.ndarray, mask: np.ndarray, config: PreprocessConfig, mask_used: str, native_shape: tuple[int, int]
+) -> PreprocessedImage:
+    """Steps 6–9 for one working-resolution image whose lung mask is known."""
     area, balance = lung_statistics(mask)
     original, original_mask = _thumbnail(equalized, mask)
     rejected: str | None = None
@@ -458,10 +558,10 @@ def _finish(equalized: np.ndarray, mask: np.ndarray, config: PreprocessConfig, m
         original_mask=original_mask,
         mask_area_fraction=area,
         left_right_balance=balance,
-        crop_box=crop_box,
+        crop_box=None if crop_box is None else _native_box(crop_box, tuple(equalized.shape), native_shape),
         rejected_reason=rejected,
         mask_used=mask_used,
-        input_shape=(int(equalized.shape[0]), int(equalized.shape[1])),
+        input_shape=native_shape,
         transform=transform,
     )
 
@@ -493,7 +593,7 @@ def preprocess_batch(
     Args:
         items: ``(image, manifest mask)`` pairs; the image is a file or an ``(H, W)`` array in
             [0, 1] (`load_equalized`); the mask is a path, a bool array of the image's
-            shape, or None.
+            shape as read, or None (either is brought to the working resolution).
         config: the pipeline settings.
         segmenter: a loaded segmenter (anything with ``segment_batch``); None loads the
             configured one when an image needs it (`load_segmenter`).
@@ -507,27 +607,26 @@ def preprocess_batch(
         screening) — the caller reports it; other exceptions are bugs and propagate.
     """
     from covidcxr.io.image import DEFAULT_MAX_PIXELS
-    from covidcxr.preprocess.screening import inspect_input, screen_pixels
+    from covidcxr.preprocess.screening import inspect_input
 
     results: list[PreprocessedImage | CovidCXRError | None] = [None] * len(items)
-    prepared: list[tuple[int, np.ndarray, np.ndarray | None, str]] = []
+    prepared: list[tuple[int, np.ndarray, np.ndarray | None, str, tuple[int, int]]] = []
     for position, (path, manifest_mask) in enumerate(items):
         try:
             origin = mask_origin(config, manifest_mask)
             if screen and not isinstance(path, np.ndarray):  # an array has no file header to screen
                 inspect_input(path, DEFAULT_MAX_PIXELS)
-            equalized = load_equalized(path, config)
-            if screen:
-                screen_pixels(equalized)
+            equalized, native = load_equalized(path, config, screen=screen)
             mask = None
             if origin == "manifest":
                 if isinstance(manifest_mask, np.ndarray):
                     mask = np.asarray(manifest_mask, dtype=bool)
-                    if mask.shape != equalized.shape:
-                        raise CovidCXRError(f"manifest mask shape {mask.shape} differs from the image's {equalized.shape}")
+                    if mask.shape != native:
+                        raise CovidCXRError(f"manifest mask shape {mask.shape} differs from the image's {native}")
                 else:
-                    mask = read_mask(manifest_mask, shape=equalized.shape)
-            prepared.append((position, equalized, mask, origin))
+                    mask = read_mask(manifest_mask, shape=native)
+                mask = _downscale_mask(mask, equalized.shape)
+            prepared.append((position, equalized, mask, origin, native))
         except CovidCXRError as exc:
             results[position] = exc
     need = [entry for entry in prepared if entry[2] is None]
@@ -539,11 +638,11 @@ def preprocess_batch(
         segmented = {entry[0]: np.asarray(m, dtype=bool) for entry, m in zip(need, masks)}
     else:
         segmented = {}
-    for position, equalized, mask, origin in prepared:
+    for position, equalized, mask, origin, native in prepared:
         mask = segmented[position] if mask is None else mask
         if mask.shape != equalized.shape:
             raise ValueError(f"the segmenter returned a {mask.shape} mask for a {equalized.shape} image")
-        results[position] = _finish(equalized, mask, config, origin)
+        results[position] = _finish(equalized, mask, config, origin, native)
     return results  # type: ignore[return-value]
 
 

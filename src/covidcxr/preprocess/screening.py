@@ -312,8 +312,10 @@ def screen_pixels(pixels: np.ndarray) -> None:
     """Refuse a decoded image that is blank or a synthetic graphic (e.g. a test pattern).
 
     Args:
-        pixels: the full-resolution ``(H, W)`` image in [0, 1] (after equalisation, as the
-            pipeline has it: equalisation maps levels one-to-one or merges them).
+        pixels: the ``(H, W)`` image in [0, 1], equalised (equalisation maps levels
+            one-to-one or merges them): the full image, or a strided sample of it for an
+            image the pipeline downscales (`covidcxr.preprocess.pipeline.load_equalized`;
+            never an area-averaged one, which would blend a graphic's levels into many).
 
     Raises:
         NotAChestXray: one uniform intensity (std below `BLANK_STD`), or at most

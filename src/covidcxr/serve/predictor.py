@@ -7,7 +7,8 @@ the client never chooses):
    before decoding, refusal of what is plainly not a chest radiograph, early warnings;
 2. **preprocess** with the run's own `PreprocessConfig` through
    `covidcxr.preprocess.pipeline.preprocess_batch` — the code path training used (read →
-   equalise → segment → mask/crop → resize). One change: ``mask_source`` is ``"model"``,
+   downscale to the working resolution → equalise → segment → mask/crop → resize; a
+   2,000-px film costs about what a 256-px one does). One change: ``mask_source`` is ``"model"``,
    because an upload has no manifest mask (a run trained on the phantoms' exact masks
    gets the U-Net's here; the out-of-distribution reference is built the same way);
 3. **classify**: probabilities and the pooled embedding from one forward pass, on
@@ -39,6 +40,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -294,7 +296,8 @@ class Predictor:
         out_of_distribution: build/load the embedding reference (False: the check is
             reported as unavailable).
         max_pixels: refuse images whose header declares more pixels.
-        progress: show progress while the reference is built.
+        progress: say so, with a progress bar, when the out-of-distribution reference must be
+            built (a run trained before training wrote it; `covidcxr.serve.reference`).
         threads: CPU threads for PyTorch (process-wide: ``torch.set_num_threads``) and
             onnxruntime; None keeps PyTorch's default and gives onnxruntime every core this
             process may use. On a CPU shared with other work, 1 is often the fastest: with
@@ -359,7 +362,9 @@ class Predictor:
                 # Always PyTorch embeddings: the reference is engine-independent (ONNX agrees
                 # to the export's stated tolerance).
                 stage_sizes = self.torch_classifier.module.stage_sizes()
-                self.reference = load_or_build_reference(run, self.torch_classifier, stage_sizes, progress=progress)
+                # Normally written at the end of training; an older run gets it built here, once, with a message.
+                say = (lambda message: print(message, file=sys.stderr, flush=True)) if progress else (lambda _message: None)
+                self.reference = load_or_build_reference(run, self.torch_classifier, stage_sizes, progress=progress, say=say)
                 self.reference_problem = None
             except CovidCXRError as exc:
                 self.reference_problem = str(exc)

@@ -40,9 +40,12 @@ An upload scoring above the threshold gets the ``out_of_distribution`` warning, 
 score, the threshold, the stage that is furthest off and the sources of its nearest
 training neighbours (final stage).
 
-The reference is computed once per run and stored atomically in
-``RUN/inference/reference.npz``, keyed on the checkpoint's SHA-1 and the inference
-preprocessing's config hash (a retrained checkpoint or new segmenter weights rebuild it).
+The reference is computed once per run, **at the end of training** (`write_run_reference`,
+called by `covidcxr.train.run.train_recipe`), and stored atomically in
+``RUN/inference/reference.npz`` (`covidcxr.rundir.RunDir.reference`), keyed on the
+checkpoint's SHA-1 and the inference preprocessing's config hash. Predict and serve only
+read it; a run trained before this existed (or whose checkpoint or segmenter weights
+changed) gets it built once, at the first load, with a message saying so.
 
 Example:
     >>> engine = TorchClassifier(run)                                          # doctest: +SKIP
@@ -68,9 +71,18 @@ from covidcxr.rundir import RunDir
 if TYPE_CHECKING:
     from covidcxr.train.inference import LoadedRun
 
-__all__ = ["EmbeddingReference", "REFERENCE_FILE", "build_reference", "inference_recipe", "knn_scores", "load_or_build_reference"]
+__all__ = [
+    "EmbeddingReference",
+    "REFERENCE_FILE",
+    "build_reference",
+    "inference_recipe",
+    "knn_scores",
+    "load_or_build_reference",
+    "write_run_reference",
+]
 
-REFERENCE_FILE = Path(RunDir.INFERENCE) / "reference.npz"
+#: The reference's path relative to a run directory (`RunDir.reference` owns it).
+REFERENCE_FILE = RunDir(".").reference.relative_to(".")
 K_NEIGHBOURS = 5
 PERCENTILE = 99.0
 # Up to this many training model inputs are kept (uint8) as realistic samples for the
@@ -297,23 +309,59 @@ def build_reference(run: LoadedRun, embed: EmbedFn, stage_sizes: list[int], prog
     )
 
 
+def _say_nothing(_message: str) -> None:
+    pass
+
+
 def load_or_build_reference(
-    run: LoadedRun, embed: EmbedFn, stage_sizes: list[int], rebuild: bool = False, progress: bool = False
+    run: LoadedRun,
+    embed: EmbedFn,
+    stage_sizes: list[int],
+    rebuild: bool = False,
+    progress: bool = False,
+    say: Callable[[str], None] = _say_nothing,
 ) -> EmbeddingReference:
-    """The stored reference of ``run`` if it is current, else build and store it.
+    """The stored reference of ``run`` if it is current, else build and store it (saying why through ``say``).
 
     Raises:
         CovidCXRError: it cannot be built (see `build_reference`).
     """
-    path = run.run_dir / REFERENCE_FILE
+    path = RunDir(run.run_dir).reference
     key = reference_key(run)
+    why = "none is stored (a run trained before references were written at the end of training)"
     if path.is_file() and not rebuild:
         try:
             reference = EmbeddingReference.load(path)
             if reference.key == key and reference.stage_sizes == list(stage_sizes):
                 return reference
+            why = "the stored one is for other weights or another preprocessing"
         except (OSError, ValueError, KeyError):
-            pass  # unreadable or from an older layout: rebuilt below
+            why = "the stored one is unreadable"  # rebuilt below
+    elif rebuild:
+        why = "a rebuild was asked for"
+    say(
+        f"building the out-of-distribution reference of run {run.name!r} once ({why}): embedding its training and "
+        f"validation images, with the lung U-Net, into {RunDir.INFERENCE}/{RunDir.REFERENCE}"
+    )
     reference = build_reference(run, embed, stage_sizes, progress=progress)
     reference.save(path)
     return reference
+
+
+def write_run_reference(run_dir: str | Path, progress: bool = False, say: Callable[[str], None] = _say_nothing) -> EmbeddingReference:
+    """Build (or confirm) the stored reference of a finished run: the end-of-training hook.
+
+    Example:
+        >>> reference = write_run_reference("runs/demo")   # doctest: +SKIP
+        >>> RunDir("runs/demo").reference.is_file()         # doctest: +SKIP
+        True
+
+    Raises:
+        CovidCXRError: the run cannot be loaded or the reference cannot be built.
+    """
+    from covidcxr.serve.engines import TorchClassifier
+    from covidcxr.train.inference import load_run
+
+    run = load_run(run_dir)
+    engine = TorchClassifier(run)
+    return load_or_build_reference(run, engine, engine.module.stage_sizes(), progress=progress, say=say)

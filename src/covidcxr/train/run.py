@@ -929,4 +929,17 @@ def train_recipe(
             result = _train_one(recipe, target, force_new, progress, say, extra_callbacks)
         if _is_rank_zero() and result.metrics.get("status") == "complete":
             _keep_checkpoints(result, recipe.output.keep, say)
+            _write_reference(result.run_dir, progress, say)
         return result
+
+
+def _write_reference(run_dir: Path, progress: bool, say: Callable[[str], None]) -> None:
+    """The out-of-distribution reference predict/serve read, built once here rather than at the first request."""
+    from covidcxr.serve.reference import write_run_reference
+
+    if RunDir(run_dir).is_kfold_root:
+        return  # not one model: a fold named to predict/serve builds its reference at its first load
+    try:
+        write_run_reference(run_dir, progress=progress, say=say)
+    except CovidCXRError as exc:
+        say(f"out-of-distribution reference not written ({exc}); predict and serve will report the check as unavailable")
