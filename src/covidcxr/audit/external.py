@@ -317,26 +317,17 @@ FOREIGN_NOT_AVAILABLE = {
 def _occlusion_summary(model: Any, images: np.ndarray, masks: np.ndarray, rows: pd.DataFrame, fill: float, max_images: int, seed: int) -> tuple[dict[str, Any], pd.DataFrame, np.ndarray, np.ndarray]:
     """Occlusion lung focus on at most ``max_images`` images (drawn at random, seeded): summary, per-image table, maps, chosen positions."""
     from covidcxr.audit.occlusion import occlusion_saliency
-    from covidcxr.audit.saliency import lung_focus_fraction, summarize_lung_focus
+    from covidcxr.audit.saliency import lung_focus_report
 
     chosen = np.arange(len(rows)) if len(rows) <= max_images else np.sort(np.random.default_rng(seed).choice(len(rows), max_images, replace=False))
     maps = occlusion_saliency(model.predict, images[chosen], fill=fill)
-    focus = rows.iloc[chosen][["image", "source", "patient_id", "label", "target", "probability"]].reset_index(drop=True)
-    focus["lung_focus"] = lung_focus_fraction(maps, masks[chosen])
-    focus["lung_area"] = masks[chosen].reshape(len(chosen), -1).mean(axis=1)
-    valid = focus["lung_focus"].dropna()
-    summary = {
-        "method": "occlusion (Zeiler & Fergus 2014): drop of the positive probability when a patch is set to the padding value",
-        "method_name": "Occlusion saliency",
-        "per_group": summarize_lung_focus(focus).to_dict(orient="records"),
-        "overall": {
-            "lung_focus_median": float(valid.median()) if len(valid) else None,
-            "lung_area_median": float(focus["lung_area"].median()),
-            "share_mostly_outside": float((valid < 0.5).mean()) if len(valid) else None,
-            "n": int(len(focus)),
-            "n_empty": int(focus["lung_focus"].isna().sum()),
-        },
-    }
+    summary, focus = lung_focus_report(
+        maps,
+        masks[chosen],
+        rows.iloc[chosen],
+        "occlusion (Zeiler & Fergus 2014): drop of the positive probability when a patch is set to the padding value",
+        method_name="Occlusion saliency",
+    )
     return summary, focus, maps, chosen
 
 

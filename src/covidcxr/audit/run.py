@@ -42,7 +42,7 @@ from covidcxr.audit.embedding import EMBEDDING_METHODS, embedding_map, plot_embe
 from covidcxr.audit.findings import derive_findings, verdict
 from covidcxr.audit.intensity import intensity_perturbation, label_from_intensity_of_run
 from covidcxr.audit.probe import source_probe
-from covidcxr.audit.saliency import gallery_captions, gradcam, lung_focus_fraction, plot_gallery, saliency_layer, select_gallery, summarize_lung_focus
+from covidcxr.audit.saliency import gallery_captions, gradcam, lung_focus_report, plot_gallery, saliency_layer, select_gallery
 from covidcxr.errors import CovidCXRError
 from covidcxr.evaluate import subgroups
 from covidcxr.evaluate.cross_source import evaluate_run, json_ready, training_sources
@@ -120,22 +120,7 @@ def _saliency(run: Any, images: np.ndarray, masks: np.ndarray, rows: pd.DataFram
     """Grad-CAM lung focus of ``images``: the summary, the per-image table and the maps."""
     layer = saliency_layer(run)
     maps = gradcam(run, images, layer=layer)
-    focus = rows[["image", "source", "patient_id", "label", "target", "probability"]].copy()
-    focus["lung_focus"] = lung_focus_fraction(maps, masks)
-    focus["lung_area"] = masks.reshape(len(masks), -1).mean(axis=1)
-    valid = focus["lung_focus"].dropna()
-    summary = {
-        "method": "Grad-CAM (MONAI), positive logit",
-        "layer": layer,
-        "per_group": summarize_lung_focus(focus).to_dict(orient="records"),
-        "overall": {
-            "lung_focus_median": float(valid.median()) if len(valid) else None,
-            "lung_area_median": float(focus["lung_area"].median()),
-            "share_mostly_outside": float((valid < 0.5).mean()) if len(valid) else None,
-            "n": int(len(focus)),
-            "n_empty": int(focus["lung_focus"].isna().sum()),
-        },
-    }
+    summary, focus = lung_focus_report(maps, masks, rows, "Grad-CAM (MONAI), positive logit", layer=layer)
     return summary, focus, maps
 
 

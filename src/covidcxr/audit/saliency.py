@@ -13,14 +13,14 @@ Grad-CAM itself is MONAI's (`monai.visualize.GradCAM`) on the model's last stage
 
 Example:
     >>> run = load_run("runs/demo")                                      # doctest: +SKIP
-    >>> cams = gradcam(run, images)                                      # (N, H, W) in [0, 1]
-    >>> lung_focus_fraction(cams, lung_masks)                            # (N,)
+    >>> cams = gradcam(run, images)          # (N, H, W) in [0, 1]         # doctest: +SKIP
+    >>> lung_focus_fraction(cams, lung_masks)  # (N,)                       # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -31,7 +31,7 @@ from covidcxr.errors import CovidCXRError
 if TYPE_CHECKING:
     from covidcxr.train.inference import LoadedRun
 
-__all__ = ["MIN_SALIENCY_GRID", "gallery_captions", "gradcam", "saliency_layer", "lung_focus_fraction", "plot_gallery", "select_gallery", "summarize_lung_focus"]
+__all__ = ["MIN_SALIENCY_GRID", "gallery_captions", "gradcam", "saliency_layer", "lung_focus_fraction", "lung_focus_report", "plot_gallery", "select_gallery", "summarize_lung_focus"]
 
 
 #: the audit explains the deepest stage whose feature map is at least this many cells a side
@@ -127,6 +127,49 @@ def lung_focus_fraction(maps: np.ndarray, lung_masks: np.ndarray) -> np.ndarray:
     inside = (maps * masks).reshape(len(maps), -1).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, inside / np.where(total > 0, total, 1.0), np.nan)
+
+
+def lung_focus_report(maps: np.ndarray, masks: np.ndarray, rows: pd.DataFrame, method: str, **extra: Any) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The audit's lung-focus evidence for any saliency method: the summary and the per-image table.
+
+    One owner for what the run-based audit (Grad-CAM) and the black-box audit (occlusion)
+    report, so both read the same way in ``audit.json`` and the report.
+
+    Args:
+        maps: ``(N, H, W)`` non-negative saliency maps.
+        masks: ``(N, H, W)`` bool lung masks in the same geometry.
+        rows: ``N`` rows with ``image, source, patient_id, label, target, probability``.
+        method: the sentence naming the method (stored as ``method``).
+        **extra: further summary keys (e.g. ``layer``, ``method_name``).
+
+    Returns:
+        ``(summary, table)``: ``summary`` has ``method``, ``per_group`` (`summarize_lung_focus`)
+        and ``overall`` (median lung focus, median lung area, share mostly outside, ``n``,
+        ``n_empty``); ``table`` adds ``lung_focus`` and ``lung_area`` to ``rows``.
+
+    Example:
+        >>> maps = np.ones((1, 4, 4), np.float32); masks = np.zeros((1, 4, 4), bool); masks[0, :2] = True
+        >>> rows = pd.DataFrame({"image": ["a"], "source": ["s"], "patient_id": ["p"], "label": ["covid"], "target": [1], "probability": [0.9]})
+        >>> lung_focus_report(maps, masks, rows, "uniform")[0]["overall"]["lung_focus_median"]
+        0.5
+    """
+    focus = rows[["image", "source", "patient_id", "label", "target", "probability"]].reset_index(drop=True)
+    focus["lung_focus"] = lung_focus_fraction(maps, masks)
+    focus["lung_area"] = np.asarray(masks).reshape(len(masks), -1).mean(axis=1)
+    valid = focus["lung_focus"].dropna()
+    summary = {
+        "method": method,
+        **extra,
+        "per_group": summarize_lung_focus(focus).to_dict(orient="records"),
+        "overall": {
+            "lung_focus_median": float(valid.median()) if len(valid) else None,
+            "lung_area_median": float(focus["lung_area"].median()),
+            "share_mostly_outside": float((valid < 0.5).mean()) if len(valid) else None,
+            "n": int(len(focus)),
+            "n_empty": int(focus["lung_focus"].isna().sum()),
+        },
+    }
+    return summary, focus
 
 
 def summarize_lung_focus(table: pd.DataFrame, by: tuple[str, ...] = ("source", "label")) -> pd.DataFrame:
