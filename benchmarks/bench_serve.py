@@ -378,8 +378,12 @@ def bench_predict_speed(context) -> dict:
     it is. Per input size and thread count the two predictors alternate call by call (ABBA),
     so the machine's load hits both alike; wall-clock median and p95, and the median CPU time
     of the process (``time.process_time``: the figure load inflates least, meaningful at 1 thread).
+    ``after_onnx`` is the same library with ``--engine onnx`` (`covidcxr export RUN --onnx`: the
+    U-Net and the classifier run by onnxruntime), interleaved in the same rounds.
     """
     import torch
+
+    from covidcxr.serve.onnx_export import export_onnx
 
     sys_path_add = str(Path(__file__).resolve().parent)
     if sys_path_add not in sys.path:
@@ -396,6 +400,7 @@ def bench_predict_speed(context) -> dict:
     after = Predictor.load(run_dir)
     before = Predictor.load(run_dir)
     before.classifier = _ContiguousClassifier(before.torch_classifier.module)
+    export_onnx(run_dir)
     figures: dict = {
         "model": f"resnet18, {SIZE} px input, lungs masked by the 256-px lung U-Net; no Grad-CAM",
         "cores": cores,
@@ -407,14 +412,16 @@ def bench_predict_speed(context) -> dict:
     try:
         for threads in sorted({1, cores}):
             torch.set_num_threads(threads)
+            onnx = Predictor.load(run_dir, engine="onnx", threads=threads)
             for name, image in images.items():
-                times: dict[str, tuple[list[float], list[float]]] = {"before": ([], []), "after": ([], [])}
+                times: dict[str, tuple[list[float], list[float]]] = {"before": ([], []), "after": ([], []), "after_onnx": ([], [])}
                 stages: list[dict] = []
-                for predictor, key in ((before, "before"), (after, "after")):  # warm-up
+                for predictor, key in ((before, "before"), (after, "after"), (onnx, "after_onnx")):  # warm-up
                     with installed([predictor.segmenter]) if key == "before" else contextlib.nullcontext():
                         predictor.predict_file(image, gradcam=False)
                 for repeat in range(SPEED_REPEATS):
-                    order = (("before", before), ("after", after)) if repeat % 2 == 0 else (("after", after), ("before", before))
+                    order = (("before", before), ("after", after), ("after_onnx", onnx))
+                    order = order if repeat % 2 == 0 else order[::-1]
                     for key, predictor in order:
                         with installed([predictor.segmenter]) if key == "before" else contextlib.nullcontext():
                             wall, cpu = time.perf_counter(), time.process_time()
@@ -426,13 +433,14 @@ def bench_predict_speed(context) -> dict:
                 entry = {key: _summary(*values) for key, values in times.items()}
                 entry["speedup_median"] = round(entry["before"]["ms_median"] / entry["after"]["ms_median"], 2)
                 entry["speedup_cpu"] = round(entry["before"]["cpu_ms_median"] / entry["after"]["cpu_ms_median"], 2)
+                entry["speedup_median_onnx"] = round(entry["before"]["ms_median"] / entry["after_onnx"]["ms_median"], 2)
                 entry["after_stages_ms_median"] = {s: round(float(np.median([t[s] for t in stages])), 1) for s in stages[0] if s != "total"}
                 figures["latency"][f"{name}/{threads}thread{'s' if threads > 1 else ''}"] = entry
     finally:
         torch.set_num_threads(threads_before)
     load_after = os.getloadavg()
     figures["load_avg_after"] = [round(v, 2) for v in load_after]
-    all_cores = {k.split("/")[0]: v["after"]["ms_median"] for k, v in figures["latency"].items() if k.endswith(f"/{cores}threads") or (cores == 1)}
+    all_cores = {k.split("/")[0]: min(v["after"]["ms_median"], v["after_onnx"]["ms_median"]) for k, v in figures["latency"].items() if k.endswith(f"/{cores}threads") or (cores == 1)}
     small = next((v for k, v in all_cores.items() if k != "1024px"), None)
     figures["goals_all_cores"] = {
         "320px_median_le_50ms": None if small is None else small <= 50,
