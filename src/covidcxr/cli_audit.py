@@ -64,6 +64,7 @@ def audit(
     positive_label: Annotated[str, typer.Option("--positive-label", help="With --predictions: the label the probability is of; every other label is negative.")] = "covid",
     threshold: Annotated[float, typer.Option("--threshold", help="With --predictions: the decision threshold.")] = 0.5,
     embedding: Annotated[str, typer.Option("--embedding", help="The embedding map of the run-based audit: tsne, or umap (umap-learn, from covidcxr[tracking]).")] = "tsne",
+    model: Annotated[Optional[str], typer.Option("--model", help="A shipped model by name (covid, pneumonia); audited in its working copy runs/shipped-NAME/.")] = None,
 ) -> None:
     """Audit a run for shortcut learning: source probe, lung ablation, Grad-CAM lung focus, t-SNE.
 
@@ -79,6 +80,12 @@ def audit(
         if not as_json:
             console.print(escape(line), style="dim", highlight=False)
 
+    if model is not None:  # a shipped name -> its run (covidcxr.zoo); foreign models (MODEL.yaml) are not handled here
+        from covidcxr.zoo import is_shipped, select
+
+        if not is_shipped(model):
+            raise CovidCXRError(f"--model {model!r}: not a shipped model (covid, pneumonia)")
+        run, _ = select(run, model, writable=True)
     if predictions is not None or data is not None:
         report = _audit_elsewhere(run, data, predictions, training_sources, source, name, positive_label, threshold, n_boot, seed, progress and not as_json, say)
     elif run is None:

@@ -115,7 +115,7 @@ def _print_matrix(matrix: Any) -> None:
 
 
 def evaluate(
-    runs: Annotated[list[Path], typer.Argument(help="One or more run directories written by `covidcxr train`.")],
+    runs: Annotated[Optional[list[Path]], typer.Argument(help="One or more run directories written by `covidcxr train` (or --model NAME).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables (one object for one run; {runs, matrix} for several).")] = False,
     threshold: Annotated[Optional[float], typer.Option(help="Decision threshold: probability >= threshold is positive (default: each run's operating point, RUN/operating_point.json; 0.5 for a run that stored none).")] = None,
     n_boot: Annotated[int, typer.Option("--n-boot", help="Patient-level bootstrap resamples for the 95% CIs.")] = 1000,
@@ -124,6 +124,7 @@ def evaluate(
     source: Annotated[Optional[str], typer.Option("--source", help="With --data: the source adapter (default: detected; see `covidcxr data sources`).")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="With --data: the folder RUN/external/NAME/ (default: the collection folder's name).")] = None,
     chunk: Annotated[int, typer.Option("--chunk", help="With --data: images scored and flushed per chunk (a rerun skips finished images).")] = 512,
+    model: Annotated[Optional[str], typer.Option("--model", help="A shipped model by name (covid, pneumonia); evaluated in its working copy runs/shipped-NAME/.")] = None,
 ) -> None:
     """Per-source metrics with patient-level CIs, seen vs unseen sources (DeLong), train × test AUC matrix.
 
@@ -135,6 +136,15 @@ def evaluate(
 
     if n_boot < 1:
         raise CovidCXRError(f"--n-boot: expected a positive integer, got {n_boot}")
+    runs = list(runs or [])
+    if model is not None:  # a shipped name -> its run (covidcxr.zoo); foreign models (MODEL.yaml) are not handled here
+        from covidcxr.zoo import is_shipped, working_copy
+
+        if not is_shipped(model):
+            raise CovidCXRError(f"--model {model!r}: not a shipped model (covid, pneumonia)")
+        runs.append(working_copy(model))
+    if not runs:
+        raise CovidCXRError("covidcxr evaluate: give one or more run directories, or --model NAME")
     if data is not None:
         _evaluate_external(runs, data, source, name, n_boot, seed, chunk, json_output, threshold)
         return

@@ -64,6 +64,7 @@ import pandas as pd
 from covidcxr.errors import CovidCXRError
 from covidcxr.io.atomic import atomic_path
 from covidcxr.rundir import RunDir
+from covidcxr.zoo import shipped_name
 
 if TYPE_CHECKING:
     from covidcxr.train.inference import LoadedRun
@@ -212,7 +213,7 @@ class EmbeddingReference:
     def load(cls, path: Path) -> EmbeddingReference:
         with np.load(path, allow_pickle=False) as data:
             return cls(
-                embeddings=data["embeddings"],
+                embeddings=data["embeddings"].astype(np.float32),  # a shipped model stores them as float16
                 stage_sizes=[int(v) for v in data["stage_sizes"]],
                 stage_scales=data["stage_scales"],
                 sources=data["sources"],
@@ -314,6 +315,8 @@ def load_or_build_reference(
                 return reference
         except (OSError, ValueError, KeyError):
             pass  # unreadable or from an older layout: rebuilt below
+    if shipped_name(run.run_dir) is not None:  # a packaged model is never written to (covidcxr.zoo)
+        raise CovidCXRError(f"the shipped model's out-of-distribution reference {REFERENCE_FILE} is missing or stale; reinstall covidcxr")
     reference = build_reference(run, embed, stage_sizes, progress=progress)
     reference.save(path)
     return reference
