@@ -127,8 +127,8 @@ def _entry(name: str, task: str, description: str) -> ShippedModel:
 
 #: name -> shipped model. One owner of the names: CLIs and the service read them here.
 REGISTRY: dict[str, ShippedModel] = {
-    "covid": _entry("covid", "covid_vs_rest", "COVID-19 vs rest (every other label), ResNet-18 at 128 px, trained on the whole shared collection"),
-    "pneumonia": _entry("pneumonia", "pneumonia_vs_normal", "pneumonia vs normal, ResNet-18 at 128 px, trained on the whole shared collection"),
+    "covid": _entry("covid", "covid_vs_rest", "COVID-19 vs rest (every other label), a small CNN at 128 px, trained on the whole shared collection"),
+    "pneumonia": _entry("pneumonia", "pneumonia_vs_normal", "pneumonia vs normal, a small CNN at 128 px, trained on the whole shared collection"),
 }
 
 

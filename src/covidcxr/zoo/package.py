@@ -12,7 +12,8 @@ RUN``) where that is not done yet, then (given a run directory instead of a reci
    this machine's absolute paths replaced by the recipe's relative ones (a served model card
    must not show a server path);
 2. writes ``checkpoints/best.ckpt`` with the model's weights in float16 and nothing else
-   (no optimizer state): ResNet-18 is 22.4 MB instead of 44.7 MB (+ 134 MB of Adam state);
+   (no optimizer state): half the bytes of float32 (ResNet-18: 22.4 MB instead of 44.7 MB, plus
+   twice that of Adam state in a training checkpoint);
    `covidcxr.train.module.load_checkpoint_model` casts them back to float32;
 3. builds ``inference/reference.npz`` (the out-of-distribution reference of
    `covidcxr.serve.reference`) **for the float16 weights**, embeddings stored as float16,
