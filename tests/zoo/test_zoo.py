@@ -162,3 +162,17 @@ def test_evaluate_and_audit_take_a_shipped_name(registry: zoo.ShippedModel, tmp_
     assert json.loads(result.stdout)["run"] == "zoo-tiny" and (tmp_path / "runs" / "shipped-covid" / "evaluation.json").is_file()
     result = runner.invoke(app, ["audit", "--model", "foreign.yaml"])
     assert isinstance(result.exception, CovidCXRError) and "not a shipped model" in str(result.exception)
+
+
+def test_packaged_files_hold_no_server_path(tmp_path: Path) -> None:
+    from covidcxr.zoo.package import _portable_paths
+
+    root, run_path, folder = tmp_path / "data" / "cxr", tmp_path / "runs" / "shipped_x", tmp_path / "pkg"
+    (folder / "audit").mkdir(parents=True)
+    pd.DataFrame({"image": [f"{root}/nih/a.png", "elsewhere/b.png"], "mask": [None, f"{root}/m.png"]}).to_parquet(folder / "manifest.parquet")
+    (folder / "audit" / "audit.json").write_text(json.dumps({"run_dir": str(run_path), "images": f"{root}/nih"}))
+    _portable_paths(folder, run_path, str(root), "../shared/data/cxr")
+    frame = pd.read_parquet(folder / "manifest.parquet")
+    assert frame["image"].tolist() == ["../shared/data/cxr/nih/a.png", "elsewhere/b.png"]
+    assert pd.isna(frame["mask"].iloc[0]) and frame["mask"].iloc[1] == "../shared/data/cxr/m.png"
+    assert json.loads((folder / "audit" / "audit.json").read_text()) == {"run_dir": ".", "images": "../shared/data/cxr/nih"}

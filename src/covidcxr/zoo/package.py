@@ -101,19 +101,31 @@ def _copy_read_side(run: RunDir, folder: Path, recipe: dict[str, Any]) -> None:
     RunDir(folder).write_metrics(metrics)
 
 
-def _portable_manifest(folder: Path, root: str | None, collection: str | None) -> None:
-    """Image and mask paths under the training collection ``root`` rewritten as ``collection/...`` (no server path shipped)."""
+def _portable_paths(folder: Path, run_path: Path, root: str | None, collection: str | None) -> None:
+    """No server path shipped: the training collection ``root`` becomes ``collection`` and the run's own folder ``.``.
+
+    Rewrites the ``image``/``mask`` columns of ``manifest.parquet`` and ``predictions.parquet``
+    and the text of the JSON and CSV files (``run_dir``, ``written_to``... fields).
+    """
     if not root or collection is None:
         return
-    run = RunDir(folder)
-    manifest = run.read_manifest()
-    prefix = str(Path(root)) + "/"
-    for column in ("image", "mask"):
-        if column in manifest.columns:
-            values = manifest[column]
-            inside = values.notna() & values.astype(str).str.startswith(prefix)
-            manifest.loc[inside, column] = collection.rstrip("/") + "/" + values[inside].astype(str).str[len(prefix) :]
-    run.write_manifest(manifest)
+    pairs = [(str(Path(root)), collection.rstrip("/")), (str(run_path.resolve()), ".")]
+    for name in (RunDir.MANIFEST, RunDir.PREDICTIONS):
+        path = folder / name
+        if not path.is_file():
+            continue
+        frame = pd.read_parquet(path)
+        (old, new), prefix = pairs[0], pairs[0][0] + "/"
+        for column in ("image", "mask"):
+            if column in frame.columns:  # element-wise: missing values stay exactly as they were
+                frame[column] = [new + v[len(old) :] if isinstance(v, str) and v.startswith(prefix) else v for v in frame[column]]
+        with atomic_path(path) as tmp:
+            frame.to_parquet(tmp, index=False)
+    for path in [*folder.rglob("*.json"), *folder.rglob("*.csv")]:
+        text = path.read_text(encoding="utf-8")
+        for old, new in pairs:
+            text = text.replace(old, new)
+        atomic_write_text(path, text)
 
 
 def _build_reference(folder: Path) -> Any:
@@ -213,7 +225,7 @@ def package_run(run_dir: str | Path, name: str, models_dir: str | Path | None = 
         _copy_read_side(run, folder, recipe)
         half_checkpoint(run.weights().checkpoints[0], RunDir(folder).best_checkpoint, recipe)
         _build_reference(folder)  # reads the training images: before their paths are made portable
-        _portable_manifest(folder, resolved["data"].get("collection"), collection)
+        _portable_paths(folder, run.path, resolved["data"].get("collection"), collection)
         metadata = _metadata(name, folder, recipe, loso is not None)
         atomic_write_text(folder / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
         write_card(folder, metadata, loso.read_text(encoding="utf-8") if loso is not None else None)
