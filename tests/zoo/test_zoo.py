@@ -89,6 +89,7 @@ def test_package_holds_a_half_precision_run_with_its_metadata(registry: zoo.Ship
     assert "NOT FOR MEDICAL USE" in card
     for needed in ( "WARNING", "Must not be used for", meta["reproduce"], "pending", "Youden"):
         assert needed in card, needed
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
     reference = np.load(folder / "inference" / "reference.npz")
     assert reference["embeddings"].dtype == np.float16
 
@@ -169,10 +170,11 @@ def test_packaged_files_hold_no_server_path(tmp_path: Path) -> None:
 
     root, run_path, folder = tmp_path / "data" / "cxr", tmp_path / "runs" / "shipped_x", tmp_path / "pkg"
     (folder / "audit").mkdir(parents=True)
-    pd.DataFrame({"image": [f"{root}/nih/a.png", "elsewhere/b.png"], "mask": [None, f"{root}/m.png"]}).to_parquet(folder / "manifest.parquet")
+    pd.DataFrame({"image": [f"{root}/nih/a.png", "elsewhere/b.png"], "mask": [None, f"{root}/m.png"], "mask_alt": [f"{root}/g.png", None], "age": [3, 4]}).to_parquet(folder / "manifest.parquet")
     (folder / "audit" / "audit.json").write_text(json.dumps({"run_dir": str(run_path), "images": f"{root}/nih"}))
     _portable_paths(folder, run_path, str(root), "../shared/data/cxr")
     frame = pd.read_parquet(folder / "manifest.parquet")
     assert frame["image"].tolist() == ["../shared/data/cxr/nih/a.png", "elsewhere/b.png"]
     assert pd.isna(frame["mask"].iloc[0]) and frame["mask"].iloc[1] == "../shared/data/cxr/m.png"
+    assert frame["mask_alt"].iloc[0] == "../shared/data/cxr/g.png" and frame["age"].tolist() == [3, 4]
     assert json.loads((folder / "audit" / "audit.json").read_text()) == {"run_dir": ".", "images": "../shared/data/cxr/nih"}

@@ -62,7 +62,7 @@ def _audit_lines(audit: dict[str, Any]) -> list[str]:
     verdict = str(audit.get("verdict", "not audited")).upper()
     lines = [f"**Verdict: {verdict}** (`covidcxr audit`, on this model's test split)."]
     for finding in audit.get("findings") or []:
-        if finding.get("severity") in ("no_skill", "shortcut", "warning"):
+        if finding.get("severity") in ("no_skill", "shortcut", "warning", "ok"):  # "info" findings stay in audit.json
             lines.append(f"- *{finding['severity']}* ({finding['id']}): {finding['text']}")
     return lines
 

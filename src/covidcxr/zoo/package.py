@@ -104,7 +104,7 @@ def _copy_read_side(run: RunDir, folder: Path, recipe: dict[str, Any]) -> None:
 def _portable_paths(folder: Path, run_path: Path, root: str | None, collection: str | None) -> None:
     """No server path shipped: the training collection ``root`` becomes ``collection`` and the run's own folder ``.``.
 
-    Rewrites the ``image``/``mask`` columns of ``manifest.parquet`` and ``predictions.parquet``
+    Rewrites the text columns (``image``, ``mask``, ``mask_alt``...) of ``manifest.parquet`` and ``predictions.parquet``
     and the text of the JSON and CSV files (``run_dir``, ``written_to``... fields).
     """
     if not root or collection is None:
@@ -116,9 +116,8 @@ def _portable_paths(folder: Path, run_path: Path, root: str | None, collection: 
             continue
         frame = pd.read_parquet(path)
         (old, new), prefix = pairs[0], pairs[0][0] + "/"
-        for column in ("image", "mask"):
-            if column in frame.columns:  # element-wise: missing values stay exactly as they were
-                frame[column] = [new + v[len(old) :] if isinstance(v, str) and v.startswith(prefix) else v for v in frame[column]]
+        for column in [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]:  # image, mask, mask_alt...; missing values stay
+            frame[column] = [new + v[len(old) :] if isinstance(v, str) and v.startswith(prefix) else v for v in frame[column]]
         with atomic_path(path) as tmp:
             frame.to_parquet(tmp, index=False)
     for path in [*folder.rglob("*.json"), *folder.rglob("*.csv")]:
@@ -229,6 +228,7 @@ def package_run(run_dir: str | Path, name: str, models_dir: str | Path | None = 
         metadata = _metadata(name, folder, recipe, loso is not None)
         atomic_write_text(folder / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
         write_card(folder, metadata, loso.read_text(encoding="utf-8") if loso is not None else None)
+        folder.chmod(0o755)  # mkdtemp made it private; an installed package is readable by everyone
         final = root / name
         old = root / f".{name}-old"
         if final.exists():
