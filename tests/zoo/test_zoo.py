@@ -178,3 +178,28 @@ def test_packaged_files_hold_no_server_path(tmp_path: Path) -> None:
     assert pd.isna(frame["mask"].iloc[0]) and frame["mask"].iloc[1] == "../shared/data/cxr/m.png"
     assert frame["mask_alt"].iloc[0] == "../shared/data/cxr/g.png" and frame["age"].tolist() == [3, 4]
     assert json.loads((folder / "audit" / "audit.json").read_text()) == {"run_dir": ".", "images": "../shared/data/cxr/nih"}
+
+
+def test_serve_without_run_says_which_model_on_the_page(registry: zoo.ShippedModel, monkeypatch) -> None:
+    import covidcxr.serve.server
+    from fastapi.testclient import TestClient
+
+    captured: dict = {}
+
+    class Captured:
+        def __init__(self, app, host, port, limits):  # noqa: ANN001
+            captured["app"] = app
+
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(covidcxr.serve.server, "build_server", Captured)
+    monkeypatch.delenv("COVIDCXR_SERVE_TOKEN", raising=False)
+    result = runner.invoke(app, ["serve"])
+    assert result.exit_code == 0, result.output
+    assert "no --run or --model given: the shipped model 'covid'" in result.output
+    card = TestClient(captured["app"]).get("/model").json()
+    assert card["selected"].startswith("no --run or --model given: the shipped model 'covid'")
+    assert str(registry.folder) not in json.dumps(card["selected"])  # the page never shows a server path
+    page = (Path(zoo.__file__).parents[1] / "serve" / "static" / "app.js").read_text()
+    assert "card.selected" in page
