@@ -203,3 +203,12 @@ def test_serve_without_run_says_which_model_on_the_page(registry: zoo.ShippedMod
     assert str(registry.folder) not in json.dumps(card["selected"])  # the page never shows a server path
     page = (Path(zoo.__file__).parents[1] / "serve" / "static" / "app.js").read_text()
     assert "card.selected" in page
+
+
+def test_half_checkpoint_is_the_same_bytes_every_time(tiny_run: Path, tmp_path: Path) -> None:
+    from covidcxr.zoo.package import half_checkpoint
+
+    recipe = {"name": "x"}
+    sizes = [half_checkpoint(tiny_run / "checkpoints" / "best.ckpt", tmp_path / name / "best.ckpt", recipe) for name in ("a", "b")]
+    assert sizes[0] == sizes[1] < (tiny_run / "checkpoints" / "best.ckpt").stat().st_size
+    assert (tmp_path / "a" / "best.ckpt").read_bytes() == (tmp_path / "b" / "best.ckpt").read_bytes()

@@ -80,8 +80,8 @@ def half_checkpoint(source: Path, target: Path, recipe: dict[str, Any]) -> int:
         if key in checkpoint:
             slim[key] = checkpoint[key]
     target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target) as tmp:
-        torch.save(slim, tmp)
+    with atomic_path(target) as tmp, open(tmp, "wb") as handle:
+        torch.save(slim, handle)  # a file object: the zip's inner folder is "archive", not the temporary name (same bytes every time)
     return target.stat().st_size
 
 
