@@ -35,11 +35,11 @@ TIMED_STEPS = 6
 THREADS = 1
 
 
-def _recipe(precision: str, channels_last: bool) -> dict:
+def _recipe(precision: str, channels_last: bool, model: str = "resnet18", size: int = SIZE) -> dict:
     return {
         "data": {"synthetic": {"n_images": 30, "size": 64}},
-        "preprocess": {"size": SIZE},
-        "model": {"name": "resnet18", "head": "linear"},
+        "preprocess": {"size": size},
+        "model": {"name": model, "head": "linear"},
         "optimizer": {"name": "adam", "lr": 1e-4},
         "train": {"epochs": 1, "batch_size": BATCH},
         "augmentation": {"rotation_degrees": 4, "translation": 0.03, "hflip": 0.5},
@@ -47,7 +47,7 @@ def _recipe(precision: str, channels_last: bool) -> dict:
     }
 
 
-def _ours(images: np.ndarray, targets: np.ndarray, precision: str, channels_last: bool) -> float:
+def _ours(images: np.ndarray, targets: np.ndarray, precision: str, channels_last: bool, model: str = "resnet18") -> float:
     import logging
 
     import lightning as L
@@ -65,7 +65,7 @@ def _ours(images: np.ndarray, targets: np.ndarray, precision: str, channels_last
 
     dataset = CachedImageDataset.from_arrays(images, targets)
     loader = ResumableDataLoader(dataset, batch_size=BATCH, sampler=EpochSampler(targets, balanced=True, seed=0), num_workers=0)
-    module = CXRClassifierModule(_recipe(precision, channels_last))
+    module = CXRClassifierModule(_recipe(precision, channels_last, model, images.shape[-1]))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -85,10 +85,10 @@ def _ours(images: np.ndarray, targets: np.ndarray, precision: str, channels_last
     return BATCH * TIMED_STEPS / (stamps[-1] - stamps[0])
 
 
-def _plain(images: np.ndarray, targets: np.ndarray) -> float:
+def _plain(images: np.ndarray, targets: np.ndarray, name: str = "resnet18") -> float:
     from covidcxr.models import create_model
 
-    model = create_model("resnet18", num_classes=1, head="linear").train()
+    model = create_model(name, num_classes=1, head="linear").train()
     data = torch.utils.data.TensorDataset(torch.from_numpy(images.astype(np.float32))[:, None], torch.from_numpy(targets.astype(np.float32)))
     loader = torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -146,4 +146,38 @@ def bench_train_throughput(context) -> dict:  # noqa: ANN001
     return figures
 
 
-BENCHMARKS = [bench_train_throughput]
+SHIPPED_RECIPE = "recipes/shipped_covid.yaml"
+
+
+def bench_train_shipped(context) -> dict:  # noqa: ANN001
+    """Training images/s of the shipped models' recipe (its network and input size): our path vs a plain fp32 loop.
+
+    The same three paths as `bench_train_throughput`, same run, same in-memory images, on the
+    architecture and resolution ``recipes/shipped_covid.yaml`` trains (`covidcxr.zoo`), one thread.
+    """
+    from covidcxr.train.recipe import load_recipe
+
+    recipe = load_recipe(SHIPPED_RECIPE)
+    name, size = recipe.model.name, int(recipe.preprocess.size[0])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    rng = np.random.default_rng(0)
+    images = rng.random((IMAGES, size, size), dtype=np.float32).astype(np.float16)
+    targets = (np.arange(IMAGES) % 2).astype(np.int64)
+    load_before = round(os.getloadavg()[0], 2)
+    try:
+        torch.manual_seed(0)
+        plain = _plain(images, targets, name)
+        ours = _ours(images, targets, "bf16-mixed", True, name)
+        ours_fp32 = _ours(images, targets, "32-true", False, name)
+    finally:
+        torch.set_num_threads(previous)
+    return {
+        "recipe": SHIPPED_RECIPE, "model": name, "size_px": size, "batch": BATCH, "timed_steps": TIMED_STEPS, "threads": THREADS,
+        "ours_images_per_s": round(ours, 1), "ours_fp32_images_per_s": round(ours_fp32, 1), "plain_fp32_images_per_s": round(plain, 1),
+        "speedup_ours_vs_plain": round(ours / plain, 2), "engine_overhead_fp32": round(1 - ours_fp32 / plain, 3),
+        "load_average_1min": load_before, "load_average_1min_after": round(os.getloadavg()[0], 2),
+    }
+
+
+BENCHMARKS = [bench_train_throughput, bench_train_shipped]

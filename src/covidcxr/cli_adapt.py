@@ -28,8 +28,8 @@ def _auc(metrics: Any) -> str:
 
 
 def adapt(
-    run: Annotated[Path, typer.Argument(help="The trained run directory to adapt (it is not modified).")],
     data: Annotated[Path, typer.Option("--data", help="The new site's images: a collection folder (any layout covidcxr reads).")],
+    run: Annotated[Optional[Path], typer.Argument(help="The trained run directory to adapt (it is not modified); or --model NAME.")] = None,
     labels: Annotated[Optional[int], typer.Option("--labels", help="Fine-tune on N labelled target images (Ben Ahmed et al. 2021); without it, AdaBN uses no label.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="The new run directory (default: beside RUN, named after the method and the source).")] = None,
     source: Annotated[Optional[str], typer.Option("--source", help="The target source inside --data (needed when it holds several).")] = None,
@@ -39,6 +39,7 @@ def adapt(
     n_boot: Annotated[int, typer.Option("--n-boot", help="Patient-bootstrap resamples behind the CIs.")] = 1000,
     as_json: Annotated[bool, typer.Option("--json", help="Print adaptation.json instead of the table.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+    model: Annotated[Optional[str], typer.Option("--model", help="Adapt a shipped model (covid, pneumonia): its working copy runs/shipped-NAME/ is the parent, the new run goes beside it.")] = None,
 ) -> None:
     """Adapt a run to a new site: AdaBN (no labels) or fine-tuning on N labelled images; writes a new run.
 
@@ -49,8 +50,13 @@ def adapt(
     from covidcxr.adapt import adapt_run
     from covidcxr.errors import CovidCXRError
 
+    from covidcxr.zoo import select
+
     if set_ and labels is None:
         raise CovidCXRError("--set: AdaBN trains nothing; overrides apply to fine-tuning (--labels N)")
+    run, chosen = select(run, model, writable=True, default=False)  # a shipped model is never written to
+    if chosen is not None and not as_json:
+        console.print(escape(chosen), style="bold", highlight=False)
 
     def say(line: str) -> None:
         if not as_json:

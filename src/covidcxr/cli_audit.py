@@ -66,7 +66,7 @@ def audit(
     positive_label: Annotated[str, typer.Option("--positive-label", help="With --predictions: the label the probability is of; every other label is negative.")] = "covid",
     threshold: Annotated[float, typer.Option("--threshold", help="With --predictions: the decision threshold.")] = 0.5,
     embedding: Annotated[str, typer.Option("--embedding", help="The embedding map of the run-based audit: tsne, or umap (umap-learn, from covidcxr[tracking]).")] = "tsne",
-    model: Annotated[Optional[Path], typer.Option("--model", help="A MODEL.yaml describing an ONNX or TorchScript classifier: the black-box audit on --data DIR.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="A shipped model by name (covid, pneumonia; audited in its working copy runs/shipped-NAME/), or a MODEL.yaml describing an ONNX or TorchScript classifier: the black-box audit on --data DIR.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="With --model: the results folder (default ./covidcxr-external/<model name>/; the audit goes to OUT/audit/).")] = None,
     cache_dir: Annotated[Path, typer.Option("--cache-dir", help="With --model: the preprocessing cache.")] = Path(".cache/covidcxr"),
     workers: Annotated[Optional[int], typer.Option("--workers", help="With --model: preprocessing processes (default: every core).")] = None,
@@ -87,10 +87,15 @@ def audit(
         if not as_json:
             console.print(escape(line), style="dim", highlight=False)
 
-    if model is not None:
-        report = _audit_foreign(run, model, data, predictions, source, name, out, cache_dir, workers, saliency_images, n_boot, seed, progress and not as_json, say)
+    from covidcxr.zoo import is_shipped, select
+
+    if model is not None and is_shipped(model):  # a shipped name -> its run (covidcxr.zoo)
+        run, _ = select(run, model, writable=True)
+        model = None
+    if model is not None:  # a foreign model's MODEL.yaml
+        report = _audit_foreign(run, Path(model), data, predictions, source, name, out, cache_dir, workers, saliency_images, n_boot, seed, progress and not as_json, say)
     elif out is not None:
-        raise CovidCXRError("--out goes with --model (a foreign model's results folder)")
+        raise CovidCXRError("--out goes with --model MODEL.yaml (a foreign model's results folder)")
     elif predictions is not None or data is not None:
         report = _audit_elsewhere(run, data, predictions, training_sources, source, name, positive_label, threshold, n_boot, seed, progress and not as_json, say)
     elif run is None:

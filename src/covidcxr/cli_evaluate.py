@@ -129,7 +129,7 @@ def evaluate(
     source: Annotated[Optional[str], typer.Option("--source", help="With --data: the source adapter (default: detected; see `covidcxr data sources`).")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="With --data: the folder RUN/external/NAME/ (default: the collection folder's name).")] = None,
     chunk: Annotated[int, typer.Option("--chunk", help="With --data: images scored and flushed per chunk (a rerun skips finished images).")] = 512,
-    model: Annotated[Optional[Path], typer.Option("--model", help="A MODEL.yaml describing an ONNX or TorchScript classifier (see README 'Foreign models'); needs --data.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="A shipped model by name (covid, pneumonia; evaluated in its working copy runs/shipped-NAME/), or a MODEL.yaml describing an ONNX or TorchScript classifier (see README 'Foreign models'; needs --data).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="With --model: the results folder (default ./covidcxr-external/<model name>/).")] = None,
     cache_dir: Annotated[Path, typer.Option("--cache-dir", help="With --model: the preprocessing cache.")] = Path(".cache/covidcxr"),
     workers: Annotated[Optional[int], typer.Option("--workers", help="With --model: preprocessing processes (default: every core).")] = None,
@@ -145,14 +145,18 @@ def evaluate(
 
     if n_boot < 1:
         raise CovidCXRError(f"--n-boot: expected a positive integer, got {n_boot}")
-    runs = runs or []
-    if model is not None:
-        _evaluate_foreign(runs, model, data, source, name, out, cache_dir, workers, n_boot, seed, chunk, json_output, threshold)
+    from covidcxr.zoo import is_shipped, working_copy
+
+    runs = list(runs or [])
+    if model is not None and is_shipped(model):  # a shipped name -> its run (covidcxr.zoo)
+        runs.append(working_copy(model))
+    elif model is not None:  # a foreign model's MODEL.yaml
+        _evaluate_foreign(runs, Path(model), data, source, name, out, cache_dir, workers, n_boot, seed, chunk, json_output, threshold)
         return
     if out is not None:
-        raise CovidCXRError("--out goes with --model (a foreign model's results folder); a run's results go to RUN/external/NAME/")
+        raise CovidCXRError("--out goes with --model MODEL.yaml (a foreign model's results folder); a run's results go to RUN/external/NAME/")
     if not runs:
-        raise CovidCXRError("covidcxr evaluate: give a run directory, or --model MODEL.yaml --data DIR")
+        raise CovidCXRError("covidcxr evaluate: give a run directory, --model NAME (covid, pneumonia) or --model MODEL.yaml --data DIR")
     if data is not None:
         _evaluate_external(runs, data, source, name, n_boot, seed, chunk, json_output, threshold)
         return

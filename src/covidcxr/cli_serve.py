@@ -3,8 +3,8 @@
 Registered on the main app in `covidcxr.cli`. Thin: the work is in `covidcxr.serve`
 (`Predictor`, `create_app`, `export_onnx`); heavy imports happen only when a verb runs.
 
-Which run: ``--run RUN``, else the newest run directory under ``runs/`` then ``demo/``
-(relative to the current directory; `covidcxr.serve.predictor.DEFAULT_RUN_ROOTS`).
+Which run: ``--run RUN``, or a shipped model by name (``--model covid|pneumonia``,
+`covidcxr.zoo`); with neither, predict and serve use the shipped ``covid`` model and say so.
 """
 
 from __future__ import annotations
@@ -26,7 +26,11 @@ err_console = Console(stderr=True)
 
 RunOption = Annotated[
     Optional[Path],
-    typer.Option("--run", help="Run directory (default: the newest under runs/ then demo/, relative to the current directory)."),
+    typer.Option("--run", help="Run directory (default: the shipped model named by --model, else the shipped 'covid' model)."),
+]
+ModelOption = Annotated[
+    Optional[str],
+    typer.Option("--model", help="A shipped model by name: covid (COVID-19 vs rest) or pneumonia (pneumonia vs normal); see its MODEL_CARD.md."),
 ]
 EngineOption = Annotated[str, typer.Option(help="torch, or onnx (needs `covidcxr export RUN --onnx` first; Grad-CAM still uses PyTorch).")]
 ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads for PyTorch and onnxruntime (default: theirs); 1 is often fastest on a shared CPU.")]
@@ -93,6 +97,7 @@ def _print_prediction(image: Path, payload: dict[str, Any]) -> None:
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Chest radiographs or folders (walked recursively): PNG, JPEG, TIFF, BMP or DICOM, format from content.")],
     run: RunOption = None,
+    model: ModelOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object per image (a list) instead of tables.")] = False,
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Batch mode: one row per file (refused ones with the reason) in this CSV, written atomically; a rerun resumes.")] = None,
     out: Annotated[Path, typer.Option(help="Folder for the overlay PNGs (<image>.input.png, .lungs.png, .gradcam.png).")] = Path("predictions"),
@@ -112,16 +117,19 @@ def predict(
     from covidcxr.errors import CovidCXRError
     from covidcxr.serve.batch import expand_inputs, predict_to_csv
     from covidcxr.serve.predictor import Predictor
+    from covidcxr.zoo import select
 
     batch = csv is not None
     overlays = (not batch) if overlays is None else overlays
     gradcam = (not batch) if gradcam is None else gradcam
     files = expand_inputs(images)
-    predictor = Predictor.load(run, engine=engine, progress=not json_output, threads=threads, abstain=abstain)
+    run_dir, chosen = select(run, model)
+    predictor = Predictor.load(run_dir, engine=engine, progress=not json_output, threads=threads, abstain=abstain, selected=chosen)
     if not json_output:
         from covidcxr.serve.model_card import one_line_summary
 
         console.print(f"[bold yellow]{MEDICAL_USE_BANNER}")
+        _say_shipped(chosen, run_dir)
         console.print(escape(one_line_summary(predictor.model_card())), highlight=False)
         if not abstain:
             console.print("[bold yellow]abstention is OFF (--no-abstain): research use only — decisions are given even where the service would abstain[/bold yellow]")
@@ -171,6 +179,12 @@ def predict(
         raise typer.Exit(1)
 
 
+def _say_shipped(chosen: str | None, run_dir: Path) -> None:
+    """Print which shipped model is used and where its card is (nothing for a run given by path)."""
+    if chosen is not None:
+        console.print(escape(f"{chosen}; model card: {Path(run_dir) / 'MODEL_CARD.md'}"), style="bold", highlight=False)
+
+
 def _write_overlays(prediction: Any, out: Path, name: str) -> dict[str, str]:
     """Write a prediction's overlay PNGs as ``out/<name>.<kind>.png``; returns kind -> path."""
     from covidcxr.io.atomic import atomic_write_bytes
@@ -208,6 +222,7 @@ def _read_token(token: str | None, token_file: Path | None) -> str | None:
 
 def serve(
     run: RunOption = None,
+    model: ModelOption = None,
     host: Annotated[str, typer.Option(help="Interface to listen on (default: loopback only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     engine: EngineOption = "torch",
@@ -232,6 +247,7 @@ def serve(
     from covidcxr.serve.app import ServeSettings, create_app
     from covidcxr.serve.predictor import Predictor
     from covidcxr.serve.server import ServerLimits, build_server, tame_malloc
+    from covidcxr.zoo import select
 
     if max_upload_mb <= 0:
         raise CovidCXRError(f"--max-upload-mb must be positive, got {max_upload_mb}")
@@ -240,7 +256,8 @@ def serve(
             raise CovidCXRError(f"{name} must be positive, got {value}")
     token = _read_token(token, token_file)
     tame_malloc()  # before the worker threads exist: fewer malloc arenas, big arrays given back when freed
-    predictor = Predictor.load(run, engine=engine, progress=True, threads=threads, abstain=abstain)
+    run_dir, chosen = select(run, model)
+    predictor = Predictor.load(run_dir, engine=engine, progress=True, threads=threads, abstain=abstain, selected=chosen)
     settings = ServeSettings(
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         token=token,
@@ -252,6 +269,7 @@ def serve(
     )
     limits = ServerLimits(header_timeout=header_timeout, body_timeout=body_timeout, max_connections=max_connections)
     console.print(f"[bold yellow]{MEDICAL_USE_BANNER}")
+    _say_shipped(chosen, run_dir)
     console.print(escape(f"serving run {predictor.run.name} ({predictor.run.run_dir}) on {predictor.engine} at http://{host}:{port}/"), highlight=False)
     if not abstain:
         console.print("[bold yellow]abstention is OFF (--no-abstain): research use only; the page says so on every result[/bold yellow]")
@@ -270,7 +288,8 @@ def serve(
 
 
 def export(
-    run: Annotated[Path, typer.Argument(help="Run directory to export.")],
+    run: Annotated[Optional[Path], typer.Argument(help="Run directory to export (or --model NAME).")] = None,
+    model: ModelOption = None,
     onnx: Annotated[bool, typer.Option("--onnx", help="Export the classifier and the lung U-Net to ONNX (RUN/export/).")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Folder to write into (default: RUN/export).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the export summary as JSON.")] = False,
@@ -279,8 +298,13 @@ def export(
     from covidcxr.errors import CovidCXRError
     from covidcxr.serve.onnx_export import export_onnx
 
+    from covidcxr.zoo import select
+
     if not onnx:
         raise CovidCXRError("choose an export format: --onnx (the only one so far)")
+    run, chosen = select(run, model, writable=True, default=False)  # a shipped model: its working copy under runs/
+    if not json_output:
+        _say_shipped(chosen, run)
     summary = export_onnx(run, out)
     if json_output:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")

@@ -114,10 +114,14 @@ def test_serve_reads_the_token_from_a_file_or_the_environment(run_dir: Path, tmp
 
 
 def test_serve_says_clearly_when_there_is_no_run(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.chdir(tmp_path)
+    import covidcxr.zoo as zoo
+
+    monkeypatch.chdir(tmp_path)  # no run named: the shipped 'covid' model, here absent from the installation
+    monkeypatch.setitem(zoo.REGISTRY, "covid", zoo.ShippedModel("covid", "covid_vs_rest", "-", "recipes/shipped_covid.yaml", tmp_path / "absent"))
     result = runner.invoke(app, ["serve"])
     assert isinstance(result.exception, CovidCXRError)
-    assert "no trained run found" in str(result.exception) and "make demo" in str(result.exception)
+    assert "shipped model 'covid' is not in this installation" in str(result.exception)
+    assert "python -m covidcxr.zoo.package recipes/shipped_covid.yaml covid" in str(result.exception)
 
 
 def test_bad_usage_is_one_clear_error(run_dir: Path) -> None:

@@ -189,7 +189,7 @@ def test_default_run_discovery(tmp_path: Path, run_dir: Path, monkeypatch) -> No
     copy_run(run_dir, tmp_path / "demo" / "mine")
     assert default_run() == Path("demo") / "mine"
     with pytest.raises(CovidCXRError, match="engine must be one of"):
-        Predictor.load(engine="tensorrt")
+        Predictor.load(run_dir, engine="tensorrt")
 
 
 def test_decisions_binary_at_the_threshold_and_multiclass_by_argmax() -> None:

@@ -24,9 +24,10 @@ the client never chooses):
    skill / a shortcut / no audit); the probability and ``model_decision`` stay in the answer,
    marked not to be acted on. ``abstain=False`` (``--no-abstain``) is for research only.
 
-Which run: the one named, else the newest run directory (holding ``config.yaml`` and
-``checkpoints/best.ckpt`` or ``last.ckpt``) under `DEFAULT_RUN_ROOTS` — ``runs/`` then
-``demo/``, relative to the current directory (``make demo`` trains into ``runs/demo``).
+Which run: the one named, else the shipped ``covid`` model (`covidcxr.zoo.resolve`; the CLI
+says so, and the model card's ``selected`` field carries the sentence to the page).
+`default_run` still finds the newest run directory under `DEFAULT_RUN_ROOTS` for callers that
+want it.
 
 Example:
     >>> predictor = Predictor.load("runs/demo")                              # doctest: +SKIP
@@ -303,6 +304,8 @@ class Predictor:
             process may use. On a CPU shared with other work, 1 is often the fastest: with
             more threads than free cores, PyTorch's and onnxruntime's worker threads wait on
             each other (``benchmarks/bench_serve.py`` measures both).
+        selected: how the run was chosen when it is a shipped model (`covidcxr.zoo.select`), shown
+            on the model card (``selected``) and the page; None for a run named by path.
         abstain: answer ``"abstain"`` when a reason in `ABSTAIN_CODES` applies (default).
             False is for research use only: the class decided at the threshold is returned
             whatever the reasons, and the answer says ``abstention: "off"``.
@@ -322,6 +325,7 @@ class Predictor:
         progress: bool = False,
         threads: int | None = None,
         abstain: bool = True,
+        selected: str | None = None,
     ):
         from covidcxr.preprocess.pipeline import load_segmenter
         from covidcxr.serve.engines import ENGINES, OnnxClassifier, OnnxLungSegmenter, TorchClassifier
@@ -333,6 +337,7 @@ class Predictor:
                 raise CovidCXRError(f"threads must be at least 1, got {threads}")
             torch.set_num_threads(int(threads))
         self.run = run
+        self.selected = selected
         self.engine = engine
         self.threads = threads
         self.abstain = bool(abstain)
@@ -377,11 +382,12 @@ class Predictor:
         cls,
         run_dir: str | Path | None = None,
         engine: str = "torch",
-        roots: tuple[str | Path, ...] = DEFAULT_RUN_ROOTS,
         **kwargs: Any,
     ) -> Predictor:
-        """Load ``run_dir`` (None: `default_run` over ``roots``) and make a predictor."""
-        return cls(load_run(run_dir if run_dir is not None else default_run(roots)), engine=engine, **kwargs)
+        """Load ``run_dir`` (None: the shipped ``covid`` model, `covidcxr.zoo.resolve`) and make a predictor."""
+        from covidcxr.zoo import resolve
+
+        return cls(load_run(run_dir if run_dir is not None else resolve(None)), engine=engine, **kwargs)
 
     # ------------------------------------------------------------------ model card
     def model_card(self) -> dict[str, Any]:
@@ -393,6 +399,7 @@ class Predictor:
         return build_model_card(
             self.run,
             extra={
+                "selected": self.selected,
                 "engine": self.engine,
                 "abstention": {
                     "enabled": self.abstain,

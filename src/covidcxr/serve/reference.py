@@ -67,6 +67,7 @@ import pandas as pd
 from covidcxr.errors import CovidCXRError
 from covidcxr.io.atomic import atomic_path
 from covidcxr.rundir import RunDir
+from covidcxr.zoo import shipped_name
 
 if TYPE_CHECKING:
     from covidcxr.train.inference import LoadedRun
@@ -224,7 +225,7 @@ class EmbeddingReference:
     def load(cls, path: Path) -> EmbeddingReference:
         with np.load(path, allow_pickle=False) as data:
             return cls(
-                embeddings=data["embeddings"],
+                embeddings=data["embeddings"].astype(np.float32),  # a shipped model stores them as float16
                 stage_sizes=[int(v) for v in data["stage_sizes"]],
                 stage_scales=data["stage_scales"],
                 sources=data["sources"],
@@ -339,6 +340,8 @@ def load_or_build_reference(
             why = "the stored one is unreadable"  # rebuilt below
     elif rebuild:
         why = "a rebuild was asked for"
+    if shipped_name(run.run_dir) is not None:  # a packaged model is never written to (covidcxr.zoo)
+        raise CovidCXRError(f"the shipped model's out-of-distribution reference {REFERENCE_FILE} cannot be used ({why}); reinstall covidcxr or rebuild the package (python -m covidcxr.zoo.package)")
     say(
         f"building the out-of-distribution reference of run {run.name!r} once ({why}): embedding its training and "
         f"validation images, with the lung U-Net, into {RunDir.INFERENCE}/{RunDir.REFERENCE}"

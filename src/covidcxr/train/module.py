@@ -480,7 +480,8 @@ def load_checkpoint_model(checkpoint_path: str | Path) -> tuple[CXRClassifier, d
     if not isinstance(recipe, dict) or "state_dict" not in checkpoint:
         raise CovidCXRError(f"{path} is not a covidcxr training checkpoint (no recipe in its hyper_parameters)")
     model = build_model(recipe_from_mapping(recipe))
-    state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    # float() : a shipped model's weights are stored as float16 (covidcxr.zoo.package); compute is float32
+    state = {k[len("model.") :]: (v.float() if v.is_floating_point() else v) for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
     model.eval()
     info = dict(checkpoint.get("covidcxr") or {})

@@ -32,7 +32,8 @@ async function loadModelCard() {
     }
     const seen = (card.sources_seen || []).join(", ") || "unknown";
     const auc = card.metrics && card.metrics.test && card.metrics.test.auc;
-    let text = "Model " + card.name + " (" + card.model.name + ", " + card.task + "), trained on sources: " + seen;
+    // A shipped model chosen by name (or by default) says so first (covidcxr.zoo.select).
+    let text = (card.selected ? card.selected[0].toUpperCase() + card.selected.slice(1) + ". " : "") + "Model " + card.name + " (" + card.model.name + ", " + card.task + "), trained on sources: " + seen;
     if (auc !== undefined) { text += "; test AUC " + fmt(auc, 3) + " (sources seen in training)"; }
     const unseen = card.evaluation && card.evaluation.unseen && card.evaluation.unseen.auc;
     if (unseen && unseen.estimate !== null) { text += "; unseen sources AUC " + fmt(unseen.estimate, 3); }
