@@ -161,8 +161,8 @@ def test_evaluate_and_audit_take_a_shipped_name(registry: zoo.ShippedModel, tmp_
     result = runner.invoke(app, ["evaluate", "--model", "covid", "--json", "--n-boot", "20"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["run"] == "zoo-tiny" and (tmp_path / "runs" / "shipped-covid" / "evaluation.json").is_file()
-    result = runner.invoke(app, ["audit", "--model", "foreign.yaml"])
-    assert isinstance(result.exception, CovidCXRError) and "not a shipped model" in str(result.exception)
+    result = runner.invoke(app, ["audit", "--model", "foreign.yaml"])  # not a shipped name: a foreign MODEL.yaml
+    assert isinstance(result.exception, CovidCXRError) and "--model needs --data DIR" in str(result.exception)
 
 
 def test_packaged_files_hold_no_server_path(tmp_path: Path) -> None:
