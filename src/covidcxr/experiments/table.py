@@ -500,7 +500,7 @@ def baseline_table(experiment: ExperimentRecipe, store: RunStore, method_axis: s
     for point in points:
         source = _heldout_source(point)
         row: dict[str, Any] = {"column": column_of[point.key], method_axis: point.labels[method_axis], "heldout_source": source,
-                               "status": runs.loc[point.key, "status"] if point.key in runs.index else "pending",
+                               "status": runs.loc[point.key, "status"] if point.key in runs.index and isinstance(runs.loc[point.key, "status"], str) else "pending",
                                "verdict": (RunDir(point.run_dir).read_audit() or {}).get("verdict"), "run_dir": str(point.run_dir)}
         run_id = done.get(point.key)
         if run_id is not None:
