@@ -189,6 +189,7 @@ def table_command(
         cells = []
         for source in result.sources:
             cell = row[source]
+            cell = cell if isinstance(cell, dict) else None  # a point not done yet (pandas may hold it as NaN)
             text = cell_text(cell) if cell is not None else ""
             cells.append(f"[bold]{escape(text)}[/bold]" if cell is not None and cell.get("seen") else escape(text))
         rich_table.add_row(*(escape(str(row[a])) for a in result.axes), *cells)

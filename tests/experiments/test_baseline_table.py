@@ -16,7 +16,7 @@ from covidcxr.errors import CovidCXRError
 from covidcxr.evaluate.stats import delong_test
 from covidcxr.experiments.recipe import load_experiment
 from covidcxr.experiments.store import RunStore
-from covidcxr.experiments.table import baseline_table, markdown_baseline_table, paired_auc_difference
+from covidcxr.experiments.table import baseline_table, grid_table, markdown_baseline_table, markdown_table, paired_auc_difference
 from generated_data import tiny_train_recipe
 
 runner = CliRunner()
@@ -90,6 +90,13 @@ def test_loso_grid_table_compares_each_method_to_the_baseline_within_the_held_ou
     assert cli.exit_code == 0, cli.output
     rows = json.loads(cli.stdout)["versus_baseline"]["rows"]
     assert [r["verdict"] for r in rows] == list(verdicts)
+
+    # a method added later: its points are not registered yet, both tables still print
+    grown = load_experiment(path, ["experiment.grid.method.adversarial={domain.adversarial: {weight: 0.3}}"])
+    table = baseline_table(grown, store, "method", "baseline")
+    assert list(table.rows.loc[table.rows["method"] == "adversarial", "status"]) == ["not registered"] * 2
+    assert "| adversarial | not registered | not registered |" in markdown_baseline_table(table)
+    assert "| a | adversarial |" in markdown_table(grid_table(grown, store))
 
 
 def test_baseline_table_errors_name_the_axis_label_or_split(tmp_path: Path) -> None:

@@ -292,7 +292,7 @@ def _one_class(cell: dict[str, Any]) -> str:
 
 def cell_text(cell: dict[str, Any], separator: str = "\n") -> str:
     """``AUC [CI]`` / ``se sp`` / ``BA DOR`` of one cell (``*`` marks a source the run saw)."""
-    if cell is None:
+    if not isinstance(cell, dict):  # no cell (pandas may hold it as NaN)
         return "-"
     seen = "*" if cell.get("seen") else ""
     auc = f"AUC {fmt_number(cell.get('auc'))} [{fmt_number(cell.get('auc_low'))}, {fmt_number(cell.get('auc_high'))}]" if _defined(cell.get("auc")) else f"AUC - ({_one_class(cell)})"
@@ -331,7 +331,7 @@ def markdown_table(table: GridTable) -> str:
         cells = []
         for source in table.sources:
             cell = row[source]
-            if cell is None:
+            if not isinstance(cell, dict):  # not done yet (pandas may hold the missing cell as NaN)
                 cells.append("")
                 continue
             seen = "\\*" if cell.get("seen") else ""
@@ -530,7 +530,8 @@ def baseline_cell(row: dict[str, Any] | None, baseline: bool) -> str:
     parts = [auc]
     if not baseline:
         parts.append(f"Δ {_signed(row.get('delta'))} [{_signed(row.get('delta_low'))}, {_signed(row.get('delta_high'))}] p={fmt_p(row.get('delta_p'))}" if _defined(row.get("delta")) else "Δ -")
-    parts.append(f"audit: {row.get('verdict') or 'not audited'}")
+    verdict = row.get("verdict")
+    parts.append(f"audit: {verdict if isinstance(verdict, str) else 'not audited'}")
     return " · ".join(parts)
 
 
