@@ -112,3 +112,15 @@ def test_baseline_table_errors_name_the_axis_label_or_split(tmp_path: Path) -> N
         baseline_table(holdout, store, "method", "baseline")
     bad = runner.invoke(app, ["experiment", "table", str(path), "--db", f"sqlite:///{tmp_path / 'empty.sqlite'}", "--baseline", "method"])
     assert bad.exit_code != 0 and "AXIS=LABEL" in bad.output
+
+
+def test_generalize_recipe_runs_the_baseline_first_for_every_held_out_source() -> None:
+    experiment = load_experiment(Path(__file__).resolve().parents[2] / "recipes" / "generalize.yaml")
+    points = experiment.points()
+    assert experiment.axes == ["method", "heldout"] and len(points) == 18
+    assert [p.labels["method"] for p in points[:3]] == ["baseline"] * 3
+    assert [p.labels["heldout"] for p in points[:3]] == ["nih", "kermany", "figure1"]
+    for point in points:
+        assert point.recipe.data.split.kind == "loso" and point.recipe.data.split.test_source == point.labels["heldout"]
+    base = experiment.base_recipe
+    assert (base.model.name, base.preprocess.size, base.train.epochs, base.engine.threads) == ("small_cnn", (128, 128), 12, 1)
