@@ -520,6 +520,12 @@ def _signed(value: Any) -> str:
     return "-" if not _defined(value) else f"{value:+.2f}"
 
 
+def _p_text(value: Any) -> str:
+    """``=0.21`` or ``<0.001`` (to follow a ``p``)."""
+    text = fmt_p(value)
+    return text if text.startswith("<") else f"={text}"
+
+
 def baseline_cell(row: dict[str, Any] | None, baseline: bool) -> str:
     """``AUC [CI]``, then ``Δ +0.03 [-0.02, +0.08] p=0.21`` (not for the baseline), then the audit verdict."""
     if row is None:
@@ -529,7 +535,7 @@ def baseline_cell(row: dict[str, Any] | None, baseline: bool) -> str:
     auc = f"{fmt_number(row.get('auc'))} [{fmt_number(row.get('auc_low'))}, {fmt_number(row.get('auc_high'))}]" if _defined(row.get("auc")) else f"- ({_one_class(row)})"
     parts = [auc]
     if not baseline:
-        parts.append(f"Δ {_signed(row.get('delta'))} [{_signed(row.get('delta_low'))}, {_signed(row.get('delta_high'))}] p={fmt_p(row.get('delta_p'))}" if _defined(row.get("delta")) else "Δ -")
+        parts.append(f"Δ {_signed(row.get('delta'))} [{_signed(row.get('delta_low'))}, {_signed(row.get('delta_high'))}] p{_p_text(row.get('delta_p'))}" if _defined(row.get("delta")) else "Δ -")
     verdict = row.get("verdict")
     parts.append(f"audit: {verdict if isinstance(verdict, str) else 'not audited'}")
     return " · ".join(parts)
