@@ -146,24 +146,30 @@ def table_command(
     data: DataOpt = None,
     output_format: Annotated[str, typer.Option("--format", help="rich (terminal), markdown, csv (long form) or json.")] = "rich",
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the table to this file instead of the terminal.")] = None,
+    baseline: Annotated[Optional[str], typer.Option("--baseline", help="AXIS=LABEL, e.g. method=baseline: first the leave-one-source-out table, each point's AUC within its held-out source and its DeLong difference to that baseline on the same images, with the audit verdict (csv: that table alone).")] = None,
 ) -> None:
     """The Table-2-like grid: rows = the axes (pretrain x composition x architecture), columns = test source -> AUC [CI], sens, spec, BA, DOR; then seen vs unseen pooled."""
     from covidcxr.errors import CovidCXRError
-    from covidcxr.experiments.table import cell_text, fmt_number, fmt_p, grid_table, markdown_table, wide_cells
+    from covidcxr.experiments.table import baseline_table, cell_text, fmt_number, fmt_p, grid_table, markdown_baseline_table, markdown_table, wide_cells
     from covidcxr.io.atomic import atomic_write_text
 
     if output_format not in ("rich", "markdown", "csv", "json"):
         raise CovidCXRError(f"--format must be rich, markdown, csv or json, not {output_format!r}")
+    if baseline is not None and (baseline.count("=") != 1 or not all(baseline.split("="))):
+        raise typer.BadParameter(f"AXIS=LABEL, e.g. method=baseline; got {baseline!r}", param_hint="--baseline")
     experiment, store = _load(recipe, set_, runs_dir, db, data)
+    versus = baseline_table(experiment, store, *baseline.split("=")) if baseline is not None else None
     result = grid_table(experiment, store)
     if output_format != "rich":
         if output_format == "markdown":
-            text = markdown_table(result)
+            text = (markdown_baseline_table(versus) + "\n" if versus is not None else "") + markdown_table(result)
         elif output_format == "csv":
-            text = result.cells.to_csv(index=False)
+            text = versus.rows.to_csv(index=False) if versus is not None else result.cells.to_csv(index=False)
         else:
             text = json.dumps({"experiment": result.experiment, "axes": result.axes, "cells": result.cells.to_dict("records"), "pooled": result.pooled.to_dict("records"),
-                               "adaptation": result.adaptation.to_dict("records"), "missing": result.missing}, indent=2, default=str)
+                               "adaptation": result.adaptation.to_dict("records"), "missing": result.missing,
+                               **({"versus_baseline": {"axis": versus.method_axis, "baseline": versus.baseline, "rows": versus.rows.to_dict("records")}} if versus is not None else {})},
+                              indent=2, default=str)
         if out is not None:
             atomic_write_text(out, text if text.endswith("\n") else text + "\n")
             console.print(f"wrote {out}")
@@ -172,6 +178,8 @@ def table_command(
         return
     # the table is as wide as it needs to be (a terminal narrower than that wraps lines)
     wide = Console(width=max(console.width, 16 * len(result.axes) + 26 * len(result.sources) + 40))
+    if versus is not None:
+        _print_baseline_table(versus, wide)
     rich_table = Table(title=escape(f"{result.experiment}: AUC [95% CI] / sensitivity, specificity / balanced accuracy, DOR, n per test source; * and bold = seen in training"), show_lines=True)
     for axis in result.axes:
         rich_table.add_column(axis, no_wrap=True)
@@ -181,6 +189,7 @@ def table_command(
         cells = []
         for source in result.sources:
             cell = row[source]
+            cell = cell if isinstance(cell, dict) else None  # a point not done yet (pandas may hold it as NaN)
             text = cell_text(cell) if cell is not None else ""
             cells.append(f"[bold]{escape(text)}[/bold]" if cell is not None and cell.get("seen") else escape(text))
         rich_table.add_row(*(escape(str(row[a])) for a in result.axes), *cells)
@@ -208,3 +217,61 @@ def table_command(
         wide.print(adaptation)
     if result.missing:
         console.print(f"[yellow]{len(result.missing)} run(s) not done yet[/yellow] (covidcxr experiment status {recipe})")
+
+
+def _print_baseline_table(versus: Any, wide: Console) -> None:
+    """Methods x held-out source: AUC within it, Δ to the baseline (DeLong), audit verdict."""
+    from covidcxr.experiments.table import baseline_cell, baseline_header
+
+    axis = versus.method_axis
+    table = Table(title=escape(f"{versus.experiment}: AUC within the held-out source [95% CI] / Δ to {versus.baseline} on the same images [DeLong 95% CI], p / audit verdict"), show_lines=True)
+    table.add_column(axis, no_wrap=True)
+    for column in versus.columns:
+        table.add_column(escape(baseline_header(versus, column)), justify="right")
+    for method in dict.fromkeys(versus.rows[axis]):
+        cells = []
+        for column in versus.columns:
+            found = versus.rows[(versus.rows[axis] == method) & (versus.rows["column"] == column)]
+            cells.append(escape(baseline_cell(found.iloc[0].to_dict() if len(found) else None, method == versus.baseline).replace(" · ", "\n")))
+        table.add_row(escape(str(method)), *cells)
+    wide.print(table)
+
+
+@experiment_app.command("audit")
+def audit_command(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    db: DbOpt = None,
+    runs_dir: RunsOpt = None,
+    data: DataOpt = None,
+    max_images: Annotated[int, typer.Option("--max-images", help="Cap on the val + test images each audit scores (whole patients sampled).")] = 2000,
+    n_boot: Annotated[int, typer.Option("--n-boot", help="Patient-bootstrap resamples behind each audit's CIs.")] = 1000,
+    again: Annotated[bool, typer.Option("--again", help="Audit points that already have RUN/audit/audit.json too.")] = False,
+) -> None:
+    """Audit every finished point of the grid (`covidcxr audit RUN` on each), skipping points already audited.
+
+    The verdicts appear in `covidcxr experiment table RECIPE --baseline AXIS=LABEL`. A point whose audit fails is reported and the others go on.
+    """
+    from covidcxr.audit.run import audit_run
+    from covidcxr.errors import CovidCXRError
+    from covidcxr.rundir import RunDir
+
+    experiment, store = _load(recipe, set_, runs_dir, db, data)
+    runs = store.find_runs(experiment).set_index("key")
+    failed = 0
+    for point in experiment.points():
+        if point.key not in runs.index or runs.loc[point.key, "status"] != "done":
+            console.print(f"{point.key}: not done, not audited", highlight=False, markup=False)
+            continue
+        if not again and RunDir(point.run_dir).read_audit() is not None:
+            console.print(f"{point.key}: already audited", highlight=False, markup=False)
+            continue
+        try:
+            result = audit_run(point.run_dir, n_boot=n_boot, max_images=max_images, seed=experiment.base_recipe.seed)
+        except CovidCXRError as exc:
+            failed += 1
+            console.print(f"[red]{escape(point.key)}: audit failed[/red]: {escape(str(exc))}")
+            continue
+        console.print(f"{point.key}: {result['verdict']} ({result.get('seconds', 0):.0f} s)", highlight=False, markup=False)
+    if failed:
+        raise typer.Exit(1)

@@ -31,7 +31,10 @@ import pandas as pd
 from covidcxr.experiments.recipe import ExperimentRecipe
 from covidcxr.experiments.store import POOLED, RunStore, metric_row
 
-__all__ = ["GridTable", "cell_text", "fmt_number", "fmt_p", "grid_table", "markdown_table", "wide_cells"]
+__all__ = [
+    "BaselineTable", "GridTable", "baseline_cell", "baseline_header", "baseline_table", "cell_text", "fmt_number", "fmt_p", "grid_table",
+    "markdown_baseline_table", "markdown_table", "paired_auc_difference", "wide_cells",
+]
 
 CELL_METRICS = ("auc", "auc_low", "auc_high", "sensitivity", "specificity", "balanced_accuracy", "dor")
 
@@ -289,7 +292,7 @@ def _one_class(cell: dict[str, Any]) -> str:
 
 def cell_text(cell: dict[str, Any], separator: str = "\n") -> str:
     """``AUC [CI]`` / ``se sp`` / ``BA DOR`` of one cell (``*`` marks a source the run saw)."""
-    if cell is None:
+    if not isinstance(cell, dict):  # no cell (pandas may hold it as NaN)
         return "-"
     seen = "*" if cell.get("seen") else ""
     auc = f"AUC {fmt_number(cell.get('auc'))} [{fmt_number(cell.get('auc_low'))}, {fmt_number(cell.get('auc_high'))}]" if _defined(cell.get("auc")) else f"AUC - ({_one_class(cell)})"
@@ -328,7 +331,7 @@ def markdown_table(table: GridTable) -> str:
         cells = []
         for source in table.sources:
             cell = row[source]
-            if cell is None:
+            if not isinstance(cell, dict):  # not done yet (pandas may hold the missing cell as NaN)
                 cells.append("")
                 continue
             seen = "\\*" if cell.get("seen") else ""
@@ -366,3 +369,203 @@ def fmt_p(value: Any) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     return f"{value:.2g}" if value >= 1e-3 else "<0.001"
+
+
+# ------------------------------------------------------------- against the baseline, within the held-out source
+
+#: two-sided 95 % normal quantile of the DeLong interval of an AUC difference
+_Z95 = 1.959963984540054
+
+
+@dataclass
+class BaselineTable:
+    """Each point's AUC *within its held-out source*, and its difference to the baseline point.
+
+    Attributes:
+        experiment: the experiment's label.
+        method_axis: the axis whose labels are the methods (e.g. ``method``).
+        baseline: the baseline's label on that axis (e.g. ``baseline``).
+        columns: the labels of the other axes, joined by ``/``, in grid order (one per
+            held-out fold, e.g. ``nih``, ``kermany``, ``figure1``).
+        rows: one row per grid point: ``column``, the method label, ``heldout_source``,
+            ``status``, ``n_images``, ``n_patients``, ``n_positive``, ``n_negative``,
+            ``auc``, ``auc_low``, ``auc_high`` (patient-bootstrap 95 % CI, stored when
+            the point finished), ``delta`` (AUC − the baseline's AUC on the same images),
+            ``delta_low``, ``delta_high`` (DeLong 95 % interval), ``delta_p``,
+            ``n_paired`` (images both runs scored), ``verdict`` (``RUN/audit/audit.json``,
+            ``None`` when not audited), ``run_dir``.
+    """
+
+    experiment: str
+    method_axis: str
+    baseline: str
+    columns: list[str]
+    rows: pd.DataFrame
+
+
+def paired_auc_difference(target: Any, score: Any, baseline_score: Any) -> dict[str, float]:
+    """AUC(score) − AUC(baseline) on the same images, with DeLong's 95 % interval and p.
+
+    The variance of the difference is DeLong's, ``var_a + var_b − 2 cov`` (the two AUCs
+    are correlated: same images), via `covidcxr.evaluate.stats.delong_test`. DeLong
+    treats images as independent; a patient with several images makes the interval a
+    little narrow (each cell's own AUC interval is the patient bootstrap).
+
+    Args:
+        target: (N,) 0/1 labels.
+        score: (N,) the method's scores.
+        baseline_score: (N,) the baseline's scores on the same images.
+
+    Returns:
+        ``delta``, ``delta_low``, ``delta_high``, ``delta_p``, ``n_paired``.
+
+    Example::
+
+        >>> r = paired_auc_difference([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], [0.1, 0.6, 0.4, 0.9])
+        >>> r["delta"]
+        0.25
+    """
+    from covidcxr.evaluate.stats import delong_test
+
+    result = delong_test(target, score, baseline_score)
+    half = _Z95 * math.sqrt(max(result["var_a"] + result["var_b"] - 2.0 * result["covariance"], 0.0))
+    delta = result["auc_diff"]
+    return {"delta": delta, "delta_low": delta - half, "delta_high": delta + half, "delta_p": result["p_value"], "n_paired": int(np.asarray(target).size)}
+
+
+def _heldout_source(point: Any) -> str:
+    from covidcxr.errors import CovidCXRError
+
+    split = point.recipe.data.split
+    if split.kind != "loso":
+        raise CovidCXRError(f"{point.key}: the baseline table compares AUCs within the held-out source; data.split.kind must be 'loso', not {split.kind!r}")
+    return str(split.test_source)
+
+
+def _pair(predictions: pd.DataFrame, run_id: int, base_id: int, source: str) -> dict[str, Any] | None:
+    """The DeLong difference of run ``run_id`` to ``base_id`` on the images of ``source`` both scored."""
+    from covidcxr.evaluate.metrics import MetricInputError
+
+    mine = predictions[(predictions["run_id"] == run_id) & (predictions["source"] == source)]
+    theirs = predictions[(predictions["run_id"] == base_id) & (predictions["source"] == source)]
+    both = mine[["image", "positive", "probability"]].merge(theirs[["image", "probability"]], on="image", suffixes=("", "_base"))
+    try:
+        return paired_auc_difference(both["positive"].to_numpy(), both["probability"].to_numpy(), both["probability_base"].to_numpy())
+    except MetricInputError:  # one class among the paired images: no AUC, no difference
+        return None
+
+
+def baseline_table(experiment: ExperimentRecipe, store: RunStore, method_axis: str, baseline: str) -> BaselineTable:
+    """The leave-one-source-out table: every point's AUC within its held-out source, against the baseline.
+
+    Pooled numbers mix sources and reward recognising them; the number that counts for a
+    method meant to generalize is the AUC *within* the source it never saw, and whether it
+    beats the baseline trained on the same folds, scored on the same images (paired:
+    DeLong's test of correlated AUCs).
+
+    Args:
+        experiment: a grid of ``data.split.kind: loso`` points with a method axis.
+        store: the run store.
+        method_axis: the axis of methods, e.g. ``method``.
+        baseline: its baseline label, e.g. ``baseline``; every other point is compared to
+            the baseline point with the same labels on the other axes.
+
+    Returns:
+        A `BaselineTable` (points not yet done have ``status`` and no numbers).
+
+    Raises:
+        CovidCXRError: no such axis or label, or a point that is not leave-one-source-out.
+
+    Example::
+
+        >>> table = baseline_table(experiment, store, "method", "baseline")  # doctest: +SKIP
+        >>> print(markdown_baseline_table(table))                            # doctest: +SKIP
+    """
+    from covidcxr.errors import CovidCXRError
+    from covidcxr.rundir import RunDir
+
+    if method_axis not in experiment.axes:
+        raise CovidCXRError(f"--baseline {method_axis}={baseline}: the grid has no axis {method_axis!r}; its axes: {experiment.axes}")
+    points = experiment.points()
+    if baseline not in {p.labels[method_axis] for p in points}:
+        raise CovidCXRError(f"--baseline {method_axis}={baseline}: no point has {method_axis}={baseline!r}; labels: {sorted({p.labels[method_axis] for p in points})}")
+    others = [a for a in experiment.axes if a != method_axis]
+    runs = store.find_runs(experiment).set_index("key")
+    done = {p.key: int(runs.loc[p.key, "id"]) for p in points if p.key in runs.index and runs.loc[p.key, "status"] == "done"}
+    metrics = store.metrics_frame(done.values())
+    predictions = store.predictions_frame(done.values())
+    column_of = {p.key: "/".join(p.labels[a] for a in others) or "all" for p in points}
+    base_key = {column_of[p.key]: p.key for p in points if p.labels[method_axis] == baseline}
+    rows = []
+    for point in points:
+        source = _heldout_source(point)
+        row: dict[str, Any] = {"column": column_of[point.key], method_axis: point.labels[method_axis], "heldout_source": source,
+                               "status": runs.loc[point.key, "status"] if point.key in runs.index and isinstance(runs.loc[point.key, "status"], str) else "pending",
+                               "verdict": (RunDir(point.run_dir).read_audit() or {}).get("verdict"), "run_dir": str(point.run_dir)}
+        run_id = done.get(point.key)
+        if run_id is not None:
+            cell = metrics[(metrics["run_id"] == run_id) & (metrics["test_source"] == source)]
+            if len(cell):
+                row.update({k: cell.iloc[0][k] for k in ("n_images", "n_patients", "n_positive", "n_negative", "auc", "auc_low", "auc_high")})
+            base_id = done.get(base_key.get(column_of[point.key], ""))
+            if base_id is not None and base_id != run_id:
+                row.update(_pair(predictions, run_id, base_id, source) or {})
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=["column", method_axis, "heldout_source", "status", "n_images", "n_patients", "n_positive", "n_negative",
+                                        "auc", "auc_low", "auc_high", "delta", "delta_low", "delta_high", "delta_p", "n_paired", "verdict", "run_dir"])
+    return BaselineTable(experiment=experiment.label, method_axis=method_axis, baseline=baseline, columns=list(dict.fromkeys(frame["column"])), rows=frame)
+
+
+def _signed(value: Any) -> str:
+    return "-" if not _defined(value) else f"{value:+.2f}"
+
+
+def _p_text(value: Any) -> str:
+    """``=0.21`` or ``<0.001`` (to follow a ``p``)."""
+    text = fmt_p(value)
+    return text if text.startswith("<") else f"={text}"
+
+
+def baseline_cell(row: dict[str, Any] | None, baseline: bool) -> str:
+    """``AUC [CI]``, then ``Δ +0.03 [-0.02, +0.08] p=0.21`` (not for the baseline), then the audit verdict."""
+    if row is None:
+        return ""
+    if row.get("status") != "done":
+        return str(row.get("status"))
+    auc = f"{fmt_number(row.get('auc'))} [{fmt_number(row.get('auc_low'))}, {fmt_number(row.get('auc_high'))}]" if _defined(row.get("auc")) else f"- ({_one_class(row)})"
+    parts = [auc]
+    if not baseline:
+        parts.append(f"Δ {_signed(row.get('delta'))} [{_signed(row.get('delta_low'))}, {_signed(row.get('delta_high'))}] p{_p_text(row.get('delta_p'))}" if _defined(row.get("delta")) else "Δ -")
+    verdict = row.get("verdict")
+    parts.append(f"audit: {verdict if isinstance(verdict, str) else 'not audited'}")
+    return " · ".join(parts)
+
+
+def baseline_header(table: BaselineTable, column: str) -> str:
+    """``nih held out (n=500 images / 362 patients, 250+/250-)``; n is given per cell when the methods' test sets differ."""
+    part = table.rows[(table.rows["column"] == column) & (table.rows["status"] == "done")]
+    source = table.rows.loc[table.rows["column"] == column, "heldout_source"].iloc[0]
+    counts = part[["n_images", "n_patients", "n_positive", "n_negative"]].drop_duplicates()
+    if len(counts) != 1 or not _defined(counts.iloc[0]["n_images"]):
+        return f"{source} held out"
+    c = counts.iloc[0]
+    return f"{source} held out (n={int(c['n_images'])} images / {int(c['n_patients'])} patients, {int(c['n_positive'])}+/{int(c['n_negative'])}-)"
+
+
+def markdown_baseline_table(table: BaselineTable) -> str:
+    """Methods (rows) x held-out source (columns): AUC within it [95 % CI], Δ to the baseline [95 % CI], audit verdict."""
+    axis = table.method_axis
+    lines = [
+        f"**{table.experiment}** — AUC within the held-out source [patient-bootstrap 95% CI] · Δ to `{table.baseline}` on the same images "
+        "[DeLong 95% CI] and p · audit verdict",
+        "",
+        "| " + " | ".join([axis, *(baseline_header(table, c) for c in table.columns)]) + " |",
+        "|" + "---|" * (1 + len(table.columns)),
+    ]
+    for method in dict.fromkeys(table.rows[axis]):
+        cells = []
+        for column in table.columns:
+            found = table.rows[(table.rows[axis] == method) & (table.rows["column"] == column)]
+            cells.append(baseline_cell(found.iloc[0].to_dict() if len(found) else None, method == table.baseline))
+        lines.append("| " + " | ".join([str(method), *cells]) + " |")
+    return "\n".join(lines) + "\n"
