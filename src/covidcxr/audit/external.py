@@ -409,7 +409,7 @@ def audit_foreign(
     cache_dir = cache_dir or DEFAULT_CACHE_DIR
     model = load_foreign_model(model_yaml)
     out = Path(out) if out is not None else default_out(model.name)
-    evaluation = evaluate_foreign(model_yaml, data, out=out, adapter=adapter, n_boot=n_boot, seed=seed, cache_dir=cache_dir, workers=workers, progress=progress, say=say)
+    evaluate_foreign(model_yaml, data, out=out, adapter=adapter, n_boot=n_boot, seed=seed, cache_dir=cache_dir, workers=workers, progress=progress, say=say)
     scored = pd.read_parquet(out / PREDICTIONS)
     config = model.preprocess_config()
     kept, images, masks, refused = foreign_inputs(scored.drop(columns=["split"], errors="ignore").assign(split="external"), config, cache_dir, workers, progress)

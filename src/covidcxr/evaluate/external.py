@@ -52,7 +52,7 @@ from covidcxr.evaluate.cross_source import evaluate_predictions, json_ready
 from covidcxr.io.atomic import atomic_path, atomic_write_text
 from covidcxr.rundir import RunDir, SeenData
 
-__all__ = ["EXTERNAL_COLUMNS", "collection_rows", "evaluate_external", "external_name", "linked_reasons", "read_collection", "read_external", "reason_kind", "score_chunks", "score_resumably"]
+__all__ = ["EXTERNAL_COLUMNS", "collection_rows", "evaluate_external", "external_name", "linked_reasons", "read_collection", "read_external", "reason_kind", "score_chunks", "score_resumably", "write_evaluation"]
 
 #: the per-image columns of ``external/<name>/predictions.parquet`` (first the required five).
 EXTERNAL_COLUMNS = ("image", "source", "label", "patient_id", "probability", "class_name", "target", "seen", "view", "sex", "age")
@@ -375,6 +375,29 @@ def evaluate_external(
         **evaluate_predictions(scored, train_rows, seen.sources, run.threshold, n_boot, seed),
         "operating_point": {**point.to_dict(), "describe": point.describe()},
         "n_candidates": int(len(rows) + len(outside)),
+    }
+    return write_evaluation(out, report, excluded, rejected, refused, n_boot, seed, started)
+
+
+def write_evaluation(out: Path, report: dict[str, Any], excluded: pd.DataFrame, rejected: pd.DataFrame, refused: list[Any], n_boot: int, seed: int, started: float) -> dict[str, Any]:
+    """Complete an evaluation on another collection with what was left out and how, and write it atomically.
+
+    One writer of ``evaluation.json`` for a run's (`evaluate_external`) and a foreign model's
+    (`covidcxr.evaluate.foreign.evaluate_foreign`) evaluations, so both keep the same keys.
+
+    Args:
+        out: the results folder (``RUN/external/NAME/`` or a foreign model's ``--out``).
+        report: the evaluation so far (metrics, operating point, ``n_candidates`` ...).
+        excluded: images linked to the training data, with a ``reason`` column (``excluded.csv``).
+        rejected: images refused while reading or preprocessing (``rejected.csv``).
+        refused: the adapter's refusals (objects with ``path`` and ``reason``).
+        n_boot, seed: the bootstrap's settings. started: ``time.perf_counter()`` at the start.
+
+    Returns:
+        The JSON-ready report, as written to ``out / evaluation.json``.
+    """
+    report = {
+        **report,
         "excluded": {"file": EXCLUDED, "n": int(len(excluded)), "by_reason": excluded["reason"].map(reason_kind).value_counts().to_dict()},
         "rejected": {"file": REJECTED, "n": int(len(rejected)), "adapter_refused": [{"path": str(r.path), "reason": str(r.reason)} for r in refused]},
         "n_boot": int(n_boot),

@@ -29,7 +29,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,9 +39,9 @@ import pandas as pd
 
 from covidcxr.data.manifest import is_missing
 from covidcxr.errors import CovidCXRError
-from covidcxr.evaluate.cross_source import evaluate_predictions, json_ready
-from covidcxr.evaluate.external import EVALUATION, EXCLUDED, PREDICTIONS, REJECTED, linked_reasons, read_collection, reason_kind, score_chunks
-from covidcxr.io.atomic import atomic_path, atomic_write_text
+from covidcxr.evaluate.cross_source import evaluate_predictions
+from covidcxr.evaluate.external import EXCLUDED, PREDICTIONS, REJECTED, linked_reasons, read_collection, score_chunks, write_evaluation
+from covidcxr.io.atomic import atomic_path
 from covidcxr.evaluate.foreign_model import ForeignModel, load_foreign_model
 from covidcxr.preprocess.pipeline import PreprocessConfig
 from covidcxr.rundir import SeenData
@@ -255,12 +254,5 @@ def evaluate_foreign(
         "operating_point": {"threshold": model.threshold, "describe": f"threshold {model.threshold:g} from the MODEL.yaml (output.threshold)"},
         "training_data": facts,
         "n_candidates": int(len(rows) + len(outside)),
-        "excluded": {"file": EXCLUDED, "n": int(len(excluded)), "by_reason": excluded["reason"].map(reason_kind).value_counts().to_dict()},
-        "rejected": {"file": REJECTED, "n": int(len(rejected)), "adapter_refused": [{"path": str(r.path), "reason": str(r.reason)} for r in refused_by_adapter]},
-        "n_boot": int(n_boot),
-        "seed": int(seed),
-        "seconds": round(time.perf_counter() - started, 2),
     }
-    report = json_ready(report)
-    atomic_write_text(out / EVALUATION, json.dumps(report, indent=2, allow_nan=False) + "\n")
-    return report
+    return write_evaluation(out, report, excluded, rejected, refused_by_adapter, n_boot, seed, started)
