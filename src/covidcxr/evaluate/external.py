@@ -153,11 +153,10 @@ def _file_hashes(paths: list[str]) -> list[str | None]:
     return out
 
 
-def _near_duplicates_of_seen(rows: pd.DataFrame, seen: pd.DataFrame, progress: bool) -> dict[int, str]:
+def _near_duplicates_of_seen(rows: pd.DataFrame, seen_paths: list[str], progress: bool) -> dict[int, str]:
     """Row index -> the training/validation image it is a near-duplicate of (fingerprints of both sets)."""
     from covidcxr.data.dedup import Fingerprints, default_fingerprint_cache, fingerprint_images, near_duplicate_pairs
 
-    seen_paths = [p for p in seen["image"].astype(str).unique() if Path(p).is_file()]
     if not len(rows) or not seen_paths:
         return {}
     paths = [*rows["image"].astype(str), *seen_paths]
@@ -172,7 +171,7 @@ def _near_duplicates_of_seen(rows: pd.DataFrame, seen: pd.DataFrame, progress: b
     return found
 
 
-def linked_reasons(rows: pd.DataFrame, seen: SeenData, same_collection: bool = False, progress: bool = False) -> pd.Series:
+def linked_reasons(rows: pd.DataFrame, seen: SeenData, same_collection: bool = False, progress: bool = False, say: Callable[[str], None] = _say_nothing) -> pd.Series:
     """Why each row is linked to what a run trained or validated on ("" when it is not).
 
     Direct links: the same patient, the same file path, the same file hash (``sha1`` or
@@ -185,9 +184,12 @@ def linked_reasons(rows: pd.DataFrame, seen: SeenData, same_collection: bool = F
         rows: ``(N,)`` manifest rows of the new collection.
         seen: `RunDir.seen()` of the run.
         same_collection: whether ``rows`` come from the run's own collection.
+        say: where the warning goes when training/validation images cannot be read.
 
     Returns:
-        ``(N,)`` strings aligned with ``rows``.
+        ``(N,)`` strings aligned with ``rows``; ``attrs["unreadable_seen"]`` counts the
+        training/validation images that could not be read, whose near-duplicates therefore
+        cannot be found (never silent: ``say`` warns with an example path).
     """
     from covidcxr.data.splits import linked_groups
 
@@ -211,7 +213,16 @@ def linked_reasons(rows: pd.DataFrame, seen: SeenData, same_collection: bool = F
     mark(own, "byte-identical copy of a training/validation image")
     if same_collection and "dup_group" in rows.columns:
         mark(rows["dup_group"].astype(str).isin(links["dup_group"]).to_numpy() & ~rows["dup_group"].map(is_missing).to_numpy(), "same near-duplicate group as a training/validation image")
-    for index, other in _near_duplicates_of_seen(rows, seen.rows, progress).items():
+    seen_paths = seen.rows["image"].astype(str).unique().tolist()
+    readable = [p for p in seen_paths if Path(p).is_file()]
+    if len(readable) < len(seen_paths):
+        missing = next(p for p in seen_paths if not Path(p).is_file())
+        say(
+            f"warning: {len(seen_paths) - len(readable)} of {len(seen_paths)} training/validation images cannot be read "
+            f"(e.g. {missing}, relative to {Path.cwd()}): near-duplicates of them cannot be found or excluded — run from "
+            "where the run's collection paths resolve"
+        )
+    for index, other in _near_duplicates_of_seen(rows, readable, progress).items():
         if reasons[index] == "":
             reasons[index] = f"near-duplicate of training/validation image {Path(other).name}"
     direct = (reasons != "").to_numpy()
@@ -219,6 +230,7 @@ def linked_reasons(rows: pd.DataFrame, seen: SeenData, same_collection: bool = F
         groups = linked_groups(rows)
         tainted = np.isin(groups, groups[direct]) & ~direct
         reasons[tainted] = "same patient or copy group as an excluded image"
+    reasons.attrs["unreadable_seen"] = len(seen_paths) - len(readable)
     return reasons
 
 
@@ -342,7 +354,7 @@ def evaluate_external(
     rows, outside, refused = collection_rows(data, recipe, adapter, progress)
     seen = run.seen()
     say(f"{len(rows)} images fit the task; checking links to the run's {len(seen.rows)} training/validation images")
-    reasons = linked_reasons(rows, seen, same_collection=_same_collection(recipe, data), progress=progress)
+    reasons = linked_reasons(rows, seen, same_collection=_same_collection(recipe, data), progress=progress, say=say)
     linked = (reasons != "").to_numpy()
     excluded = pd.concat([rows[linked].assign(reason=reasons[linked].to_numpy()), outside], ignore_index=True)
     excluded = excluded.reindex(columns=["image", "source", "label", "patient_id", "reason"])
@@ -375,6 +387,7 @@ def evaluate_external(
         **evaluate_predictions(scored, train_rows, seen.sources, run.threshold, n_boot, seed),
         "operating_point": {**point.to_dict(), "describe": point.describe()},
         "n_candidates": int(len(rows) + len(outside)),
+        "unreadable_training_images": int(reasons.attrs["unreadable_seen"]),
     }
     return write_evaluation(out, report, excluded, rejected, refused, n_boot, seed, started)
 

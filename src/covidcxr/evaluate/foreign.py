@@ -169,7 +169,7 @@ def _exclusions(rows: pd.DataFrame, outside: pd.DataFrame, seen: SeenData | None
         reasons = pd.Series([""] * len(rows), dtype=object)
     else:
         say(f"{len(rows)} images fit the task; checking links to the {len(seen.rows)} training/validation images of {facts['manifest']}")
-        reasons = linked_reasons(rows, seen, progress=progress)
+        reasons = linked_reasons(rows, seen, progress=progress, say=say)
     linked = (reasons != "").to_numpy()
     excluded = pd.concat([rows[linked].assign(reason=reasons[linked].to_numpy()), outside], ignore_index=True)
     return linked, excluded.reindex(columns=["image", "source", "label", "patient_id", "reason"])
