@@ -32,7 +32,10 @@ ModelOption = Annotated[
     Optional[str],
     typer.Option("--model", help="A shipped model by name: covid (COVID-19 vs rest) or pneumonia (pneumonia vs normal); see its MODEL_CARD.md."),
 ]
-EngineOption = Annotated[str, typer.Option(help="torch, or onnx (needs `covidcxr export RUN --onnx` first; Grad-CAM still uses PyTorch).")]
+EngineOption = Annotated[
+    str,
+    typer.Option(help="auto (onnx when the run has a current `covidcxr export RUN --onnx`, else torch), torch, or onnx; Grad-CAM always uses PyTorch."),
+]
 ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads for PyTorch and onnxruntime (default: theirs); 1 is often fastest on a shared CPU.")]
 AbstainOption = Annotated[
     bool,
@@ -103,7 +106,7 @@ def predict(
     out: Annotated[Path, typer.Option(help="Folder for the overlay PNGs (<image>.input.png, .lungs.png, .gradcam.png).")] = Path("predictions"),
     overlays: Annotated[Optional[bool], typer.Option("--overlays/--no-overlays", help="Write the overlay PNGs (default: yes, except with --csv).")] = None,
     gradcam: Annotated[Optional[bool], typer.Option("--gradcam/--no-gradcam", help="Compute the Grad-CAM map, a backward pass (default: yes, except with --csv).")] = None,
-    engine: EngineOption = "torch",
+    engine: EngineOption = "auto",
     threads: ThreadsOption = None,
     abstain: AbstainOption = True,
 ) -> None:
@@ -225,7 +228,7 @@ def serve(
     model: ModelOption = None,
     host: Annotated[str, typer.Option(help="Interface to listen on (default: loopback only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    engine: EngineOption = "torch",
+    engine: EngineOption = "auto",
     token_file: Annotated[
         Optional[Path], typer.Option("--token-file", help="File holding the bearer token required on /predict, /model and /openapi.json (or set $COVIDCXR_SERVE_TOKEN).")
     ] = None,
@@ -270,7 +273,9 @@ def serve(
     limits = ServerLimits(header_timeout=header_timeout, body_timeout=body_timeout, max_connections=max_connections)
     console.print(f"[bold yellow]{MEDICAL_USE_BANNER}")
     _say_shipped(chosen, run_dir)
-    console.print(escape(f"serving run {predictor.run.name} ({predictor.run.run_dir}) on {predictor.engine} at http://{host}:{port}/"), highlight=False)
+    console.print(escape(f"serving run {predictor.run.name} ({predictor.run.run_dir}) on {predictor.engine_note} at http://{host}:{port}/"), highlight=False)
+    if predictor.engine_problem:
+        console.print(escape(f"[engine: {predictor.engine_problem}]"), style="dim", highlight=False)
     if not abstain:
         console.print("[bold yellow]abstention is OFF (--no-abstain): research use only; the page says so on every result[/bold yellow]")
     if predictor.reference is None:

@@ -48,3 +48,24 @@ def test_jpeg_harmonization_is_lossy_but_close():
     assert 0 < np.abs(out - image).mean() < 0.1
     # re-encoding a harmonised image changes it much less than the first encoding did
     assert np.abs(harmonize_jpeg(out) - out).mean() < np.abs(out - image).mean()
+
+
+@pytest.mark.parametrize("kind", ["uniform", "skewed", "background", "quantised_8bit", "tiny"])
+def test_fast_histogram_equalization_matches_scikit_image(kind):
+    """`equalize_histogram` replaces np.interp by index arithmetic: scikit-image's result to float32 rounding."""
+    from skimage import exposure
+
+    rng = np.random.default_rng(7)
+    image = {
+        "uniform": rng.random((257, 300)),
+        "skewed": rng.random((200, 180)) ** 6,
+        # a third of the film one black value (collimation): one bin holds a large share
+        "background": np.where(rng.random((256, 256)) < 0.33, 0.0, 0.2 + 0.8 * rng.random((256, 256))),
+        "quantised_8bit": np.round(rng.random((128, 96)) * 255) / 255,
+        "tiny": np.array([[0.1, 0.5], [0.5, 0.9]]),
+    }[kind].astype(np.float32)
+    expected = exposure.equalize_hist(image, nbins=256).astype(np.float32)
+    got = equalize_histogram(image)
+    assert got.dtype == np.float32 and got.shape == image.shape
+    assert float(np.abs(got - expected).max()) <= 1e-6
+    assert float(got.min()) >= 0.0 and float(got.max()) <= 1.0 + 1e-6

@@ -71,6 +71,29 @@ def test_lung_shape_and_the_opacity_cut_warning_fire_on_a_shortened_lung_only():
     assert warning.code == "possible_opacity_cut" and "shorter" in warning.message
 
 
+def test_the_height_ratio_alone_matches_scikit_image_regionprops():
+    """`lung_height_ratio` (no convex hull, on every prediction) = the ratio regionprops gave, ties included."""
+    from scipy import ndimage
+    from skimage.measure import label, regionprops
+
+    from covidcxr.preprocess.lung_coverage import lung_height_ratio
+
+    rng = np.random.default_rng(5)
+    for trial in range(80):
+        noise = ndimage.gaussian_filter(rng.random((int(rng.integers(10, 90)), int(rng.integers(10, 90)))), sigma=rng.uniform(0.5, 4))
+        mask = noise > np.quantile(noise, rng.uniform(0.3, 0.8))
+        regions = sorted(regionprops(label(mask, connectivity=2)), key=lambda r: r.area, reverse=True)[:2]
+        got = lung_height_ratio(mask)
+        if len(regions) < 2:
+            assert np.isnan(got), trial
+        else:
+            heights = [r.bbox[2] - r.bbox[0] for r in regions]
+            assert got == round(min(heights) / max(heights), 4), trial
+    tie = np.zeros((20, 20), bool)
+    tie[2:10, 1:3] = tie[2:6, 5:9] = tie[12:14, 12:16] = True  # three pieces of 16 px: the first two count
+    assert lung_height_ratio(tie) == 0.5
+
+
 def test_opacity_augmentation_whitens_inside_the_lungs_only_and_keeps_the_mask():
     size = 96
     lungs = torch.from_numpy(_lungs(size)).float()

@@ -93,6 +93,23 @@ def test_missing_or_stale_exports_are_refused(exported, tmp_path: Path) -> None:
         read_export(stale, load_run(stale).checkpoint)
 
 
+def test_auto_uses_a_current_export_and_otherwise_says_why_not(exported, tmp_path: Path) -> None:
+    run_dir, _ = exported
+    auto = Predictor.load(run_dir)  # engine="auto" is the default
+    assert auto.engine == "onnx" and isinstance(auto.classifier, OnnxClassifier) and "auto" in auto.engine_note
+    assert auto.engine_problem is None
+    without = copy_run(run_dir, tmp_path / "without")
+    (without / "export" / "export.json").unlink()
+    fallback = Predictor.load(without)
+    assert fallback.engine == "torch" and isinstance(fallback.classifier, TorchClassifier)
+    assert "covidcxr export RUN --onnx" in fallback.engine_note and "export.json" in fallback.engine_problem
+    card = fallback.model_card()
+    assert card["engine"] == "torch" and card["engine_note"] == fallback.engine_note
+    assert str(tmp_path) not in json.dumps(card["engine_note"])  # the note reaches GET /model: no server path
+    image = split_images(run_dir, "test")[0]
+    assert fallback.predict_file(image, gradcam=False).probability == pytest.approx(auto.predict_file(image, gradcam=False).probability, abs=TOLERANCE)
+
+
 def test_a_disagreeing_export_is_an_error(exported, monkeypatch) -> None:
     from covidcxr.serve import engines
 

@@ -58,13 +58,37 @@ def lung_recall(predicted: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if total == 0 else int((predicted & truth).sum()) / total
 
 
+def lung_height_ratio(mask: np.ndarray) -> float:
+    """Vertical extent of the shorter lung over the taller one (NaN unless the mask has two pieces).
+
+    The lungs are the mask's two largest 8-connected components (ties: the first in raster
+    order, as `lung_shape`). No convex hull: the cheap half of `lung_shape`, run on every
+    prediction by `covidcxr.preprocess.screening.opacity_cut_warnings`.
+
+    Example:
+        >>> m = np.zeros((100, 100), bool); m[10:90, 10:40] = True; m[10:60, 60:90] = True
+        >>> lung_height_ratio(m)
+        0.625
+    """
+    from scipy import ndimage
+
+    labels, found = ndimage.label(np.asarray(mask, bool), structure=np.ones((3, 3), bool))
+    if found < 2:
+        return float("nan")
+    sizes = np.bincount(labels.ravel())[1:]
+    largest = np.argsort(-sizes, kind="stable")[:2]  # stable: equal areas keep label order
+    boxes = ndimage.find_objects(labels)
+    heights = [boxes[i][0].stop - boxes[i][0].start for i in largest]
+    return round(min(heights) / max(heights), 4)
+
+
 def lung_shape(mask: np.ndarray) -> dict[str, float]:
     """Shape cues of a cut-away lung, from the mask alone (any resolution).
 
-    * ``height_ratio``: vertical extent of the shorter lung over the taller one. The two
-      lung fields of a frontal film reach within ~10-15 % of each other's height (the
-      right hemidiaphragm sits 1.5-2 cm higher); a basal consolidation the mask left out
-      shortens one lung.
+    * ``height_ratio``: vertical extent of the shorter lung over the taller one
+      (`lung_height_ratio`). The two lung fields of a frontal film reach within ~10-15 % of
+      each other's height (the right hemidiaphragm sits 1.5-2 cm higher); a basal
+      consolidation the mask left out shortens one lung.
     * ``solidity``: the lower of the two lungs' area over its convex hull's area
       (scikit-image ``regionprops``). A peripheral opacity the mask wraps around bites
       into the outline.
@@ -82,8 +106,7 @@ def lung_shape(mask: np.ndarray) -> dict[str, float]:
     regions = sorted(regionprops(label(np.asarray(mask, bool), connectivity=2)), key=lambda r: r.area, reverse=True)[:2]
     if len(regions) < 2:
         return {"height_ratio": float("nan"), "solidity": float("nan")}
-    heights = [r.bbox[2] - r.bbox[0] for r in regions]
-    return {"height_ratio": round(min(heights) / max(heights), 4), "solidity": round(min(float(r.solidity) for r in regions), 4)}
+    return {"height_ratio": lung_height_ratio(mask), "solidity": round(min(float(r.solidity) for r in regions), 4)}
 
 
 def _mean_ci(values: np.ndarray, patients: np.ndarray, seed: int = 0, n_boot: int = 1000) -> dict[str, Any]:
@@ -231,4 +254,4 @@ def sample_per_group(rows: pd.DataFrame, per_group: int | None, seed: int = 0, b
     return pd.concat(parts).reset_index(drop=True) if parts else rows.iloc[:0]
 
 
-__all__ = ["DISEASE_LABELS", "LOW_RECALL", "area_ratio_by_source", "lung_recall", "lung_shape", "mask_areas", "recall_by_label", "sample_per_group"]
+__all__ = ["DISEASE_LABELS", "LOW_RECALL", "area_ratio_by_source", "lung_height_ratio", "lung_recall", "lung_shape", "mask_areas", "recall_by_label", "sample_per_group"]

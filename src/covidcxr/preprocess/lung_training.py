@@ -359,19 +359,19 @@ def pseudo_confidence(probability: np.ndarray, mask: np.ndarray) -> float:
 def plausible_lungs(mask: np.ndarray, area_range: tuple[float, float]) -> bool:
     """Anatomical plausibility of a pseudo-label: two lungs, of similar height, of a usual size.
 
-    * two components (`lung_coverage.lung_shape` gives NaN otherwise);
+    * two components (`lung_coverage.lung_height_ratio` gives NaN otherwise);
     * the shorter lung reaches at least `screening.OPACITY_CUT_HEIGHT_RATIO` (0.8) of the
       taller one's height — the QC rule for a mask that cut away a consolidated lower zone,
       so the teacher's cut masks are never taught to the student;
     * the mask's share of the canvas lies in ``area_range`` (the range of the annotated masks).
     """
-    from covidcxr.preprocess.lung_coverage import lung_shape
+    from covidcxr.preprocess.lung_coverage import lung_height_ratio
     from covidcxr.preprocess.screening import OPACITY_CUT_HEIGHT_RATIO
 
     share = float(mask.mean())
     if not area_range[0] <= share <= area_range[1]:
         return False
-    ratio = lung_shape(mask)["height_ratio"]
+    ratio = lung_height_ratio(mask)
     return bool(np.isfinite(ratio) and ratio >= OPACITY_CUT_HEIGHT_RATIO)
 
 

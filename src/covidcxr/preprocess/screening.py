@@ -382,9 +382,9 @@ def opacity_cut_warnings(mask: np.ndarray) -> list[InputWarning]:
         >>> [w.code for w in opacity_cut_warnings(m)]
         ['possible_opacity_cut']
     """
-    from covidcxr.preprocess.lung_coverage import lung_shape
+    from covidcxr.preprocess.lung_coverage import lung_height_ratio
 
-    ratio = lung_shape(mask)["height_ratio"]
+    ratio = lung_height_ratio(mask)
     if not ratio == ratio or ratio >= OPACITY_CUT_HEIGHT_RATIO:
         return []
     return [

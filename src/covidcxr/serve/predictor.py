@@ -62,7 +62,7 @@ from covidcxr.serve.checks import (
     opacity_cut_warnings,
     segmentation_warnings,
 )
-from covidcxr.serve.errors import EmptyUpload, ServeError, UnreadableImage
+from covidcxr.serve.errors import EmptyUpload, EngineUnavailable, ServeError, UnreadableImage
 from covidcxr.train.inference import LoadedRun, latest_run, load_run
 
 __all__ = ["ABSTAIN", "ABSTAIN_CODES", "DEFAULT_RUN_ROOTS", "Prediction", "Predictor", "abstain_reasons", "audit_warnings", "default_run"]
@@ -293,7 +293,11 @@ class Predictor:
 
     Args:
         run: the loaded run.
-        engine: ``"torch"`` or ``"onnx"`` (the run's ``export/`` from ``covidcxr export RUN --onnx``).
+        engine: ``"torch"``, ``"onnx"`` (the run's ``export/`` from ``covidcxr export RUN --onnx``), or
+            ``"auto"``: onnx when the run has a current export, else torch (`engine_note` says
+            which and why). Measured on 2 quiet cores (``benchmarks/bench_serve.py``,
+            ``serve.predict_speed``): onnxruntime runs a ResNet-18 ~1.5-2x faster than
+            PyTorch, the U-Net and a small CNN alike.
         out_of_distribution: build/load the embedding reference (False: the check is
             reported as unavailable).
         max_pixels: refuse images whose header declares more pixels.
@@ -310,6 +314,9 @@ class Predictor:
             False is for research use only: the class decided at the threshold is returned
             whatever the reasons, and the answer says ``abstention: "off"``.
 
+    Loading ends with one warm-up pass of both networks on a blank input, so the first
+    request does not pay for oneDNN's / onnxruntime's kernel selection.
+
     The networks run one request at a time (a lock): MONAI's Grad-CAM keeps hooks and
     activations on the shared model, and on a few CPU cores parallel forward passes only
     compete for the same cores. Screening runs before the lock, `SCREENING_SLOTS` at a time,
@@ -319,7 +326,7 @@ class Predictor:
     def __init__(
         self,
         run: LoadedRun,
-        engine: str = "torch",
+        engine: str = "auto",
         out_of_distribution: bool = True,
         max_pixels: int = DEFAULT_SERVICE_MAX_PIXELS,
         progress: bool = False,
@@ -349,15 +356,30 @@ class Predictor:
         # would otherwise switch the shared network's BatchNorms to training mode.
         self._negative_run = dataclasses.replace(run, model=_NegatedLogit(run.model).eval()) if run.binary else None
         self.export_summary: dict[str, Any] | None = None
-        if engine == "onnx":
+        self.classifier: Any = self.torch_classifier
+        self.segmenter: Any = None
+        self.engine_note = "PyTorch, as asked" if engine == "torch" else ""
+        self.engine_problem: str | None = None  # why auto fell back to PyTorch (may name paths: console only)
+        if engine in ("onnx", "auto"):
             from covidcxr.serve.onnx_export import CLASSIFIER_FILE, SEGMENTER_FILE, read_export
 
-            folder, self.export_summary = read_export(run.run_dir, run.weights_fingerprint)
-            self.classifier: Any = OnnxClassifier(folder / CLASSIFIER_FILE, threads=threads)
-            self.segmenter: Any = OnnxLungSegmenter(folder / SEGMENTER_FILE, self.config.segmenter_weights, threads=threads)
-        else:
-            self.classifier = self.torch_classifier
+            try:
+                folder, self.export_summary = read_export(run.run_dir, run.weights_fingerprint)
+                self.classifier = OnnxClassifier(folder / CLASSIFIER_FILE, threads=threads)
+                self.segmenter = OnnxLungSegmenter(folder / SEGMENTER_FILE, self.config.segmenter_weights, threads=threads)
+                self.engine, self.engine_note = "onnx", "onnxruntime on the run's ONNX export" + (" (auto: the export is current)" if engine == "auto" else "")
+            except EngineUnavailable as exc:
+                if engine == "onnx":
+                    raise
+                # The note reaches the page and GET /model: no paths in it (the CLI prints `engine_problem`).
+                self.export_summary, self.classifier, self.engine_problem = None, self.torch_classifier, str(exc)
+                self.engine, self.engine_note = "torch", (
+                    "PyTorch (auto: the run has no current ONNX export; `covidcxr export RUN --onnx` makes one, "
+                    "and onnxruntime runs a ResNet-18 ~1.5-2x faster)"
+                )
+        if self.segmenter is None:
             self.segmenter = load_segmenter(self.config.segmenter_weights)
+        self._warm_up()
         self.reference = None
         self.reference_problem: str | None = "disabled"
         if out_of_distribution:
@@ -377,11 +399,18 @@ class Predictor:
         self._lock = threading.Lock()
         self._screening = threading.BoundedSemaphore(SCREENING_SLOTS)
 
+    def _warm_up(self) -> None:
+        """One pass of the U-Net and the classifier on blank inputs (kernel selection happens here, not on a request)."""
+        size = int(getattr(self.segmenter, "input_size", 0) or 0)
+        if size and hasattr(self.segmenter, "forward_prepared"):
+            self.segmenter.forward_prepared(np.zeros((1, size, size), dtype=np.float32))
+        self.classifier(np.zeros((1, *self.config.size), dtype=np.float32))
+
     @classmethod
     def load(
         cls,
         run_dir: str | Path | None = None,
-        engine: str = "torch",
+        engine: str = "auto",
         **kwargs: Any,
     ) -> Predictor:
         """Load ``run_dir`` (None: the shipped ``covid`` model, `covidcxr.zoo.resolve`) and make a predictor."""
@@ -401,6 +430,7 @@ class Predictor:
             extra={
                 "selected": self.selected,
                 "engine": self.engine,
+                "engine_note": self.engine_note,
                 "abstention": {
                     "enabled": self.abstain,
                     "abstains_when": {
