@@ -83,6 +83,26 @@ def test_postprocess_thresholds_probabilities_and_keeps_empty_masks_empty():
         postprocess_mask(np.zeros((2, 5, 5)))
 
 
+def test_folding_batch_norms_keeps_the_outputs_and_the_original_network():
+    from covidcxr.preprocess.lungs import fold_batch_norms
+
+    torch.manual_seed(0)
+    model = build_unet(TINY)
+    for module in model.modules():  # trained-looking statistics, not the identity of a fresh BatchNorm
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    model.eval()
+    folded = fold_batch_norms(model)
+    norms = lambda m: sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())  # noqa: E731
+    assert norms(folded) == 0 and norms(model) > 0  # the original is untouched
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(torch.sigmoid(folded(x)), torch.sigmoid(model(x)), atol=1e-5)
+
+
 def test_postprocessing_gives_what_monai_and_scipy_gave():
     """`postprocess_mask` was MONAI's KeepLargestConnectedComponent + SciPy's binary_fill_holes: same masks, faster."""
     from monai.transforms import KeepLargestConnectedComponent
@@ -262,8 +282,9 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
     path = save_weights(model, TINY, tmp_path / "w", metadata={"note": "test"})
     assert path.name == "lung_unet.pt" and path.with_suffix(".json").is_file()
     for fast in (False, True):
-        original = LungSegmenter(build_unet(TINY), TINY, fast=fast)
-        original.model.load_state_dict(model.state_dict())
+        same = build_unet(TINY)
+        same.load_state_dict(model.state_dict())
+        original = LungSegmenter(same, TINY, fast=fast)  # fast folds the BatchNorms of its own copy
         loaded = LungSegmenter.load(tmp_path / "w", fast=fast)
         assert loaded.metadata["note"] == "test" and loaded.config == TINY
         np.testing.assert_array_equal(original.predict_probability(image), loaded.predict_probability(image))
