@@ -66,5 +66,10 @@ def test_demo_journey_reaches_the_report(tmp_path):
     assert results["runs"][0]["composition"]["tested_only_sources"] == ["site_c"]
     assert "site_c" in set(results["runs"][0]["audit"]["embedding_points"]["source"])
     assert any("planted shortcut" in line for line in lines)
-    again = run_demo(out, repo_root=tmp_path / "repo", progress=False, n_boot=50, say=lambda _l: None)
+    # exported for predict/serve: the default engine ("auto") runs it on onnxruntime
+    assert (result.run / "export" / "export.json").is_file() and any("ONNX export for" in line for line in lines)
+    from covidcxr.serve.predictor import Predictor
+
+    assert Predictor.load(result.run).engine == "onnx"
+    again = run_demo(out, repo_root=tmp_path / "repo", progress=False, n_boot=50, say=lambda _l: None, onnx_export=False)
     assert len(pd.read_parquet(again.run / "predictions.parquet")) == len(predictions)
