@@ -251,10 +251,13 @@ class SeenData:
         rows: the train and validation rows (``source``, ``patient_id``, ``dup_group``,
             ``sha1``, ``image``... whichever the manifests hold).
         sources: the sources among them (the run's *seen* sources).
+        fingerprint_files: the runs' stored fingerprints of those images (`RunDir.seen_fingerprints`,
+            where written), read by `covidcxr.evaluate.seen_prints.stored_fingerprints`.
     """
 
     rows: pd.DataFrame
     sources: list[str]
+    fingerprint_files: tuple[Path, ...] = ()
 
     LINK_COLUMNS = ("patient_id", "dup_group", "sha1", "image")
 
@@ -314,6 +317,7 @@ class RunDir:
     AUDIT_FILE = "audit.json"
     INFERENCE = "inference"
     REFERENCE = "reference.npz"
+    SEEN_FINGERPRINTS = "seen_fingerprints.npz"
     EXPORT = "export"
     REPORT = "report.html"
     EXCLUDED = "excluded.csv"
@@ -394,6 +398,15 @@ class RunDir:
     def reference(self) -> Path:
         """The out-of-distribution reference (`covidcxr.serve.reference`), built at the end of training."""
         return self.inference_dir / self.REFERENCE
+
+    @property
+    def seen_fingerprints(self) -> Path:
+        """Fingerprints of the train/val images (`covidcxr.evaluate.seen_prints`), written at the end of training.
+
+        With them, ``evaluate --data`` finds near-duplicates of what the run saw even where its
+        training images cannot be read (a shipped model, a run moved to another machine).
+        """
+        return self.inference_dir / self.SEEN_FINGERPRINTS
 
     @property
     def export_dir(self) -> Path:
@@ -570,7 +583,8 @@ class RunDir:
             CovidCXRError: no manifest.parquet (or one without a ``split`` column).
         """
         frames = []
-        for run in (self, *[r if isinstance(r, RunDir) else RunDir(r) for r in also]):
+        runs = (self, *[r if isinstance(r, RunDir) else RunDir(r) for r in also])
+        for run in runs:
             manifest = run.read_manifest()
             if "split" not in manifest.columns:
                 raise CovidCXRError(f"{run.manifest}: no 'split' column (expected the records of a `covidcxr train` run)")
@@ -582,7 +596,8 @@ class RunDir:
         if "rejected_reason" in mine.columns:
             mine = mine[mine["rejected_reason"].isna()]
         sources = sorted(mine["source"].astype(str).unique().tolist()) if "source" in mine.columns else []
-        return SeenData(rows=rows, sources=sources)
+        prints = tuple(run.seen_fingerprints for run in runs if run.seen_fingerprints.is_file())
+        return SeenData(rows=rows, sources=sources, fingerprint_files=prints)
 
     def seen_sources(self) -> list[str]:
         """Sources of the train/val rows; without a manifest, ``data.sources`` + ``data.negatives_from`` of config.yaml.

@@ -201,3 +201,44 @@ def test_report_shows_every_external_evaluation_and_the_grid(trained, hospital) 
     assert "test on every source" in html and "site_c (unseen)" in html
     assert "byte-identical copy of a training/validation image" in html
     assert "Audit on this collection: verdict" in html
+
+
+def test_near_copies_are_excluded_where_the_training_images_cannot_be_read(trained, hospital, tmp_path) -> None:
+    """Training stores fingerprints of its images, so a run moved away from them (or a shipped model) still finds near-copies."""
+    from covidcxr.errors import CovidCXRError
+    from covidcxr.evaluate.seen_prints import read_stored_fingerprints, rewrite_stored_paths
+
+    root, run_dir, collection = trained
+    seen = RunDir(run_dir).seen()
+    paths, prints = read_stored_fingerprints(RunDir(run_dir).seen_fingerprints)  # written by train_recipe
+    assert set(paths) == set(seen.rows["image"].astype(str)) and prints.thumbnails.shape == (len(paths), 1024)
+    # the run as another machine sees it: its manifest names images that are not there
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved, ignore=shutil.ignore_patterns("external"))
+    gone = str(tmp_path / "not-here")
+    manifest = RunDir(moved).read_manifest()
+    for column in ("image", "mask"):
+        manifest[column] = [p.replace(str(collection), gone) if isinstance(p, str) else p for p in manifest[column]]
+    manifest.to_parquet(moved / "manifest.parquet", index=False)
+    rewrite_stored_paths(RunDir(moved).seen_fingerprints, str(collection), gone)
+    assert not any(Path(p).exists() for p in RunDir(moved).seen().rows["image"])
+    lines: list[str] = []
+    report = evaluate_external(moved, root / "hospital", name="hospital", n_boot=50, say=lines.append)
+    excluded = pd.read_csv(moved / "external" / "hospital" / "excluded.csv")
+    reason = {Path(p).name: r for p, r in zip(excluded["image"], excluded["reason"])}
+    assert reason[hospital["near"]].startswith("near-duplicate of training/validation image")
+    assert report["unreadable_training_images"] == 0 and not any("cannot be read" in line for line in lines)
+
+    # without the stored fingerprints the near-copy cannot be found: counted and said, never silent
+    RunDir(moved).seen_fingerprints.unlink()
+    shutil.rmtree(moved / "external")
+    lines.clear()
+    report = evaluate_external(moved, root / "hospital", name="hospital", n_boot=50, say=lines.append)
+    assert report["unreadable_training_images"] == len(set(seen.rows["image"].astype(str)))
+    assert any("cannot be read" in line for line in lines)
+
+    # a tampered fingerprint file is refused by name, with what was expected
+    np.savez(RunDir(moved).seen_fingerprints, paths=np.array(["x"]), hashes=np.zeros((1, 3)), thumbnails=np.zeros((1, 1024), np.uint8))
+    shutil.rmtree(moved / "external")
+    with pytest.raises(CovidCXRError, match="seen_fingerprints.npz: expected paths"):
+        evaluate_external(moved, root / "hospital", name="hospital", n_boot=50)

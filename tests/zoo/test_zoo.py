@@ -136,6 +136,10 @@ def test_select_and_working_copy(registry: zoo.ShippedModel, tmp_path: Path, mon
     assert copy == Path("runs/shipped-covid") and said.startswith("--model covid:") and "runs/shipped-covid" in said
     (copy / "evaluation.json").write_text("{}")  # writable, and reused as it is
     assert zoo.working_copy("covid") == copy and (copy / "evaluation.json").read_text() == "{}"
+    # a file the package gained since the copy was made (e.g. inference/seen_fingerprints.npz) is added
+    shipped_file = sorted(p for p in registry.folder.rglob("*") if p.is_file() and p.name not in ("evaluation.json", "zoo.json"))[0]
+    (copy / shipped_file.relative_to(registry.folder)).unlink()
+    assert zoo.working_copy("covid") == copy and (copy / shipped_file.relative_to(registry.folder)).read_bytes() == shipped_file.read_bytes()
     meta = json.loads((copy / "zoo.json").read_text())
     (copy / "zoo.json").write_text(json.dumps({**meta, "weights_sha1": "other"}))
     with pytest.raises(CovidCXRError, match="holds something other than the shipped model 'covid'"):

@@ -153,21 +153,29 @@ def _file_hashes(paths: list[str]) -> list[str | None]:
     return out
 
 
-def _near_duplicates_of_seen(rows: pd.DataFrame, seen_paths: list[str], progress: bool) -> dict[int, str]:
-    """Row index -> the training/validation image it is a near-duplicate of (fingerprints of both sets)."""
+def _near_duplicates_of_seen(rows: pd.DataFrame, seen_paths: list[str], seen_prints: Any, progress: bool) -> dict[int, str]:
+    """Row index -> the training/validation image it is a near-duplicate of.
+
+    ``seen_prints`` are the seen images' fingerprints (`covidcxr.evaluate.seen_prints`), row-aligned
+    with ``seen_paths``; the new rows are fingerprinted here.
+    """
     from covidcxr.data.dedup import Fingerprints, default_fingerprint_cache, fingerprint_images, near_duplicate_pairs
 
     if not len(rows) or not seen_paths:
         return {}
-    paths = [*rows["image"].astype(str), *seen_paths]
-    prints, _ = fingerprint_images(paths, show_progress=progress, cache=default_fingerprint_cache())
-    pairs = near_duplicate_pairs(Fingerprints(prints.hashes, prints.thumbnails, prints.valid))
+    new, _ = fingerprint_images(rows["image"].astype(str).tolist(), show_progress=progress, cache=default_fingerprint_cache())
+    prints = Fingerprints(
+        np.concatenate([np.asarray(new.hashes, dtype=np.uint64), np.asarray(seen_prints.hashes, dtype=np.uint64)]),
+        np.concatenate([np.asarray(new.thumbnails, dtype=np.uint8), np.asarray(seen_prints.thumbnails, dtype=np.uint8)]),
+        np.concatenate([np.asarray(new.valid, dtype=bool), np.asarray(seen_prints.valid, dtype=bool)]),
+    )
+    pairs = near_duplicate_pairs(prints)
     n = len(rows)
     found: dict[int, str] = {}
     for i, j in zip(pairs["i"].to_numpy(dtype=int), pairs["j"].to_numpy(dtype=int)):
         if (i < n) != (j < n):  # one new image, one the run saw
-            new, old = (i, j) if i < n else (j, i)
-            found.setdefault(new, paths[old])
+            mine, theirs = (i, j) if i < n else (j, i)
+            found.setdefault(mine, seen_paths[theirs - n])
     return found
 
 
@@ -188,10 +196,12 @@ def linked_reasons(rows: pd.DataFrame, seen: SeenData, same_collection: bool = F
 
     Returns:
         ``(N,)`` strings aligned with ``rows``; ``attrs["unreadable_seen"]`` counts the
-        training/validation images that could not be read, whose near-duplicates therefore
-        cannot be found (never silent: ``say`` warns with an example path).
+        training/validation images with neither a stored fingerprint (`RunDir.seen_fingerprints`)
+        nor a readable file, whose near-duplicates therefore cannot be found (never silent:
+        ``say`` warns with an example path).
     """
     from covidcxr.data.splits import linked_groups
+    from covidcxr.evaluate.seen_prints import seen_fingerprints
 
     rows = rows.reset_index(drop=True)
     reasons = pd.Series([""] * len(rows), dtype=object)
@@ -213,16 +223,15 @@ def linked_reasons(rows: pd.DataFrame, seen: SeenData, same_collection: bool = F
     mark(own, "byte-identical copy of a training/validation image")
     if same_collection and "dup_group" in rows.columns:
         mark(rows["dup_group"].astype(str).isin(links["dup_group"]).to_numpy() & ~rows["dup_group"].map(is_missing).to_numpy(), "same near-duplicate group as a training/validation image")
-    seen_paths = seen.rows["image"].astype(str).unique().tolist()
-    readable = [p for p in seen_paths if Path(p).is_file()]
-    if len(readable) < len(seen_paths):
-        missing = next(p for p in seen_paths if not Path(p).is_file())
+    # Stored fingerprints first (written at the end of training, shipped with a model), then readable files.
+    found, seen_prints, unreadable = seen_fingerprints(seen, progress)
+    if unreadable:
         say(
-            f"warning: {len(seen_paths) - len(readable)} of {len(seen_paths)} training/validation images cannot be read "
-            f"(e.g. {missing}, relative to {Path.cwd()}): near-duplicates of them cannot be found or excluded — run from "
-            "where the run's collection paths resolve"
+            f"warning: {len(unreadable)} of {len(found) + len(unreadable)} training/validation images have no stored "
+            f"fingerprint and cannot be read (e.g. {unreadable[0]}, relative to {Path.cwd()}): near-duplicates of them "
+            "cannot be found or excluded — run from where the run's collection paths resolve"
         )
-    for index, other in _near_duplicates_of_seen(rows, readable, progress).items():
+    for index, other in _near_duplicates_of_seen(rows, found, seen_prints, progress).items():
         if reasons[index] == "":
             reasons[index] = f"near-duplicate of training/validation image {Path(other).name}"
     direct = (reasons != "").to_numpy()
@@ -230,7 +239,7 @@ def linked_reasons(rows: pd.DataFrame, seen: SeenData, same_collection: bool = F
         groups = linked_groups(rows)
         tainted = np.isin(groups, groups[direct]) & ~direct
         reasons[tainted] = "same patient or copy group as an excluded image"
-    reasons.attrs["unreadable_seen"] = len(seen_paths) - len(readable)
+    reasons.attrs["unreadable_seen"] = len(unreadable)
     return reasons
 
 

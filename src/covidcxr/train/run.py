@@ -930,7 +930,21 @@ def train_recipe(
         if _is_rank_zero() and result.metrics.get("status") == "complete":
             _keep_checkpoints(result, recipe.output.keep, say)
             _write_reference(result.run_dir, progress, say)
+            _write_seen_fingerprints(result.run_dir, progress, say)
         return result
+
+
+def _write_seen_fingerprints(run_dir: Path, progress: bool, say: Callable[[str], None]) -> None:
+    """Fingerprints of the train/val images (`covidcxr.evaluate.seen_prints`): near-duplicates of them stay findable where the images are not."""
+    from covidcxr.evaluate.seen_prints import write_seen_fingerprints
+
+    try:
+        counts = write_seen_fingerprints(run_dir, progress=progress)
+    except CovidCXRError as exc:
+        say(f"fingerprints of the training images not stored ({exc}); `evaluate --data` will need the images themselves")
+        return
+    if counts["unreadable"]:
+        say(f"{counts['unreadable']} training/validation images could not be fingerprinted; near-duplicates of them are found only where they can be read")
 
 
 def _write_reference(run_dir: Path, progress: bool, say: Callable[[str], None]) -> None:

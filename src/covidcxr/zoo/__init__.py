@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from covidcxr.errors import CovidCXRError
+from covidcxr.io.atomic import atomic_path
 
 __all__ = ["DEFAULT_MODEL", "MODELS_DIR", "REGISTRY", "ShippedModel", "get", "is_shipped", "list_models", "resolve", "select", "shipped_name", "working_copy"]
 
@@ -201,6 +202,7 @@ def working_copy(name: str, runs_dir: str | Path = "runs") -> Path:
                 f"{target}: holds something other than the shipped model {name!r} of this installation "
                 f"(weights {copied} vs {weights_sha1}); move it aside to make a fresh working copy"
             )
+        _add_missing_files(source, target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".shipped-{name}-", dir=target.parent))
@@ -213,6 +215,20 @@ def working_copy(name: str, runs_dir: str | Path = "runs") -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CovidCXRError(f"{target}: cannot make a working copy of the shipped model {name!r} ({exc})") from None
     return target
+
+
+def _add_missing_files(source: Path, target: Path) -> None:
+    """Files of the shipped model a working copy made by an older installation lacks (e.g. its
+    ``inference/seen_fingerprints.npz``), copied in; nothing the copy already has is touched."""
+    for path in source.rglob("*"):
+        copy = target / path.relative_to(source)
+        if path.is_file() and not copy.exists():
+            try:
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(copy) as tmp:
+                    shutil.copyfile(path, tmp)
+            except OSError as exc:
+                raise CovidCXRError(f"{target}: cannot add {path.name} of the shipped model to this working copy ({exc})") from None
 
 
 def select(run: str | Path | None, model: str | None, writable: bool = False, default: bool = True) -> tuple[Path, str | None]:

@@ -17,7 +17,9 @@ RUN``) where that is not done yet, then (given a run directory instead of a reci
    `covidcxr.train.module.load_checkpoint_model` casts them back to float32;
 3. builds ``inference/reference.npz`` (the out-of-distribution reference of
    `covidcxr.serve.reference`) **for the float16 weights**, embeddings stored as float16,
-   so predict/serve from a read-only install never need the training images;
+   so predict/serve from a read-only install never need the training images; and
+   ``inference/seen_fingerprints.npz`` (`covidcxr.evaluate.seen_prints`), so ``evaluate
+   --model NAME --data DIR`` excludes near-duplicates of its training images without them;
 4. writes ``zoo.json`` (labels, resolution, operating point, audit verdict, training data,
    weights SHA-1, sizes) and ``MODEL_CARD.md`` (`covidcxr.zoo.card`);
 5. replaces the old folder only once the new one is complete.
@@ -120,6 +122,11 @@ def _portable_paths(folder: Path, run_path: Path, root: str | None, collection: 
             frame[column] = [new + v[len(old) :] if isinstance(v, str) and v.startswith(prefix) else v for v in frame[column]]
         with atomic_path(path) as tmp:
             frame.to_parquet(tmp, index=False)
+    prints = RunDir(folder).seen_fingerprints
+    if prints.is_file():
+        from covidcxr.evaluate.seen_prints import rewrite_stored_paths
+
+        rewrite_stored_paths(prints, str(Path(root)), collection)
     for path in [*folder.rglob("*.json"), *folder.rglob("*.csv")]:
         text = path.read_text(encoding="utf-8")
         for old, new in pairs:
@@ -210,6 +217,7 @@ def package_run(run_dir: str | Path, name: str, models_dir: str | Path | None = 
     Raises:
         CovidCXRError: an unknown name, or a run that is not trained, evaluated and audited.
     """
+    from covidcxr.evaluate.seen_prints import write_seen_fingerprints
     from covidcxr.zoo import MODELS_DIR, METADATA_FILE, get
     from covidcxr.zoo.card import write_card
 
@@ -224,6 +232,7 @@ def package_run(run_dir: str | Path, name: str, models_dir: str | Path | None = 
         _copy_read_side(run, folder, recipe)
         half_checkpoint(run.weights().checkpoints[0], RunDir(folder).best_checkpoint, recipe)
         _build_reference(folder)  # reads the training images: before their paths are made portable
+        write_seen_fingerprints(folder)  # likewise: near-duplicates of them stay findable without the images
         _portable_paths(folder, run.path, resolved["data"].get("collection"), collection)
         metadata = _metadata(name, folder, recipe, loso is not None)
         atomic_write_text(folder / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
