@@ -220,7 +220,95 @@ def bench_intervals(context=None, replicates: int = 200, n_boot: int = 500) -> d
     }
 
 
-BENCHMARKS = [bench_intervals]
+# ------------------------------------------------- the paired AUC difference (leave-one-source-out table)
+
+#: (label, AUC of the method, AUC of the baseline): a null and two true differences.
+PAIRED_SETTINGS = (("equal AUCs 0.75", 0.75, 0.75), ("0.80 vs 0.70", 0.80, 0.70), ("0.95 vs 0.90", 0.95, 0.90))
+PAIRED_PATIENTS = (20, 50, 150)  # positive patients (as many negative ones)
+PAIRED_IMAGES = (3, 6)  # images per patient: uniform 1..k
+PAIRED_TEST_CORRELATION = 0.6  # between the two methods' latent scores of one image (same images, related models)
+
+
+def simulate_paired(auc_a: float, auc_b: float, n_patients: int, max_images: int, rng: np.random.Generator, rho: float = RHO):
+    """Two methods scored on one clustered test set: labels, scores a and b, patient ids.
+
+    Score of method t on an image: ``mu_t * y + z_t`` with a standard-normal latent ``z_t``
+    shared by the patient's images (``sqrt(rho)`` of it) and correlated between the methods
+    (`PAIRED_TEST_CORRELATION`), so ``AUC_t = Phi(mu_t / sqrt 2)`` exactly.
+    """
+    c = PAIRED_TEST_CORRELATION
+    labels, a, b, patients = [], [], [], []
+    for cls in (1, 0):
+        per = rng.integers(1, max_images + 1, n_patients)
+        patient = np.repeat(np.arange(n_patients), per)
+        u = rng.normal(size=(2, n_patients))
+        e = rng.normal(size=(2, patient.size))
+        za = math.sqrt(rho) * u[0][patient] + math.sqrt(1 - rho) * e[0]
+        zb = math.sqrt(rho) * (c * u[0] + math.sqrt(1 - c * c) * u[1])[patient] + math.sqrt(1 - rho) * (c * e[0] + math.sqrt(1 - c * c) * e[1])
+        labels.append(np.full(patient.size, cls))
+        a.append(cls * math.sqrt(2) * float(ndtri(auc_a)) + za)
+        b.append(cls * math.sqrt(2) * float(ndtri(auc_b)) + zb)
+        patients.append(np.char.add(f"{cls}-", patient.astype(str)))
+    return np.concatenate(labels), np.concatenate(a), np.concatenate(b), np.concatenate(patients)
+
+
+def paired_coverage(auc_a: float, auc_b: float, n_patients: int, max_images: int, replicates: int, seed: int = 0, n_boot: int = 500) -> dict:
+    """Coverage and mean width of three 95 % intervals of AUC_a − AUC_b: DeLong (images independent), Obuchowski (clustered), paired patient bootstrap."""
+    from covidcxr.evaluate.metrics import _group_index, _patient_weights, _percentile, _weighted_auc
+    from covidcxr.experiments.table import paired_auc_difference
+
+    truth = auc_a - auc_b
+    rng = np.random.default_rng(seed)
+    hits = {"delong": 0, "obuchowski_clustered": 0, "patient_bootstrap": 0}
+    widths: dict[str, list[float]] = {k: [] for k in hits}
+    for r in range(replicates):
+        y, a, b, pid = simulate_paired(auc_a, auc_b, n_patients, max_images, rng)
+        intervals = {
+            "delong": paired_auc_difference(y, a, b),
+            "obuchowski_clustered": paired_auc_difference(y, a, b, pid),
+        }
+        inverse, groups = _group_index(pid, y.size, "patients")
+        weights = _patient_weights(inverse, groups, n_boot, np.random.default_rng(r))
+        low, high, _ = _percentile(_weighted_auc(y, a, weights) - _weighted_auc(y, b, weights), 0.05)
+        intervals["patient_bootstrap"] = {"delta_low": low, "delta_high": high}
+        for name, interval in intervals.items():
+            hits[name] += _covers({"low": interval["delta_low"], "high": interval["delta_high"]}, truth)
+            widths[name].append(interval["delta_high"] - interval["delta_low"])
+    return {
+        "truth": round(truth, 4),
+        "coverage": {k: round(v / replicates, 3) for k, v in hits.items()},
+        "mean_width": {k: round(float(np.mean(v)), 4) for k, v in widths.items()},
+    }
+
+
+def bench_paired_difference(context=None, replicates: int = 300, n_boot: int = 500) -> dict:
+    """Coverage of the paired AUC-difference interval of `covidcxr.experiments.table.paired_auc_difference`, clustered vs not."""
+    start = time.perf_counter()
+    settings = {}
+    for label, auc_a, auc_b in PAIRED_SETTINGS:
+        for n in PAIRED_PATIENTS:
+            for k in PAIRED_IMAGES:
+                key = f"{label} | {n}+{n} patients | 1-{k} images"
+                settings[key] = paired_coverage(auc_a, auc_b, n, k, replicates, seed=n * 10 + k, n_boot=n_boot)
+                print(f"[coverage] paired {key}: {settings[key]['coverage']}", file=sys.stderr, flush=True)
+    lines = ["| setting | patients | images per patient | DeLong (independent) | Obuchowski (clustered) | patient bootstrap |", "|---|---|---|---|---|---|"]
+    for key, res in settings.items():
+        c, w = res["coverage"], res["mean_width"]
+        lines.append("| " + " | ".join(key.split(" | ")) + " | " + " | ".join(f"{100 * c[m]:.1f} % (±{w[m] / 2:.3f})" for m in ("delong", "obuchowski_clustered", "patient_bootstrap")) + " |")
+    by_method = {m: [res["coverage"][m] for res in settings.values()] for m in ("delong", "obuchowski_clustered", "patient_bootstrap")}
+    return {
+        "replicates_per_setting": replicates,
+        "rho": RHO,
+        "test_correlation": PAIRED_TEST_CORRELATION,
+        "min_coverage": {m: min(v) for m, v in by_method.items()},
+        "mean_coverage": {m: round(float(np.mean(v)), 3) for m, v in by_method.items()},
+        "settings": settings,
+        "table_markdown": "\n".join(lines),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+BENCHMARKS = [bench_intervals, bench_paired_difference]
 
 
 if __name__ == "__main__":

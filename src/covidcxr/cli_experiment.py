@@ -224,7 +224,7 @@ def _print_baseline_table(versus: Any, wide: Console) -> None:
     from covidcxr.experiments.table import baseline_cell, baseline_header
 
     axis = versus.method_axis
-    table = Table(title=escape(f"{versus.experiment}: AUC within the held-out source [95% CI] / Δ to {versus.baseline} on the same images [DeLong 95% CI], p / audit verdict"), show_lines=True)
+    table = Table(title=escape(f"{versus.experiment}: AUC within the held-out source [95% CI] / Δ to {versus.baseline} on the same images [paired 95% CI, patients clustered], p / audit verdict"), show_lines=True)
     table.add_column(axis, no_wrap=True)
     for column in versus.columns:
         table.add_column(escape(baseline_header(versus, column)), justify="right")

@@ -156,3 +156,28 @@ def test_mcnemar_errors():
         mcnemar_test([0, 1, 1], [0, 1, 1], [0, 1])
     with pytest.raises(MetricInputError, match="exact"):
         mcnemar_test([0, 1], [0, 1], [0, 1], exact="yes")
+
+
+def test_clustered_paired_difference_counts_a_patients_copies_once():
+    """`obuchowski_test`: DeLong's paired variance with one image per patient; a patient's second
+    identical image adds no evidence, so the clustered variance stays while DeLong's halves."""
+    from covidcxr.evaluate.stats import delong_test, obuchowski_test
+    from covidcxr.experiments.table import paired_auc_difference
+
+    rng = np.random.default_rng(4)
+    y = np.repeat([1, 0], 80)
+    a = 1.0 * y + rng.normal(size=y.size)
+    b = 0.6 * y + 0.6 * a + rng.normal(size=y.size)
+    patients = np.arange(y.size).astype(str)
+    one = obuchowski_test(y, a, b, patients)
+    delong = delong_test(y, a, b)
+    assert one["auc_diff"] == pytest.approx(delong["auc_diff"])
+    assert one["variance"] == pytest.approx(delong["var_a"] + delong["var_b"] - 2 * delong["covariance"], rel=1e-9)
+    twice = obuchowski_test(np.tile(y, 2), np.tile(a, 2), np.tile(b, 2), np.tile(patients, 2))
+    assert twice["auc_diff"] == pytest.approx(one["auc_diff"])
+    assert twice["variance"] == pytest.approx(one["variance"], rel=0.02)  # the copies are not new patients
+    assert twice["variance_independent"] == pytest.approx(one["variance"] / 2, rel=0.05)  # DeLong counts them
+    clustered = paired_auc_difference(np.tile(y, 2), np.tile(a, 2), np.tile(b, 2), np.tile(patients, 2))
+    naive = paired_auc_difference(np.tile(y, 2), np.tile(a, 2), np.tile(b, 2))
+    assert clustered["ci_method"] == "obuchowski_clustered" and naive["ci_method"] == "delong"
+    assert clustered["delta_high"] - clustered["delta_low"] == pytest.approx(np.sqrt(2) * (naive["delta_high"] - naive["delta_low"]), rel=0.05)

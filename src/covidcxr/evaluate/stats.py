@@ -10,6 +10,8 @@
   images (Obuchowski 1997, Biometrics 53:567), the clustered form of DeLong's variance;
   the AUC interval of :func:`covidcxr.evaluate.metrics.auc_ci` takes its design effects
   from it. Hand-written for the same reason as DeLong's.
+* :func:`obuchowski_test` — two correlated AUCs on the same clustered images: the paired
+  difference with Obuchowski's variance (what the leave-one-source-out baseline table uses).
 * :func:`mcnemar_test` — paired correctness of two classifiers' decisions
   (statsmodels underneath).
 
@@ -34,7 +36,7 @@ from statsmodels.stats.contingency_tables import mcnemar as _sm_mcnemar
 
 from covidcxr.evaluate.metrics import MetricInputError, _as_1d, _both_classes, _check_length, _labels, _scores
 
-__all__ = ["delong_test", "delong_test_independent", "delong_variance", "mcnemar_test", "obuchowski_variance"]
+__all__ = ["delong_test", "delong_test_independent", "delong_variance", "mcnemar_test", "obuchowski_test", "obuchowski_variance"]
 
 
 def _fast_delong(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,23 +118,11 @@ def obuchowski_variance(y_true: Any, score: Any, groups: Any) -> dict[str, float
     y = _labels(y_true, "y_true")
     s = _scores(score, "score", y.size)
     _both_classes(y)
-    g = _as_1d(groups, "groups")
-    _check_length(g, "groups", y.size, "y_true")
-    _, cluster = np.unique(g.astype(str), return_inverse=True)
-    cluster = cluster.reshape(-1)
-    k = int(cluster.max()) + 1
-    pos = y == 1
+    cluster = _clusters(groups, y.size)
     v10, v01 = _placements(y, s)
     m, n = v10.size, v01.size
     auc = float(v10.mean())
-    m_i = np.bincount(cluster[pos], minlength=k).astype(np.float64)
-    n_i = np.bincount(cluster[~pos], minlength=k).astype(np.float64)
-    d10 = np.bincount(cluster[pos], weights=v10, minlength=k) - m_i * auc
-    d01 = np.bincount(cluster[~pos], weights=v01, minlength=k) - n_i * auc
-    i10, i01 = int((m_i > 0).sum()), int((n_i > 0).sum())
-    s10 = i10 / ((i10 - 1) * m) * float(np.sum(d10**2)) if i10 > 1 else math.nan
-    s01 = i01 / ((i01 - 1) * n) * float(np.sum(d01**2)) if i01 > 1 else math.nan
-    s11 = k / (k - 1) * float(np.sum(d10 * d01)) if k > 1 else math.nan
+    s10, s01, s11, variance, i10, i01 = _clustered(y == 1, cluster, v10, v01, auc)
     var_x = float(np.var(v10, ddof=1)) if m > 1 else math.nan
     var_y = float(np.var(v01, ddof=1)) if n > 1 else math.nan
 
@@ -141,7 +131,7 @@ def obuchowski_variance(y_true: Any, score: Any, groups: Any) -> dict[str, float
 
     return {
         "auc": auc,
-        "variance": s10 / m + s01 / n + 2.0 * s11 / (m * n),
+        "variance": variance,
         "variance_independent": var_x / m + var_y / n,
         "s10": s10,
         "s01": s01,
@@ -152,6 +142,78 @@ def obuchowski_variance(y_true: Any, score: Any, groups: Any) -> dict[str, float
         "n_negative": n,
         "n_patients_positive": i10,
         "n_patients_negative": i01,
+    }
+
+
+def _clusters(groups: Any, n: int) -> np.ndarray:
+    g = _as_1d(groups, "groups")
+    _check_length(g, "groups", n, "y_true")
+    _, cluster = np.unique(g.astype(str), return_inverse=True)
+    return cluster.reshape(-1)
+
+
+def _clustered(pos: np.ndarray, cluster: np.ndarray, v10: np.ndarray, v01: np.ndarray, theta: float) -> tuple[float, float, float, float, int, int]:
+    """Obuchowski's (1997) S10, S01, S11 and variance of ``theta = mean(v10)`` from per-image structural components."""
+    k = int(cluster.max()) + 1
+    m, n = v10.size, v01.size
+    m_i = np.bincount(cluster[pos], minlength=k).astype(np.float64)
+    n_i = np.bincount(cluster[~pos], minlength=k).astype(np.float64)
+    d10 = np.bincount(cluster[pos], weights=v10, minlength=k) - m_i * theta
+    d01 = np.bincount(cluster[~pos], weights=v01, minlength=k) - n_i * theta
+    i10, i01 = int((m_i > 0).sum()), int((n_i > 0).sum())
+    s10 = i10 / ((i10 - 1) * m) * float(np.sum(d10**2)) if i10 > 1 else math.nan
+    s01 = i01 / ((i01 - 1) * n) * float(np.sum(d01**2)) if i01 > 1 else math.nan
+    s11 = k / (k - 1) * float(np.sum(d10 * d01)) if k > 1 else math.nan
+    return s10, s01, s11, s10 / m + s01 / n + 2.0 * s11 / (m * n), i10, i01
+
+
+def obuchowski_test(y_true: Any, score_a: Any, score_b: Any, groups: Any) -> dict[str, float]:
+    """Two correlated AUCs on the same images clustered in patients: DeLong's paired test with Obuchowski's variance.
+
+    ``AUC_a − AUC_b`` is the mean of the differences of the two scores' placement values
+    (DeLong's structural components), so its variance under clustering is Obuchowski's
+    formula (`obuchowski_variance`, Biometrics 1997; 53:567-578) applied to those
+    differences: the same patient sums, of ``V10_a − V10_b`` and ``V01_a − V01_b``. With
+    one image per patient it is DeLong's paired variance (`delong_test`) up to the
+    n/(n−1) factors. Coverage of the resulting interval is measured in
+    ``benchmarks/bench_coverage.py`` (``coverage.paired_auc_difference``).
+
+    Args:
+        y_true: (N,) labels 0/1 with both classes present.
+        score_a, score_b: (N,) finite scores of the two classifiers on the same images.
+        groups: (N,) patient id of each image.
+
+    Returns:
+        ``auc_a, auc_b, auc_diff (a − b), variance, variance_independent`` (DeLong's), ``z, p_value``,
+        ``n_images, n_patients``.
+
+    Example::
+
+        >>> r = obuchowski_test([0, 0, 1, 1, 1, 0], [0.1, 0.3, 0.8, 0.7, 0.2, 0.4], [0.2, 0.1, 0.6, 0.9, 0.3, 0.5], ["a", "a", "b", "b", "c", "c"])
+        >>> round(r["auc_diff"], 3)
+        -0.111
+    """
+    y = _labels(y_true, "y_true")
+    a = _scores(score_a, "score_a", y.size)
+    b = _scores(score_b, "score_b", y.size)
+    _both_classes(y)
+    cluster = _clusters(groups, y.size)
+    a10, a01 = _placements(y, a)
+    b10, b01 = _placements(y, b)
+    diff = float(a10.mean() - b10.mean())
+    *_, variance, _, _ = _clustered(y == 1, cluster, a10 - b10, a01 - b01, diff)
+    independent = delong_test(y, a, b)
+    z, p = _two_sided(diff, variance if math.isfinite(variance) else 0.0)
+    return {
+        "auc_a": float(a10.mean()),
+        "auc_b": float(b10.mean()),
+        "auc_diff": diff,
+        "variance": variance,
+        "variance_independent": independent["var_a"] + independent["var_b"] - 2.0 * independent["covariance"],
+        "z": z,
+        "p_value": p,
+        "n_images": int(y.size),
+        "n_patients": int(cluster.max()) + 1,
     }
 
 

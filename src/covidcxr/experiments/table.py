@@ -373,7 +373,7 @@ def fmt_p(value: Any) -> str:
 
 # ------------------------------------------------------------- against the baseline, within the held-out source
 
-#: two-sided 95 % normal quantile of the DeLong interval of an AUC difference
+#: two-sided 95 % normal quantile of the interval of an AUC difference
 _Z95 = 1.959963984540054
 
 
@@ -391,7 +391,7 @@ class BaselineTable:
             ``status``, ``n_images``, ``n_patients``, ``n_positive``, ``n_negative``,
             ``auc``, ``auc_low``, ``auc_high`` (patient-bootstrap 95 % CI, stored when
             the point finished), ``delta`` (AUC − the baseline's AUC on the same images),
-            ``delta_low``, ``delta_high`` (DeLong 95 % interval), ``delta_p``,
+            ``delta_low``, ``delta_high`` (95 % interval: paired, patients clustered — `paired_auc_difference`), ``delta_p``,
             ``n_paired`` (images both runs scored), ``verdict`` (``RUN/audit/audit.json``,
             ``None`` when not audited), ``run_dir``.
     """
@@ -403,34 +403,42 @@ class BaselineTable:
     rows: pd.DataFrame
 
 
-def paired_auc_difference(target: Any, score: Any, baseline_score: Any) -> dict[str, float]:
-    """AUC(score) − AUC(baseline) on the same images, with DeLong's 95 % interval and p.
+def paired_auc_difference(target: Any, score: Any, baseline_score: Any, patients: Any = None) -> dict[str, float]:
+    """AUC(score) − AUC(baseline) on the same images, with a 95 % interval and p.
 
-    The variance of the difference is DeLong's, ``var_a + var_b − 2 cov`` (the two AUCs
-    are correlated: same images), via `covidcxr.evaluate.stats.delong_test`. DeLong
-    treats images as independent; a patient with several images makes the interval a
-    little narrow (each cell's own AUC interval is the patient bootstrap).
+    With ``patients`` (the default of the baseline table): the paired difference with
+    Obuchowski's clustered variance (`covidcxr.evaluate.stats.obuchowski_test`), so a
+    patient's several images are not counted as independent evidence; without: DeLong's
+    paired variance, ``var_a + var_b − 2 cov`` (`covidcxr.evaluate.stats.delong_test`),
+    which treats images as independent. Coverage of both on clustered simulations:
+    ``benchmarks/bench_coverage.py`` (``coverage.paired_auc_difference``).
 
     Args:
         target: (N,) 0/1 labels.
         score: (N,) the method's scores.
         baseline_score: (N,) the baseline's scores on the same images.
+        patients: (N,) patient id of each image, or None.
 
     Returns:
-        ``delta``, ``delta_low``, ``delta_high``, ``delta_p``, ``n_paired``.
+        ``delta``, ``delta_low``, ``delta_high``, ``delta_p``, ``n_paired``, ``ci_method``.
 
     Example::
 
         >>> r = paired_auc_difference([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], [0.1, 0.6, 0.4, 0.9])
-        >>> r["delta"]
-        0.25
+        >>> r["delta"], r["ci_method"]
+        (0.25, 'delong')
     """
-    from covidcxr.evaluate.stats import delong_test
+    from covidcxr.evaluate.stats import delong_test, obuchowski_test
 
-    result = delong_test(target, score, baseline_score)
-    half = _Z95 * math.sqrt(max(result["var_a"] + result["var_b"] - 2.0 * result["covariance"], 0.0))
+    if patients is None:
+        result = delong_test(target, score, baseline_score)
+        variance, method = result["var_a"] + result["var_b"] - 2.0 * result["covariance"], "delong"
+    else:
+        result = obuchowski_test(target, score, baseline_score, patients)
+        variance, method = result["variance"], "obuchowski_clustered"
+    half = _Z95 * math.sqrt(max(variance, 0.0)) if math.isfinite(variance) else math.nan
     delta = result["auc_diff"]
-    return {"delta": delta, "delta_low": delta - half, "delta_high": delta + half, "delta_p": result["p_value"], "n_paired": int(np.asarray(target).size)}
+    return {"delta": delta, "delta_low": delta - half, "delta_high": delta + half, "delta_p": result["p_value"], "n_paired": int(np.asarray(target).size), "ci_method": method}
 
 
 def _heldout_source(point: Any) -> str:
@@ -443,14 +451,14 @@ def _heldout_source(point: Any) -> str:
 
 
 def _pair(predictions: pd.DataFrame, run_id: int, base_id: int, source: str) -> dict[str, Any] | None:
-    """The DeLong difference of run ``run_id`` to ``base_id`` on the images of ``source`` both scored."""
+    """The paired AUC difference of run ``run_id`` to ``base_id`` on the images of ``source`` both scored (patients clustered)."""
     from covidcxr.evaluate.metrics import MetricInputError
 
     mine = predictions[(predictions["run_id"] == run_id) & (predictions["source"] == source)]
     theirs = predictions[(predictions["run_id"] == base_id) & (predictions["source"] == source)]
-    both = mine[["image", "positive", "probability"]].merge(theirs[["image", "probability"]], on="image", suffixes=("", "_base"))
+    both = mine[["image", "patient_id", "positive", "probability"]].merge(theirs[["image", "probability"]], on="image", suffixes=("", "_base"))
     try:
-        return paired_auc_difference(both["positive"].to_numpy(), both["probability"].to_numpy(), both["probability_base"].to_numpy())
+        return paired_auc_difference(both["positive"].to_numpy(), both["probability"].to_numpy(), both["probability_base"].to_numpy(), both["patient_id"].to_numpy())
     except MetricInputError:  # one class among the paired images: no AUC, no difference
         return None
 
@@ -461,7 +469,7 @@ def baseline_table(experiment: ExperimentRecipe, store: RunStore, method_axis: s
     Pooled numbers mix sources and reward recognising them; the number that counts for a
     method meant to generalize is the AUC *within* the source it never saw, and whether it
     beats the baseline trained on the same folds, scored on the same images (paired:
-    DeLong's test of correlated AUCs).
+    DeLong's test of correlated AUCs, with Obuchowski's variance for patients' several images).
 
     Args:
         experiment: a grid of ``data.split.kind: loso`` points with a method axis.
@@ -557,7 +565,7 @@ def markdown_baseline_table(table: BaselineTable) -> str:
     axis = table.method_axis
     lines = [
         f"**{table.experiment}** — AUC within the held-out source [patient-bootstrap 95% CI] · Δ to `{table.baseline}` on the same images "
-        "[DeLong 95% CI] and p · audit verdict",
+        "[paired 95% CI, patients clustered: DeLong/Obuchowski] and p · audit verdict",
         "",
         "| " + " | ".join([axis, *(baseline_header(table, c) for c in table.columns)]) + " |",
         "|" + "---|" * (1 + len(table.columns)),
