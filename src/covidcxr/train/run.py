@@ -552,64 +552,16 @@ def _keep_checkpoints(result: RunResult, keep: str, say: Callable[[str], None]) 
             say(f"output.keep={keep}: removed {', '.join(p.name for p in removed)} from {run.run_dir}")
 
 
-def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bool, say: Callable[[str], None], extra_callbacks: Sequence[Any]) -> RunResult:
-    import lightning as L
+def _callbacks(recipe: TrainRecipe, rd: RunDir, extra_callbacks: Sequence[Any]) -> tuple[list[Any], Any]:
+    """The run's callbacks — train log, snapshots, early stopping, best/last checkpoints — and the best-checkpoint one."""
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    from covidcxr.train.callbacks import AtomicCheckpointIO, SnapshotCallback, TrainLogCallback
-    from covidcxr.train.data import CXRDataModule, build_records
-    from covidcxr.train.module import CXRClassifierModule
+    from covidcxr.train.callbacks import SnapshotCallback, TrainLogCallback
 
-    started = time.perf_counter()
-    run_dir = run_dir.resolve()
-    recipe = recipe.with_updates({"output.run_dir": str(run_dir), "name": recipe.name or run_dir.name})
-    state = _existing_state(recipe, run_dir, force_new, say)
-    rd = RunDir(run_dir)
-    if state == "finished":
-        metrics = _read_json(rd.metrics) or {}
-        say(f"{run_dir}: finished already (config {recipe.config_hash()[:12]}, {metrics.get('epochs_trained')} epochs); not retrained")
-        return RunResult(run_dir, "finished", metrics)
-    ckpt_dir = rd.checkpoints
-    last = rd.last_checkpoint
-    resume = state == "resume"
-    hollow = check_not_hollow(recipe)
-
-    if recipe.engine.threads:
-        torch.set_num_threads(recipe.engine.threads)
-    L.seed_everything(recipe.seed, workers=True, verbose=False)
-
-    records, notes, rejected = build_records(recipe)
-    rank_zero = _is_rank_zero()
-    if rank_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        rd.write_config(recipe)
-
-    provenance: dict[str, Any] = {
-        "run": recipe.name,
-        "config_hash": recipe.config_hash(),
-        "code_version": code_version(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    module = CXRClassifierModule(recipe.resolved(), provenance=provenance)
-    if resume:
-        info = read_provenance(last)
-        provenance["pretrained"] = info.get("pretrained")
-        say(f"resuming {run_dir} from {last} (epoch {info.get('epoch')}, global step {info.get('global_step')})")
-    else:
-        provenance["pretrained"] = initialize_pretrained(module.model, recipe, say=say, progress=progress)
-    module.provenance = provenance
-
-    datamodule = CXRDataModule(
-        recipe,
-        records,
-        on_prepared=lambda prepared: _write_prepared(run_dir, prepared, notes, rejected),
-        progress=progress,
-    )
     monitor = recipe.train.monitor
-    mode = "min" if monitor == "val_loss" else "max"
     callbacks: list[Any] = [TrainLogCallback(rd.train_log)]
     if recipe.snapshots.count:
-        callbacks.append(SnapshotCallback(recipe.snapshots, ckpt_dir, recipe.train.epochs))
+        callbacks.append(SnapshotCallback(recipe.snapshots, rd.checkpoints, recipe.train.epochs))
     if recipe.early_stopping.enabled:
         es_monitor = recipe.early_stopping.monitor or (monitor if monitor != "none" else "val_loss")
         callbacks.append(
@@ -622,21 +574,21 @@ def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bo
             )
         )
     best_cb = ModelCheckpoint(
-        dirpath=ckpt_dir,
+        dirpath=rd.checkpoints,
         filename="best",
         save_weights_only=True,  # the model only: the optimizer state lives in last.ckpt
         monitor=None if monitor == "none" else monitor,
-        mode=mode,
+        mode="min" if monitor == "val_loss" else "max",
         save_top_k=1,
         enable_version_counter=False,
         auto_insert_metric_name=False,
     )
     callbacks.append(best_cb)
-    callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False, every_n_epochs=1))
+    callbacks.append(ModelCheckpoint(dirpath=rd.checkpoints, filename="last", save_top_k=1, enable_version_counter=False, every_n_epochs=1))
     if recipe.train.checkpoint_every_n_steps:
         callbacks.append(
             ModelCheckpoint(
-                dirpath=ckpt_dir,
+                dirpath=rd.checkpoints,
                 filename="last",
                 save_top_k=1,
                 enable_version_counter=False,
@@ -645,10 +597,19 @@ def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bo
             )
         )
     callbacks.extend(extra_callbacks)
-    engine = resolve_engine(recipe)
+    return callbacks, best_cb
+
+
+def _trainer(recipe: TrainRecipe, run_dir: Path, callbacks: list[Any], progress: bool) -> tuple[Any, dict[str, Any]]:
+    """The Lightning trainer of the recipe's engine (`resolve_engine`), and that engine; a bad engine is a `CovidCXRError`."""
     import logging
 
-    # Lightning's own banner (GPU/TPU availability, tips) repeats what the line below says.
+    import lightning as L
+
+    from covidcxr.train.callbacks import AtomicCheckpointIO
+
+    engine = resolve_engine(recipe)
+    # Lightning's own banner (GPU/TPU availability, tips) repeats what `_train_one` says.
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
@@ -673,20 +634,38 @@ def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bo
         )
     except (MisconfigurationException, ValueError, RuntimeError) as exc:
         raise CovidCXRError(f"engine: {exc}") from None
-    say(
-        f"training {recipe.model.name} on {recipe.data.task} {list(recipe.classes)}: {engine['accelerator']} x "
-        f"{trainer.num_devices} device(s), precision {engine['precision']}, channels_last={recipe.engine.channels_last}"
-    )
-    with warnings.catch_warnings():
-        _quiet_lightning_warnings()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
-    if trainer.interrupted:
-        return RunResult(run_dir, "interrupted")
+    return trainer, engine
 
-    # ------------------------------------------------------------------ predictions
-    best = rd.best_checkpoint
-    if not best.is_file():
-        best = last
+
+def _model_module(recipe: TrainRecipe, run_dir: Path, resume: bool, say: Callable[[str], None], progress: bool) -> Any:
+    """The Lightning module with its provenance: resumed from ``last.ckpt``'s, or initialised from the recipe's pretrained weights."""
+    from covidcxr.train.module import CXRClassifierModule
+
+    provenance: dict[str, Any] = {
+        "run": recipe.name,
+        "config_hash": recipe.config_hash(),
+        "code_version": code_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    module = CXRClassifierModule(recipe.resolved(), provenance=provenance)
+    if resume:
+        last = RunDir(run_dir).last_checkpoint
+        info = read_provenance(last)
+        provenance["pretrained"] = info.get("pretrained")
+        say(f"resuming {run_dir} from {last} (epoch {info.get('epoch')}, global step {info.get('global_step')})")
+    else:
+        provenance["pretrained"] = initialize_pretrained(module.model, recipe, say=say, progress=progress)
+    module.provenance = provenance
+    return module
+
+
+def _split_predictions(recipe: TrainRecipe, rd: RunDir, trainer: Any, module: Any, datamodule: Any) -> tuple[Path, dict[str, Any], dict[str, Any] | None, list[Path]]:
+    """Validation/test predictions of ``best.ckpt`` (``last.ckpt`` without one) and of the snapshot ensemble, if any.
+
+    Returns:
+        ``(best checkpoint, its predictions, the ensemble's or None, the snapshot files)``.
+    """
+    best = rd.best_checkpoint if rd.best_checkpoint.is_file() else rd.last_checkpoint
     splits = [s for s in ("val", "test") if s in datamodule.datasets]
     with warnings.catch_warnings():
         _quiet_lightning_warnings()
@@ -698,14 +677,93 @@ def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bo
             if snapshot_files and splits:
                 runs = [_predict(trainer, module, datamodule, path, splits) for path in snapshot_files]
                 ensemble = _ensemble(runs, recipe.num_outputs == 1)
+    return best, from_best, ensemble, snapshot_files
+
+
+def _data_counts(recipe: TrainRecipe, records: pd.DataFrame, excluded: pd.DataFrame, rejected: Sequence[Any]) -> dict[str, Any]:
+    """``n_images``, ``n_patients``, ``class_counts`` per split and ``excluded`` of ``metrics.json``."""
+    splits = ("train", "val", "test")
+    return {
+        "n_images": {s: int((records["split"] == s).sum()) for s in splits},
+        "n_patients": {s: int(records.loc[records["split"] == s, "patient_id"].nunique()) for s in splits},
+        "class_counts": {s: {c: int(((records["split"] == s) & (records["class_name"] == c)).sum()) for c in recipe.classes} for s in splits},
+        "excluded": {
+            "count": int(len(excluded) + len(rejected)),
+            "by_reason": {str(k): int(v) for k, v in excluded["reason"].value_counts().items()} if len(excluded) else {},
+            "adapter_or_split": len(rejected),
+        },
+    }
+
+
+def _snapshot_metrics(recipe: TrainRecipe, callbacks: list[Any], snapshot_files: list[Path], ensemble: Any, predictions: pd.DataFrame, threshold: float) -> dict[str, Any]:
+    """``metrics.json``'s ``snapshots`` block: what was taken, and the ensemble vs ``best.ckpt`` alone."""
+    from covidcxr.train.callbacks import SnapshotCallback
+
+    snapshot_cb = next((c for c in callbacks if isinstance(c, SnapshotCallback)), None)
+    out: dict[str, Any] = {
+        "requested": recipe.snapshots.count,
+        "taken": [{"k": k, "epoch": e} for k, e in (snapshot_cb.taken if snapshot_cb else [])],
+        "files": [p.name for p in snapshot_files],
+    }
+    if ensemble is not None:
+        out["ensemble"] = _split_metrics(recipe, predictions, "probability", threshold)
+        if recipe.num_outputs == 1:
+            out["best_checkpoint"] = _split_metrics(recipe, predictions, "probability_best", threshold)
+        out["predictions"] = (
+            "probability = the ensemble's average (the deployed model; calibrated when operating_point.calibrate is set); "
+            "probability_best = best.ckpt alone, uncalibrated"
+        )
+    return out
+
+
+def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bool, say: Callable[[str], None], extra_callbacks: Sequence[Any]) -> RunResult:
+    """Train one run (or resume it), then predict, choose the operating point and write ``metrics.json``."""
+    import lightning as L
+
+    from covidcxr.train.callbacks import TrainLogCallback
+    from covidcxr.train.data import CXRDataModule, build_records
+
+    started = time.perf_counter()
+    run_dir = run_dir.resolve()
+    recipe = recipe.with_updates({"output.run_dir": str(run_dir), "name": recipe.name or run_dir.name})
+    state = _existing_state(recipe, run_dir, force_new, say)
+    rd = RunDir(run_dir)
+    if state == "finished":
+        metrics = _read_json(rd.metrics) or {}
+        say(f"{run_dir}: finished already (config {recipe.config_hash()[:12]}, {metrics.get('epochs_trained')} epochs); not retrained")
+        return RunResult(run_dir, "finished", metrics)
+    resume = state == "resume"
+    hollow = check_not_hollow(recipe)
+    if recipe.engine.threads:
+        torch.set_num_threads(recipe.engine.threads)
+    L.seed_everything(recipe.seed, workers=True, verbose=False)
+
+    records, notes, rejected = build_records(recipe)
+    if _is_rank_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        rd.write_config(recipe)
+    module = _model_module(recipe, run_dir, resume, say, progress)
+    datamodule = CXRDataModule(recipe, records, on_prepared=lambda prepared: _write_prepared(run_dir, prepared, notes, rejected), progress=progress)
+    callbacks, best_cb = _callbacks(recipe, rd, extra_callbacks)
+    trainer, engine = _trainer(recipe, run_dir, callbacks, progress)
+    say(
+        f"training {recipe.model.name} on {recipe.data.task} {list(recipe.classes)}: {engine['accelerator']} x "
+        f"{trainer.num_devices} device(s), precision {engine['precision']}, channels_last={recipe.engine.channels_last}"
+    )
+    with warnings.catch_warnings():
+        _quiet_lightning_warnings()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(rd.last_checkpoint) if resume else None, weights_only=True)
+    if trainer.interrupted:
+        return RunResult(run_dir, "interrupted")
+
+    best, from_best, ensemble, snapshot_files = _split_predictions(recipe, rd, trainer, module, datamodule)
     if not trainer.is_global_zero:
         return RunResult(run_dir, "resumed" if resume else "trained")
-
     # The deployed model is the evaluated one: the ensemble when there is one (`RunDir.weights`).
     records_used = datamodule.prepared.records
     point, deployed = _calibrate_and_choose(recipe, records_used, ensemble or from_best)
     threshold = 0.5 if point.threshold is None else float(point.threshold)
-    predictions = _prediction_frame(recipe, records_used, deployed, from_best if ensemble else None, threshold) if splits else pd.DataFrame()
+    predictions = _prediction_frame(recipe, records_used, deployed, from_best if ensemble else None, threshold) if from_best else pd.DataFrame()
     if len(predictions):
         rd.write_predictions(predictions)
     rd.write_operating_point(point)
@@ -713,9 +771,7 @@ def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bo
     log_rows = next((c.rows for c in callbacks if isinstance(c, TrainLogCallback)), [])
     speeds = [r["train_images_per_second"] for r in log_rows if r.get("train_images_per_second")]
     best_info = read_provenance(best) if best.is_file() else {}
-    snapshot_cb = next((c for c in callbacks if isinstance(c, SnapshotCallback)), None)
-    excluded = datamodule.prepared.excluded
-    records_all = records_used
+    provenance = module.provenance
     metrics: dict[str, Any] = {
         "run": recipe.name,
         "status": "complete",
@@ -723,32 +779,22 @@ def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bo
         "classes": list(recipe.classes),
         "model": recipe.model.name,
         "config_hash": recipe.config_hash(),
-        "manifest_hash": module.provenance.get("manifest_hash"),
-        "split_ids": module.provenance.get("split_ids"),
+        "manifest_hash": provenance.get("manifest_hash"),
+        "split_ids": provenance.get("split_ids"),
         "code_version": provenance["code_version"],
         "pretrained": provenance.get("pretrained"),
         "epochs_requested": recipe.train.epochs,
         "epochs_trained": int(trainer.current_epoch),
         "global_step": int(trainer.global_step),
         "stopped_early": bool(recipe.early_stopping.enabled and trainer.current_epoch < recipe.train.epochs),
-        "monitor": monitor,
+        "monitor": recipe.train.monitor,
         "best_epoch": best_info.get("epoch"),
         "best_score": None if best_cb.best_model_score is None else float(best_cb.best_model_score),
         "engine": {**engine, "num_devices": trainer.num_devices, "world_size": trainer.world_size, "channels_last": recipe.engine.channels_last, "threads": torch.get_num_threads()},
         "train_images_per_second": round(float(np.median(speeds)), 2) if speeds else None,
         "wall_seconds_this_session": round(time.perf_counter() - started, 2),
         "resumed": resume,
-        "n_images": {s: int((records_all["split"] == s).sum()) for s in ("train", "val", "test")},
-        "n_patients": {s: int(records_all.loc[records_all["split"] == s, "patient_id"].nunique()) for s in ("train", "val", "test")},
-        "class_counts": {
-            s: {c: int(((records_all["split"] == s) & (records_all["class_name"] == c)).sum()) for c in recipe.classes}
-            for s in ("train", "val", "test")
-        },
-        "excluded": {
-            "count": int(len(excluded) + len(rejected)),
-            "by_reason": {str(k): int(v) for k, v in excluded["reason"].value_counts().items()} if len(excluded) else {},
-            "adapter_or_split": len(rejected),
-        },
+        **_data_counts(recipe, records_used, datamodule.prepared.excluded, rejected),
         "notes": notes,
         "threshold": point.threshold,
         "operating_point": point.to_dict(),
@@ -758,19 +804,7 @@ def _train_one(recipe: TrainRecipe, run_dir: Path, force_new: bool, progress: bo
     # val/test metrics of the deployed model at its operating point
     metrics.update(_split_metrics(recipe, predictions, "probability", threshold) if len(predictions) else {})
     if recipe.snapshots.count:
-        metrics["snapshots"] = {
-            "requested": recipe.snapshots.count,
-            "taken": [{"k": k, "epoch": e} for k, e in (snapshot_cb.taken if snapshot_cb else [])],
-            "files": [p.name for p in snapshot_files],
-        }
-        if ensemble is not None:
-            metrics["snapshots"]["ensemble"] = _split_metrics(recipe, predictions, "probability", threshold)
-            if recipe.num_outputs == 1:
-                metrics["snapshots"]["best_checkpoint"] = _split_metrics(recipe, predictions, "probability_best", threshold)
-            metrics["snapshots"]["predictions"] = (
-                "probability = the ensemble's average (the deployed model; calibrated when operating_point.calibrate is set); "
-                "probability_best = best.ckpt alone, uncalibrated"
-            )
+        metrics["snapshots"] = _snapshot_metrics(recipe, callbacks, snapshot_files, ensemble, predictions, threshold)
     rd.write_metrics(metrics)
     return RunResult(run_dir, "resumed" if resume else "trained", metrics)
 
